@@ -1,0 +1,132 @@
+"""Checkpoints are directories: ``config.json`` + ``model.safetensors`` (EMA weights).
+
+``config.json``::
+
+    {"format_version": 1,
+     "unet": {...UNetConfig...},
+     "schedule": {"name": "linear", "timesteps": 1000},
+     "class_names": ["airplane", ...],
+     "provenance": {"steps": ..., "images_seen": ..., "wall_time_s": ..., "dataset": ..., ...}}
+
+Loading needs nothing but these two files and never unpickles anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .schedules import NoiseSchedule, ScheduleConfig
+from .unet import UNet, UNetConfig
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or of an unknown format."""
+
+
+@dataclass
+class Checkpoint:
+    model: UNet
+    schedule: NoiseSchedule
+    class_names: tuple[str, ...]
+    provenance: dict = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str = ""  # of model.safetensors; identifies the weights in image metadata
+
+    @property
+    def config(self) -> dict:
+        return config_dict(self.model.config, self.schedule.config, self.class_names, self.provenance)
+
+
+def config_dict(unet: UNetConfig, schedule: ScheduleConfig, class_names, provenance: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "unet": unet.to_dict(),
+        "schedule": schedule.to_dict(),
+        "class_names": list(class_names),
+        "provenance": provenance,
+    }
+
+
+def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, schedule: ScheduleConfig,
+                    class_names, provenance: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` atomically (tmp files, then rename).
+
+    ``dtype=torch.float16`` halves the file (the shipped checkpoint); loading casts back to float32.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    # Never save a torch.compile (_orig_mod) or DDP (module) wrapper, whichever way they are nested:
+    # their state_dict keys carry a prefix that load_checkpoint cannot load.
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if inner is None:
+            break
+        model = inner
+    if len(class_names) != model.config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.config.num_classes} classes")
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
+    tmp_w, tmp_c = d / (WEIGHTS_FILE + ".tmp"), d / (CONFIG_FILE + ".tmp")
+    save_file(state, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION)})
+    tmp_c.write_text(json.dumps(config_dict(model.config, schedule, class_names, provenance or {}), indent=2) + "\n")
+    tmp_w.replace(d / WEIGHTS_FILE)
+    tmp_c.replace(d / CONFIG_FILE)
+    return d
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a checkpoint, validated; no weights are read."""
+    d = Path(directory)
+    cfg_path = d / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d}: not a checkpoint directory (no {CONFIG_FILE})")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("unet", "schedule", "class_names"):
+        if key not in cfg:
+            raise CheckpointError(f"{cfg_path}: missing key {key!r}")
+    return cfg
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the EMA model (eval mode) and its schedule from a checkpoint directory."""
+    d = Path(directory)
+    cfg = read_config(d)
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{d}: missing {WEIGHTS_FILE}")
+    unet_cfg = UNetConfig.from_dict(cfg["unet"])
+    model = UNet(unet_cfg)
+    try:
+        model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    except (RuntimeError, SafetensorError) as e:  # missing/extra/mis-shaped tensors, unreadable file
+        raise CheckpointError(f"{weights}: weights do not match {CONFIG_FILE} or are unreadable: {e}") from e
+    model.to(device).eval().requires_grad_(False)
+    schedule = NoiseSchedule(ScheduleConfig(**cfg["schedule"]))
+    return Checkpoint(model, schedule, tuple(cfg["class_names"]), cfg.get("provenance", {}), d,
+                      file_sha256(weights))
