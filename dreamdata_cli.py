@@ -1,0 +1,55 @@
+"""The ``dreamdata`` command.
+
+    dreamdata train   --config cifar10-cpu --data ../shared/data/cifar10-jpeg.tar.gz --out runs/cpu [--resume]
+    dreamdata sample  [--checkpoint DIR] --class cat --n 100 --sampler dpmpp --steps 20 --guidance 1.5 --seed 0 --out OUT
+    dreamdata serve   [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR]
+    dreamdata worker | dreamdata api
+
+Sub-commands import their heavy dependencies lazily, so ``dreamdata api`` never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# sub-command -> (module, function that adds its arguments, function that runs it)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("training.train", "add_train_args", "run_train", "train a class-conditional DDPM checkpoint"),
+    "sample": ("training.sample_cli", "add_sample_args", "run_sample", "sample images from a checkpoint to a folder"),
+    "serve": ("worker.serve", "add_serve_args", "run_serve", "run redis + worker + API locally (no Docker)"),
+    "worker": ("worker.serve", "add_worker_args", "run_worker", "run a Celery worker"),
+    "api": ("worker.serve", "add_api_args", "run_api", "run the HTTP API"),
+    "evaluate": ("training.evaluate_cli", "add_evaluate_args", "run_evaluate", "augmentation-and-evaluation run"),
+    "metrics": ("training.metrics_cli", "add_metrics_args", "run_metrics", "generator quality measures"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="dreamdata", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    available = {}
+    for name, (module, add, run, help_) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module) if name in argv[:1] or not argv else None
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(module.split(".")[0]):
+                continue  # that part is not built in this version
+            raise
+        p = sub.add_parser(name, help=help_, description=help_)
+        if mod is not None:
+            getattr(mod, add)(p)
+            available[name] = getattr(mod, run)
+    args = parser.parse_args(argv)
+    try:
+        available[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"dreamdata {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""dreamdata offline training: data sets, the DDPM training loop, named configs."""

@@ -1,0 +1,88 @@
+"""Named training configs.  ``--config`` takes one of these names or a JSON file of the same fields."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from diffusion.schedules import ScheduleConfig
+from diffusion.unet import UNET_CONFIGS, UNetConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch_size: int = 128          # global batch (split across DDP ranks)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000       # linear LR warm-up
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999      # upper bound; warm-up min(decay, (1+s)/(10+s)) keeps short runs sane
+    p_uncond: float = 0.1          # label -> null class probability (classifier-free guidance)
+    max_steps: int = 800_000
+    max_minutes: float | None = None  # stop after this much training wall time (resumable)
+    log_every: int = 50
+    sample_every: int = 2000       # EMA sample grid (PNG); 0 = never
+    checkpoint_every: int = 1000   # training state + EMA checkpoint
+    sample_steps: int = 20         # DPM-Solver++ steps for the periodic grids
+    bf16: bool = True              # autocast to bfloat16 on CPU and CUDA
+    channels_last: bool = True
+    compile: bool = False
+    num_threads: int | None = None # torch intra-op threads on CPU (None = torch default)
+    seed: int = 0
+    checkpoint_dtype: str = "float32"  # EMA weights in checkpoint/: float32 or float16 (half the size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        if isinstance(d.get("unet"), str):
+            if d["unet"] not in UNET_CONFIGS:
+                raise ValueError(f"unknown UNet config {d['unet']!r}; expected one of {', '.join(UNET_CONFIGS)}")
+            d["unet"] = UNET_CONFIGS[d["unet"]]
+        elif isinstance(d.get("unet"), dict):
+            d["unet"] = UNetConfig.from_dict(d["unet"])
+        if isinstance(d.get("schedule"), dict):
+            d["schedule"] = ScheduleConfig(**d["schedule"])
+        return cls(**d)
+
+
+CONFIGS: dict[str, TrainConfig] = {
+    # The shipped default: trained on a 2-core CPU; <= 8M parameters (weights < 16 MiB in fp32).
+    # fp32 + channels_last: measured faster than bf16 autocast for training these small UNets on
+    # this CPU (benchmarks/training_throughput.py).
+    "cifar10-cpu": TrainConfig(unet=UNET_CONFIGS["cpu-small"], batch_size=64, lr=3e-4, warmup_steps=100,
+                               ema_decay=0.9995, sample_every=1000, checkpoint_every=100, bf16=False,
+                               checkpoint_dtype="float16"),
+    # Ho et al. 2020 CIFAR-10 (35.7M parameters), for GPUs.
+    "cifar10-ddpm": TrainConfig(unet=UNET_CONFIGS["ddpm-cifar10"], batch_size=128, lr=2e-4, warmup_steps=5000,
+                                ema_decay=0.9999, max_steps=800_000, sample_every=10_000, checkpoint_every=5000),
+    # The other CPU candidate measured against cifar10-cpu at equal wall-clock.
+    "cifar10-cpu-tiny": TrainConfig(unet=UNET_CONFIGS["cpu-tiny"], batch_size=64, lr=3e-4, warmup_steps=100,
+                                    ema_decay=0.9995, sample_every=1000, checkpoint_every=250, bf16=False),
+    # For tests and smoke runs: seconds on a CPU.
+    "tiny": TrainConfig(unet=UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                        attn_resolutions=(16,), dropout=0.0),
+                        schedule=ScheduleConfig("linear", 1000), batch_size=8, warmup_steps=2,
+                        max_steps=4, log_every=1, sample_every=0, checkpoint_every=2, sample_steps=2,
+                        ema_decay=0.999),
+}
+
+
+def resolve_config(name_or_file: str, **overrides) -> TrainConfig:
+    """A named config, or a JSON file of TrainConfig fields (``unet`` may be a UNet config name)."""
+    if name_or_file in CONFIGS:
+        cfg = CONFIGS[name_or_file]
+    else:
+        p = Path(name_or_file)
+        if not p.is_file():
+            raise ValueError(f"unknown config {name_or_file!r}: not one of {', '.join(CONFIGS)} and not a JSON file")
+        cfg = TrainConfig.from_dict(json.loads(p.read_text()))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(cfg, **overrides) if overrides else cfg

@@ -1,0 +1,191 @@
+"""Generate images to a directory: the one output layout used by ``dreamdata sample`` and the worker.
+
+    OUT/grid.png            one row per requested class (up to 10 images per row)
+    OUT/images/NNNNN.png    every image, with PNG text metadata (class, seed, sampler, steps,
+                            guidance, checkpoint hash)
+    OUT/manifest.json       one entry per image: file, class name, class index, seed, sampler, steps, guidance
+    OUT/images.zip          (optional) all images
+
+Image i of a request gets seed ``base_seed + i``; images are produced in batches and written as
+they come, so memory holds at most one batch. Images already on disk (a previous attempt that
+crashed) are skipped: the same seed gives the same image, so a retried job completes with the
+same files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from diffusion.checkpoint import Checkpoint
+from diffusion.samplers import SamplerSettings, sample
+
+from .plots import image_grid, to_uint8
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
+DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=1.5)
+GRID_PER_CLASS = 10
+MAX_SEED = 2**31 - 1
+
+ProgressFn = Callable[[int, int, int, int], None]  # (images done, images total, step, steps); may raise
+
+
+def default_checkpoint() -> Path:
+    """``$DREAMDATA_CHECKPOINT`` or the shipped ``checkpoints/cifar10``."""
+    return Path(os.environ.get("DREAMDATA_CHECKPOINT", DEFAULT_CHECKPOINT))
+
+
+def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:
+    """A class name (any case) or an index 0..K-1 -> index.  Raises ValueError listing the valid ones."""
+    s = str(spec).strip()
+    lower = [c.lower() for c in class_names]
+    if s.lower() in lower:
+        return lower.index(s.lower())
+    if s.isdigit() and int(s) < len(class_names):
+        return int(s)
+    raise ValueError(f"unknown class {spec!r}; valid: {', '.join(class_names)} or 0-{len(class_names) - 1}")
+
+
+def resolve_classes(specs: Sequence[str], class_names: Sequence[str]) -> list[int]:
+    """Several class specs (``all`` means every class), de-duplicated, in the order given."""
+    out: list[int] = []
+    for s in specs:
+        idx = range(len(class_names)) if str(s).strip().lower() == "all" else [resolve_class(s, class_names)]
+        out.extend(i for i in idx if i not in out)
+    return out
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    index: int       # position in the request; file images/{index:05d}.png
+    class_index: int
+    seed: int
+
+    @property
+    def file(self) -> str:
+        return f"images/{self.index:05d}.png"
+
+
+def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageSpec]:
+    """[(class index, n), ...] -> one ImageSpec per image; image i gets seed base_seed + i."""
+    specs, i = [], 0
+    for c, n in class_counts:
+        for _ in range(n):
+            specs.append(ImageSpec(i, c, base_seed + i))
+            i += 1
+    return specs
+
+
+def draw_seed() -> int:
+    return random.SystemRandom().randrange(0, MAX_SEED // 2)
+
+
+def _write_png(path: Path, img: torch.Tensor, meta: dict) -> None:
+    """img: [3, H, W] uint8.  Written atomically so a crash never leaves a truncated file."""
+    info = PngImagePlugin.PngInfo()
+    for k, v in meta.items():
+        info.add_text(k, str(v))
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], out_dir: str | os.PathLike, *,
+                    settings: SamplerSettings = DEFAULT_SETTINGS,
+                    base_seed: int = 0,
+                    batch_size: int = 100,
+                    autocast: bool | None = None,    # bf16 autocast; default: on CUDA only
+                    make_zip: bool = False,
+                    progress: ProgressFn | None = None,
+                    sample_fn: Callable = sample,    # the worker passes a batching sampler here
+                    ) -> dict:
+    """Sample every requested image into ``out_dir`` (layout in the module docstring); returns the manifest."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    settings.validate(ckpt.schedule.num_timesteps)
+    names = ckpt.class_names
+    specs = plan(class_counts, base_seed)
+    total = len(specs)
+    if total == 0:
+        raise ValueError("nothing to generate: every class count is 0")
+    device = next(ckpt.model.parameters()).device
+    if autocast is None:
+        autocast = device.type == "cuda"
+    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance}
+    t0 = time.perf_counter()
+    done = 0
+    for start in range(0, total, batch_size):
+        batch = specs[start: start + batch_size]
+        if all((out / s.file).exists() for s in batch):  # written by an earlier attempt
+            done += len(batch)
+            if progress:
+                progress(done, total, settings.steps, settings.steps)
+            continue
+
+        def on_step(step: int, steps: int, _done=done) -> None:
+            if progress:
+                progress(_done, total, step, steps)
+
+        labels = torch.tensor([s.class_index for s in batch], device=device)
+        x = sample_fn(ckpt.model, ckpt.schedule, labels, [s.seed for s in batch], sampler=settings.sampler,
+                      steps=settings.steps, guidance=settings.guidance, eta=settings.eta, autocast=autocast,
+                      progress=on_step)
+        imgs = to_uint8(x.cpu())
+        for s, img in zip(batch, imgs):
+            _write_png(out / s.file, img, dict(common, **{"class": names[s.class_index], "class_index": s.class_index,
+                                                          "seed": s.seed, "checkpoint_sha256": ckpt.sha256}))
+        done += len(batch)
+        if progress:
+            progress(done, total, settings.steps, settings.steps)
+
+    manifest = {
+        "checkpoint": {"path": str(ckpt.path) if ckpt.path else None, "sha256": ckpt.sha256},
+        "settings": asdict(settings),
+        "base_seed": base_seed,
+        "counts": {names[c]: n for c, n in class_counts},
+        "images": [dict(file=s.file, class_name=names[s.class_index], class_index=s.class_index, seed=s.seed, **common)
+                   for s in specs],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_grid(out, specs, class_counts)
+    if make_zip:
+        write_zip(out, specs)
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(out / "manifest.json")
+    return manifest
+
+
+def write_grid(out: Path, specs: Sequence[ImageSpec], class_counts: Sequence[tuple[int, int]]) -> None:
+    """grid.png: one row per requested class, its first GRID_PER_CLASS images (read back from disk)."""
+    per = min(GRID_PER_CLASS, max(n for _, n in class_counts))
+    rows = []
+    for c, n in class_counts:
+        if n == 0:
+            continue
+        mine = [s for s in specs if s.class_index == c][:per]
+        imgs = [torch.from_numpy(np.array(Image.open(out / s.file).convert("RGB"))).permute(2, 0, 1)
+                for s in mine]
+        blank = torch.full_like(imgs[0], 255)
+        rows.extend(imgs + [blank] * (per - len(imgs)))
+    image_grid(torch.stack(rows), nrow=per).save(out / "grid.png")
+
+
+def write_zip(out: Path, specs: Sequence[ImageSpec]) -> Path:
+    """images.zip with every image (PNG is already compressed: stored, not deflated)."""
+    tmp = out / "images.zip.tmp"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for s in specs:
+            z.write(out / s.file, arcname=s.file)
+        z.write(out / "grid.png", arcname="grid.png")
+    tmp.replace(out / "images.zip")
+    return out / "images.zip"

@@ -1,0 +1,285 @@
+"""Train a class-conditional DDPM.
+
+    dreamdata train --config cifar10-cpu --data ../shared/data/cifar10-jpeg.tar.gz --out runs/cpu [--resume]
+    torchrun --nproc_per_node 8 -m training.train --config cifar10-ddpm --data ... --out runs/ddpm
+
+Writes to ``--out``: ``state.pt`` (resumable training state: weights, EMA, optimizer, step, RNG),
+``checkpoint/`` (EMA weights in the checkpoint format), ``metrics.jsonl``, ``loss.png`` and
+``samples/step_NNNNNNN.png`` (EMA sample grids, one row per class).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from diffusion.checkpoint import save_checkpoint
+from diffusion.samplers import sample
+from diffusion.schedules import NoiseSchedule
+from diffusion.unet import UNet, count_parameters
+
+from .configs import TrainConfig, resolve_config
+from .data import load_dataset, random_flip, to_model_range
+from .plots import image_grid, loss_curve, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """EMA decay with warm-up: min(max_decay, (1 + step) / (10 + step))."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor, p_uncond: float,
+                   null_class: int, generator: torch.Generator | None = None, autocast: bool = False) -> torch.Tensor:
+    """The report's objective: E ||eps - eps_theta(sqrt(abar) x0 + sqrt(1-abar) eps, t, y)||^2,
+    with labels dropped to the null class with probability ``p_uncond``."""
+    n = x0.shape[0]
+    dev = x0.device
+    t = torch.randint(0, schedule.num_timesteps, (n,), generator=generator).to(dev)
+    noise = torch.randn(x0.shape, generator=generator).to(dev, memory_format=torch.preserve_format)
+    drop = (torch.rand(n, generator=generator) < p_uncond).to(dev)
+    y = torch.where(drop, torch.full_like(y, null_class), y)
+    x_t = schedule.q_sample(x0, t, noise)
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        eps = model(x_t, t, y)
+    return F.mse_loss(eps.float(), noise)
+
+
+class _Dist:
+    """Rank/world info; initialises torch.distributed when launched by torchrun."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def _save_state(path: Path, model, ema, opt, step: int, images_seen: int, wall: float, cfg: TrainConfig,
+                gen: torch.Generator, perm: torch.Tensor | None = None, pos: int = 0) -> None:
+    state = {
+        "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+        "step": step, "images_seen": images_seen, "wall_time_s": wall,
+        "config": json.dumps(cfg.to_dict()), "rng_torch": torch.get_rng_state(), "rng_data": gen.get_state(),
+    }
+    if perm is not None:  # the epoch's data order and position in it, for an exact resume mid-epoch
+        state["perm"], state["pos"] = perm, pos
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _sample_grid(ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig, path: Path, autocast: bool) -> None:
+    k = ema.config.num_classes
+    per = min(10, max(1, 100 // k))
+    labels = torch.arange(k).repeat_interleave(per)
+    x = sample(ema, schedule, labels, list(range(len(labels))), sampler="dpmpp", steps=cfg.sample_steps,
+               guidance=1.0, autocast=autocast)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(to_uint8(x.cpu()), nrow=per).save(path)
+
+
+def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) and return the EMA checkpoint directory."""
+    out = Path(out)
+    dd = _Dist()
+    device = dd.device()
+    if cfg.num_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(data, "train", image_size=cfg.unet.image_size)
+    if len(ds.class_names) != cfg.unet.num_classes:
+        raise ValueError(f"data set has {len(ds.class_names)} classes but the model expects {cfg.unet.num_classes}")
+    torch.manual_seed(cfg.seed + dd.rank)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + dd.rank)
+
+    model = UNet(cfg.unet).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = NoiseSchedule(cfg.schedule)
+    step, images_seen, wall = 0, 0, 0.0
+    perm, pos = None, 0
+    state_path = out / "state.pt"
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, images_seen, wall = st["step"], st["images_seen"], st["wall_time_s"]
+        if dd.rank == 0:
+            # RNG states must be CPU ByteTensors (map_location may have moved them to the GPU).
+            torch.set_rng_state(st["rng_torch"].cpu())
+            gen.set_state(st["rng_data"].cpu())
+            if "perm" in st and len(st["perm"]) == len(ds.labels):
+                perm, pos = st["perm"].cpu(), int(st["pos"])
+        else:
+            # state.pt holds rank 0's streams only: other ranks must not replay them (they would draw
+            # the same batches and noise as rank 0), so they continue from fresh rank- and step-specific seeds.
+            torch.manual_seed(cfg.seed + dd.rank + 7919 * step)
+            gen.manual_seed(cfg.seed * 1000 + dd.rank + 7919 * step)
+        if dd.main:
+            log.info("resumed from %s at step %d (%.1f min trained)", state_path, step, wall / 60)
+    elif resume and dd.main:
+        log.warning("--resume given but %s does not exist; starting fresh", state_path)
+
+    train_model = model
+    if dd.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dd.local_rank] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    per_rank = cfg.batch_size // dd.world
+    if per_rank < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the world size {dd.world}")
+    images_u8 = ds.images
+    labels_all = ds.labels
+    n_data = len(labels_all)
+    if perm is None:
+        perm, pos = torch.randperm(n_data, generator=gen), 0
+    metrics_f = open(out / "metrics.jsonl", "a") if dd.main else None
+    provenance_base = {"config": cfg.to_dict(), "dataset": str(data), "num_images": n_data,
+                       "parameters": count_parameters(model), "world_size": dd.world,
+                       "device": device.type}
+
+    def write_checkpoint():
+        prov = dict(provenance_base, steps=step, images_seen=images_seen, wall_time_s=round(wall, 1),
+                    trained_until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        save_checkpoint(out / "checkpoint", ema, cfg.schedule, ds.class_names, prov,
+                        dtype=getattr(torch, cfg.checkpoint_dtype))
+        _save_state(state_path, model, ema, opt, step, images_seen, wall, cfg, gen, perm, pos)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and dd.main), unit="step",
+               dynamic_ncols=True)
+    loss_acc, n_acc, t_log = 0.0, 0, time.perf_counter()
+    t_start_wall = wall
+    stop = False
+    model.train()
+    while step < cfg.max_steps and not stop:
+        t0 = time.perf_counter()
+        if pos + per_rank > n_data:
+            perm, pos = torch.randperm(n_data, generator=gen), 0
+        idx = perm[pos: pos + per_rank]
+        pos += per_rank
+        x0 = to_model_range(random_flip(images_u8[idx], gen)).to(device)
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        y = labels_all[idx].to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = diffusion_loss(train_model, schedule, x0, y, cfg.p_uncond, cfg.unet.num_classes, gen, cfg.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
+        step += 1
+        images_seen += per_rank * dd.world
+        wall += time.perf_counter() - t0
+        loss_acc += loss.item()
+        n_acc += 1
+        if cfg.max_minutes is not None and wall >= cfg.max_minutes * 60:
+            stop = True
+        if cfg.max_minutes is not None and dd.world > 1:
+            # Wall time differs between ranks: stop together, or the ranks left behind hang in all-reduce.
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if dd.main:
+            bar.update(1)
+            if step % cfg.log_every == 0 or stop or step == cfg.max_steps:
+                now = time.perf_counter()
+                rec = {"step": step, "loss": loss_acc / n_acc, "grad_norm": float(gnorm), "lr": lr_at(step - 1, cfg),
+                       "images_seen": images_seen, "wall_time_s": round(wall, 2),
+                       "images_per_s": round(n_acc * per_rank * dd.world / max(now - t_log, 1e-9), 1)}
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=rec["images_per_s"])
+                loss_acc, n_acc, t_log = 0.0, 0, now
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop or step == cfg.max_steps):
+                write_checkpoint()
+                loss_curve(out / "metrics.jsonl", out / "loss.png")
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", cfg.bf16)
+    bar.close()
+    if dd.main:
+        write_checkpoint()
+        loss_curve(out / "metrics.jsonl", out / "loss.png")
+        metrics_f.close()
+        log.info("trained %d steps (%.1f min this run)", step, (wall - t_start_wall) / 60)
+    if dd.world > 1:
+        dist.barrier()
+    return out / "checkpoint"
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="named config (cifar10-cpu, cifar10-ddpm, tiny, ...) or JSON file")
+    p.add_argument("--data", required=True, help="CIFAR-10 tar.gz, cifar-10-batches-py folder or ImageFolder dir")
+    p.add_argument("--out", required=True, help="run directory (state, checkpoint, logs, sample grids)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--max-steps", type=int, help="override the config's max_steps")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training wall time")
+    p.add_argument("--batch-size", type=int, help="override the config's global batch size")
+    p.add_argument("--lr", type=float, help="override the config's peak learning rate")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="train in fp32")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    cfg = resolve_config(args.config, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                         batch_size=args.batch_size, compile=args.compile, bf16=args.bf16,
+                         num_threads=args.threads, lr=args.lr)
+    ckpt = train(cfg, args.data, args.out, resume=args.resume)
+    print(f"EMA checkpoint: {ckpt}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p)
+    run_train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
