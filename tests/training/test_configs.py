@@ -1,0 +1,94 @@
+"""training.configs: named configs, JSON config files, overrides."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from diffusion.schedules import ScheduleConfig
+from diffusion.unet import UNET_CONFIGS, UNet, UNetConfig, count_parameters
+from training.configs import CONFIGS, TrainConfig, resolve_config
+
+
+def test_named_config():
+    assert resolve_config("tiny") is CONFIGS["tiny"]
+    assert resolve_config("cifar10-cpu").unet == UNET_CONFIGS["cpu-small"]
+    assert resolve_config("cifar10-ddpm").unet == UNET_CONFIGS["ddpm-cifar10"]
+
+
+def test_json_file_config(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({"unet": "cpu-tiny", "batch_size": 32, "lr": 1e-4, "bf16": False,
+                             "schedule": {"name": "cosine", "timesteps": 500}}))
+    cfg = resolve_config(str(p))
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.unet == UNET_CONFIGS["cpu-tiny"]
+    assert cfg.schedule == ScheduleConfig("cosine", 500)
+    assert (cfg.batch_size, cfg.lr, cfg.bf16) == (32, 1e-4, False)
+    assert cfg.max_steps == TrainConfig().max_steps  # unspecified fields keep their defaults
+
+
+def test_json_file_with_unet_dict(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({"unet": {"base_channels": 16, "channel_mult": [1, 2], "num_classes": 3}}))
+    cfg = resolve_config(str(p))
+    assert cfg.unet == UNetConfig(base_channels=16, channel_mult=(1, 2), num_classes=3)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_named_config_round_trips_through_json(name, tmp_path):
+    cfg = CONFIGS[name]
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(cfg.to_dict()))
+    assert resolve_config(str(p)) == cfg
+
+
+def test_unknown_name_lists_the_names():
+    with pytest.raises(ValueError, match="unknown config 'nope'") as e:
+        resolve_config("nope")
+    for name in CONFIGS:
+        assert name in str(e.value)
+
+
+def test_bad_json_configs(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"batch_size": 8, "learning_rate": 1}))
+    with pytest.raises(ValueError, match="unknown training config keys: \\['learning_rate'\\]"):
+        resolve_config(str(p))
+    p.write_text(json.dumps({"unet": "no-such-unet"}))
+    with pytest.raises(ValueError, match="unknown UNet config 'no-such-unet'.*cpu-small"):
+        resolve_config(str(p))
+    p.write_text(json.dumps({"unet": {"widths": 3}}))
+    with pytest.raises(ValueError, match="unknown UNet config keys"):
+        resolve_config(str(p))
+    p.write_text("{not json")
+    with pytest.raises(ValueError):
+        resolve_config(str(p))
+
+
+def test_overrides(tmp_path):
+    cfg = resolve_config("tiny", max_steps=7, batch_size=4, bf16=False, max_minutes=None, compile=None)
+    assert (cfg.max_steps, cfg.batch_size, cfg.bf16) == (7, 4, False)
+    assert cfg.max_minutes is None and cfg.compile is False  # None means "not given"
+    assert cfg == replace(CONFIGS["tiny"], max_steps=7, batch_size=4, bf16=False)
+    assert resolve_config("tiny", max_steps=None) is CONFIGS["tiny"]
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"unet": "cpu-tiny"}))
+    assert resolve_config(str(p), num_threads=2).num_threads == 2
+    with pytest.raises(TypeError):
+        resolve_config("tiny", not_a_field=1)
+
+
+def test_cpu_configs_fit_the_size_budget():
+    # The shipped CPU default must stay <= 8M parameters (< 16 MiB of fp32 weights).
+    for name in ("cifar10-cpu", "cifar10-cpu-tiny"):
+        cfg = CONFIGS[name]
+        assert count_parameters(UNet(cfg.unet)) <= 8_000_000, name
+        assert cfg.unet.num_classes == 10 and cfg.unet.image_size == 32
+
+
+def test_tiny_config_is_tiny():
+    cfg = CONFIGS["tiny"]
+    assert count_parameters(UNet(cfg.unet)) < 200_000
+    assert cfg.unet.dropout == 0.0 and cfg.max_steps <= 10 and cfg.sample_every == 0

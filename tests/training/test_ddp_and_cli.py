@@ -1,0 +1,140 @@
+"""Multi-process (DDP, gloo on CPU) training via torch.distributed.run, and the command lines."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffusion.checkpoint import load_checkpoint
+
+# Runs training.train's own entry point (main(argv) = `python -m training.train`) in every rank and
+# afterwards saves that rank's raw weights and the sums of the batches it trained on.
+RANK_WRAPPER = textwrap.dedent('''
+    import os, sys, torch
+    import training.train as tt
+
+    seen = {"batches": []}
+    orig_ema_update, orig_loss = tt.ema_update, tt.diffusion_loss
+
+    def ema_update(ema, model, decay):
+        seen["model"] = model
+        orig_ema_update(ema, model, decay)
+
+    def diffusion_loss(model, schedule, x0, y, *a, **k):
+        seen["batches"].append(float(x0.double().sum()))
+        return orig_loss(model, schedule, x0, y, *a, **k)
+
+    tt.ema_update, tt.diffusion_loss = ema_update, diffusion_loss
+    tt.main(sys.argv[1:])
+    out = sys.argv[sys.argv.index("--out") + 1]
+    rank = int(os.environ["RANK"])
+    torch.save({"model": {k: v.detach().cpu().contiguous() for k, v in seen["model"].state_dict().items()},
+                "batches": seen["batches"]}, os.path.join(out, f"rank{rank}-{os.environ['TAG']}.pt"))
+''')
+
+
+def _torchrun(wrapper, args, env, tag):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(wrapper), *args]
+    r = subprocess.run(cmd, env=dict(env, TAG=tag), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+@pytest.mark.timeout(600)  # two torchrun launches of 3 processes each on a small, busy machine
+def test_ddp_two_processes_on_cpu(data10, tmp_path, subprocess_env):
+    wrapper = tmp_path / "rank_wrapper.py"
+    wrapper.write_text(RANK_WRAPPER)
+    out = tmp_path / "ddp"
+    # --max-minutes (never reached) also exercises the per-step stop agreement between ranks.
+    args = ["--config", "tiny", "--data", str(data10), "--out", str(out), "--no-bf16", "--max-minutes", "30"]
+    _torchrun(wrapper, [*args, "--max-steps", "2"], subprocess_env, "a")
+
+    ck = load_checkpoint(out / "checkpoint")
+    prov = ck.provenance
+    assert prov["world_size"] == 2 and prov["steps"] == 2
+    assert prov["images_seen"] == 2 * 8  # global batch 8 = 4 per rank
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # only rank 0 writes
+
+    r0, r1 = (torch.load(out / f"rank{r}-a.pt", weights_only=True) for r in (0, 1))
+    # Gradients are averaged: both ranks hold identical weights ...
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+    # ... rank 0's are the ones saved ...
+    state = torch.load(out / "state.pt", weights_only=True)
+    for k, v in state["model"].items():
+        assert torch.equal(v, r0["model"][k]), k
+    # ... and the ranks trained on different batches.
+    assert len(r0["batches"]) == len(r1["batches"]) == 2
+    assert r0["batches"] != r1["batches"]
+
+    # Resume under DDP: still in step, and rank 1 does not replay rank 0's data stream.
+    _torchrun(wrapper, [*args, "--max-steps", "4", "--resume"], subprocess_env, "b")
+    r0, r1 = (torch.load(out / f"rank{r}-b.pt", weights_only=True) for r in (0, 1))
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+    assert len(r0["batches"]) == len(r1["batches"]) == 2
+    assert r0["batches"] != r1["batches"]
+    assert load_checkpoint(out / "checkpoint").provenance["steps"] == 4
+
+
+def _cli_main():
+    try:
+        from dreamdata_cli import main
+    except ImportError:  # the top-level CLI is not in this checkout: the training module's own
+        from training.train import main
+        return main, []
+    return main, ["train"]
+
+
+def test_train_cli(data10, tmp_path, capsys):
+    main, prefix = _cli_main()
+    out = tmp_path / "run"
+    main([*prefix, "--config", "tiny", "--data", str(data10), "--out", str(out), "--max-steps", "1",
+          "--batch-size", "4", "--no-bf16", "--threads", "1"])
+    assert f"EMA checkpoint: {out / 'checkpoint'}" in capsys.readouterr().out
+    prov = load_checkpoint(out / "checkpoint").provenance
+    assert prov["steps"] == 1 and prov["images_seen"] == 4
+    assert prov["config"]["batch_size"] == 4 and prov["config"]["bf16"] is False
+    assert prov["config"]["num_threads"] == 1
+    # --resume continues the run.
+    main([*prefix, "--config", "tiny", "--data", str(data10), "--out", str(out), "--max-steps", "2",
+          "--batch-size", "4", "--no-bf16", "--resume"])
+    assert load_checkpoint(out / "checkpoint").provenance["steps"] == 2
+
+
+def test_train_cli_json_config(data10, tmp_path):
+    main, prefix = _cli_main()
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"unet": {"base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+                                        "attn_resolutions": [], "dropout": 0.0},
+                               "batch_size": 2, "max_steps": 1, "bf16": False, "warmup_steps": 1,
+                               "sample_every": 0, "checkpoint_every": 1, "log_every": 1,
+                               "schedule": {"name": "cosine", "timesteps": 50}}))
+    out = tmp_path / "run"
+    main([*prefix, "--config", str(cfg), "--data", str(data10), "--out", str(out)])
+    ck = load_checkpoint(out / "checkpoint")
+    assert ck.schedule.config.name == "cosine" and ck.model.config.channel_mult == (1,)
+
+
+@pytest.mark.parametrize("case", ["wrong-classes", "missing-data", "unknown-config"])
+def test_train_cli_errors(case, image_folder3, data10, tmp_path, capsys):
+    main, prefix = _cli_main()
+    data = {"wrong-classes": image_folder3, "missing-data": tmp_path / "nope"}.get(case, data10)
+    config = "no-such-config" if case == "unknown-config" else "tiny"
+    expected = {"wrong-classes": "3 classes but the model expects 10", "missing-data": "data set not found",
+                "unknown-config": "unknown config 'no-such-config'"}[case]
+    argv = [*prefix, "--config", config, "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1"]
+    if prefix:  # dreamdata: a one-line error and exit status 2
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert expected in capsys.readouterr().err
+    else:
+        with pytest.raises(ValueError, match=expected):
+            main(argv)

@@ -1,0 +1,241 @@
+"""training.train: EMA, LR warm-up, the loss, end-to-end runs, exact resume, learning, the CLIs."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusion.checkpoint import load_checkpoint
+from diffusion.schedules import NoiseSchedule, ScheduleConfig
+from diffusion.unet import UNet
+from tests.fixtures import CIFAR10_CLASSES
+from training.configs import CONFIGS
+from training.data import load_dataset, to_model_range
+from training.train import diffusion_loss, ema_decay_at, ema_update, lr_at, train
+
+TINY = CONFIGS["tiny"]
+FAST = replace(TINY, bf16=False)  # fp32 is several times faster than bf16 autocast on CPU
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(out):
+    return torch.load(out / "state.pt", weights_only=True)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_ema_decay_warm_up():
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    ds = [ema_decay_at(s, 0.9999) for s in (0, 1, 10, 100, 1000, 10_000, 100_000)]
+    assert ds == sorted(ds) and len(set(ds)) == len(ds)  # strictly increasing during warm-up
+    assert ema_decay_at(10**7, 0.9999) == 0.9999  # capped at the configured maximum
+    assert ema_decay_at(10**7, 0.999) == 0.999
+    assert 0.99 < ema_decay_at(1000, 0.9999) < 0.9999
+
+
+def test_ema_update_moves_toward_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ema = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).requires_grad_(False)
+    model[1].running_mean.fill_(3.0)
+    before = [p.clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.75)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
+        assert (e - p).abs().sum() < (b - p).abs().sum() or torch.equal(b, p)
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)  # buffers are copied
+    ema_update(ema, model, 0.0)  # decay 0: a copy
+    for e, p in zip(ema.parameters(), model.parameters()):
+        assert torch.equal(e, p)
+
+
+def test_lr_warm_up():
+    cfg = replace(TINY, lr=1e-3, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == lr_at(10_000, cfg) == pytest.approx(1e-3)
+    assert lr_at(0, replace(cfg, warmup_steps=0)) == pytest.approx(1e-3)
+
+
+def test_diffusion_loss_drops_labels_to_the_null_class():
+    seen = []
+
+    def model(x, t, y):
+        seen.append(y.clone())
+        return torch.zeros_like(x)
+
+    sched = NoiseSchedule(ScheduleConfig("linear", 1000))
+    x0 = torch.zeros(64, 3, 4, 4)
+    y = torch.full((64,), 2)
+    g = torch.Generator().manual_seed(0)
+    loss = diffusion_loss(model, sched, x0, y, 0.0, 10, g)
+    assert seen[-1].tolist() == [2] * 64
+    assert loss.shape == () and 0.8 < loss.item() < 1.2  # predicting 0 for N(0, 1) noise
+    diffusion_loss(model, sched, x0, y, 1.0, 10, g)
+    assert seen[-1].tolist() == [10] * 64
+    diffusion_loss(model, sched, x0, y, 0.5, 10, g)
+    assert 10 < int((seen[-1] == 10).sum()) < 54
+    # Same generator state, same loss.
+    a = diffusion_loss(model, sched, x0 + 1, y, 0.1, 10, torch.Generator().manual_seed(3))
+    b = diffusion_loss(model, sched, x0 + 1, y, 0.1, 10, torch.Generator().manual_seed(3))
+    assert a.item() == b.item()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_train_end_to_end_with_the_tiny_config(data10, tmp_path):
+    out = tmp_path / "run"
+    ckpt_dir = train(TINY, str(data10), out, progress=False)
+    assert ckpt_dir == out / "checkpoint"
+    for f in ("state.pt", "checkpoint/config.json", "checkpoint/model.safetensors", "metrics.jsonl", "loss.png"):
+        assert (out / f).is_file(), f
+    assert not list(out.rglob("*.tmp"))
+    with Image.open(out / "loss.png") as im:
+        assert im.format == "PNG"
+
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]  # log_every=1
+    for r in recs:
+        assert r["loss"] > 0 and r["images_per_s"] > 0 and r["images_seen"] == 8 * r["step"]
+        assert {"grad_norm", "lr", "wall_time_s"} <= set(r)
+
+    ck = load_checkpoint(ckpt_dir)
+    assert isinstance(ck.model, UNet) and ck.model.config == TINY.unet
+    assert ck.class_names == CIFAR10_CLASSES
+    assert ck.schedule.config == TINY.schedule
+    prov = ck.provenance
+    assert prov["steps"] == 4 and prov["images_seen"] == 32
+    assert prov["wall_time_s"] >= 0 and prov["dataset"] == str(data10)
+    assert prov["world_size"] == 1 and prov["num_images"] == 20 and prov["device"] == "cpu"
+    assert prov["config"] == json.loads(json.dumps(TINY.to_dict()))
+    assert prov["parameters"] == sum(p.numel() for p in ck.model.parameters())
+
+    st = _state(out)
+    assert st["step"] == 4 and st["images_seen"] == 32
+    # The checkpoint holds the EMA weights, which differ from the raw weights after training.
+    ema_w = load_file(str(ckpt_dir / "model.safetensors"))
+    assert all(torch.equal(ema_w[k], v.float()) for k, v in st["ema"].items())
+    assert any(not torch.equal(st["ema"][k], v) for k, v in st["model"].items())
+    with torch.no_grad():  # the loaded model runs
+        x = ck.model(torch.zeros(2, 3, 32, 32), torch.tensor([0, 999]), torch.tensor([0, 10]))
+    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_mismatched_class_count_is_a_clear_error(image_folder3, tmp_path):
+    with pytest.raises(ValueError, match="data set has 3 classes but the model expects 10"):
+        train(FAST, str(image_folder3), tmp_path / "run", progress=False)
+    # The same data with a matching model trains.
+    cfg = replace(FAST, max_steps=1, unet=replace(FAST.unet, num_classes=3))
+    ck = load_checkpoint(train(cfg, str(image_folder3), tmp_path / "run3", progress=False))
+    assert ck.class_names == ("apple", "mango", "zebra")
+
+
+def test_sample_grid_during_training(tmp_path):
+    from tests.fixtures import make_images, write_image_folder
+    data = write_image_folder(tmp_path / "d2", make_images(("a", "b"), 2))
+    cfg = replace(FAST, max_steps=2, sample_every=2, unet=replace(FAST.unet, num_classes=2))
+    train(cfg, str(data), tmp_path / "run", progress=False)
+    with Image.open(tmp_path / "run" / "samples" / "step_0000002.png") as im:
+        # 2 classes x 10 samples per row (100 // 2 capped at 10), 32 px + 2 px padding
+        assert im.size == (10 * 34 + 2, 2 * 34 + 2)
+
+
+@pytest.mark.parametrize("batch_size", [4, 8])
+def test_resume_matches_an_uninterrupted_run(data10, tmp_path, batch_size):
+    # Dropout on, so the global RNG matters too; batch 4 stops mid-epoch (20 images: 8 of 20 used),
+    # batch 8 crosses an epoch boundary on the first step after resuming.
+    cfg = replace(FAST, batch_size=batch_size, unet=replace(FAST.unet, dropout=0.1))
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(replace(cfg, max_steps=4), str(data10), full, progress=False)
+    train(replace(cfg, max_steps=2), str(data10), part, progress=False)
+    assert _state(part)["step"] == 2
+    train(replace(cfg, max_steps=4), str(data10), part, resume=True, progress=False)
+
+    a, b = _state(full), _state(part)
+    assert b["step"] == 4 and b["images_seen"] == a["images_seen"] == 4 * batch_size
+    for key in ("model", "ema"):
+        for k in a[key]:
+            torch.testing.assert_close(b[key][k], a[key][k], rtol=0, atol=1e-6, msg=f"{key}.{k}")
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=0, atol=1e-9)
+    assert torch.equal(a["rng_data"], b["rng_data"]) and torch.equal(a["rng_torch"], b["rng_torch"])
+    assert torch.equal(a["perm"], b["perm"]) and a["pos"] == b["pos"]
+    wa = load_file(str(full / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(part / "checkpoint" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+    # The logged losses of the resumed steps are those of the uninterrupted run.
+    la, lb = _metrics(full), _metrics(part)
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]  # appended to by both runs
+    la = {r["step"]: r["loss"] for r in la}
+    lb = {r["step"]: r["loss"] for r in lb}
+    for s in (3, 4):
+        assert lb[s] == pytest.approx(la[s], abs=1e-6)
+    assert load_checkpoint(part / "checkpoint").provenance["steps"] == 4
+
+
+def test_resume_without_state_starts_fresh(data10, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=1), str(data10), out, resume=True, progress=False)
+    assert "does not exist; starting fresh" in caplog.text
+    assert _state(out)["step"] == 1
+    # Resuming a finished run trains no further.
+    train(replace(FAST, max_steps=1), str(data10), out, resume=True, progress=False)
+    assert _state(out)["step"] == 1
+
+
+def test_resume_from_a_state_without_perm(data10, tmp_path):
+    # state.pt files written before perm/pos were saved still resume.
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=1), str(data10), out, progress=False)
+    st = _state(out)
+    del st["perm"], st["pos"]
+    torch.save(st, out / "state.pt")
+    train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
+    assert _state(out)["step"] == 2
+
+
+def test_max_minutes_stops_and_is_resumable(data10, tmp_path):
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=100, max_minutes=1e-6), str(data10), out, progress=False)
+    st = _state(out)
+    assert st["step"] == 1 and st["wall_time_s"] > 0
+    assert [r["step"] for r in _metrics(out)][-1] == 1
+    train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
+    st2 = _state(out)
+    assert st2["step"] == 2 and st2["wall_time_s"] > st["wall_time_s"]  # wall time accumulates across runs
+
+
+def _fixed_noise_loss(model, x0, y, schedule):
+    """The diffusion loss at fixed (t, noise) draws for every image, several per image."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        return sum(diffusion_loss(model.eval(), schedule, x0, y, 0.0, 10, g).item() for _ in range(4)) / 4
+
+
+def test_training_lowers_the_loss(data10, tmp_path):
+    cfg = replace(FAST, max_steps=30, lr=1e-3, warmup_steps=5, batch_size=10, checkpoint_every=0, ema_decay=0.5)
+    out = tmp_path / "run"
+    ck = load_checkpoint(train(cfg, str(data10), out, progress=False))
+    losses = [r["loss"] for r in _metrics(out)]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.9 * first, losses
+
+    # Held out from the training noise: the loss at fixed noise, before (same seed, same init) and after.
+    ds = load_dataset(data10)
+    x0, y = to_model_range(ds.images), ds.labels
+    torch.manual_seed(cfg.seed)
+    init = UNet(cfg.unet)
+    before = _fixed_noise_loss(init, x0, y, ck.schedule)
+    after = _fixed_noise_loss(ck.model, x0, y, ck.schedule)
+    assert after < 0.8 * before, (before, after)
