@@ -1,0 +1,39 @@
+"""Sampler names, step ranges and defaults: plain Python, no torch.
+
+The service validates requests against these at the edge (``app`` never imports torch); the
+samplers in :mod:`diffusion.samplers` import them back, so there is one definition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
+# Allowed step counts per sampler (inclusive); the service validates against these.
+STEP_RANGES: dict[str, tuple[int, int]] = {"ddpm": (1, 1000), "ddim": (1, 1000), "dpmpp": (1, 100)}
+GUIDANCE_RANGE: tuple[float, float] = (0.0, 20.0)  # classifier-free guidance scale w
+MAX_SEED = 2**31 - 1                                 # a base seed is in 0..MAX_SEED
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sampler: SamplerName = "dpmpp"
+    steps: int = 20
+    guidance: float = 1.0  # w in eps = eps_u + w (eps_c - eps_u); 1 = conditional only, 0 = unconditional
+    eta: float = 0.0       # DDIM only: 0 = deterministic, 1 = DDPM-like noise
+
+    def validate(self, num_timesteps: int = 1000) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        lo, hi = STEP_RANGES[self.sampler]
+        hi = min(hi, num_timesteps)
+        if not lo <= self.steps <= hi:
+            raise ValueError(f"steps={self.steps} out of range for {self.sampler}: {lo}..{hi}")
+        g_lo, g_hi = GUIDANCE_RANGE
+        if not g_lo <= self.guidance <= g_hi:
+            raise ValueError(f"guidance={self.guidance} out of range {g_lo:g}..{g_hi:g}")
+
+
+# What ``dreamdata sample`` and the service use when a request leaves a setting out.
+DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=1.5)
