@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from training.classifiers import (augment, build_classifier, confusion_matrix, count_parameters,
+                                  default_train_settings, extract_features, predict, train_classifier)
+
+
+@pytest.mark.parametrize("kind,width,epochs", [("mlp", 64, 15), ("cnn", 8, 15)])
+def test_classifier_learns_a_tiny_separable_set(separable, kind, width, epochs):
+    x, y = separable
+    torch.manual_seed(0)
+    model = build_classifier(kind, 10, width)
+    before = (predict(model, x) == y).double().mean().item()
+    s = default_train_settings(kind, epochs, batch_size=20)
+    info = train_classifier(model, x, y, s, seed=0, show_bar=False)
+    after = (predict(model, x) == y).double().mean().item()
+    assert info["steps"] == epochs * 5
+    assert after >= 0.9 > before + 0.3, (before, after)
+
+
+def test_training_is_reproducible_and_leaves_the_global_rng_alone(separable):
+    x, y = separable
+    s = default_train_settings("mlp", 2, batch_size=25)
+    state = torch.random.get_rng_state()
+    weights = []
+    for _ in range(2):
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            model = build_classifier("mlp", 10, 32)
+        train_classifier(model, x, y, s, seed=7, show_bar=False)
+        weights.append(model.head.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_progress_is_reported_up_to_one(separable):
+    x, y = separable
+    seen = []
+    train_classifier(build_classifier("mlp", 10, 16), x, y, default_train_settings("mlp", 3, batch_size=10),
+                     progress=seen.append, show_bar=False)
+    assert seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_shapes_and_parameter_counts():
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    mlp, cnn = build_classifier("mlp"), build_classifier("cnn", width=64)
+    assert count_parameters(mlp) == 3072 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10
+    assert count_parameters(cnn) == 6_573_120  # Page's ResNet-9
+    assert extract_features(mlp, x).shape == (3, 256)
+    assert extract_features(build_classifier("cnn", width=8), x).shape == (3, 64)
+    with pytest.raises(ValueError, match="unknown classifier"):
+        build_classifier("vit")
+
+
+def test_random_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    out = augment(x, g, crop=True, flip=False, pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(2):
+        assert any(torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8]) for dy in range(5) for dx in range(5))
+    flipped = augment(x, torch.Generator().manual_seed(1), crop=False, flip=True)
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+
+
+def test_confusion_matrix_counts_rows_true_columns_predicted():
+    cm = confusion_matrix(torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 1, 1, 2, 0]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]

@@ -1,0 +1,115 @@
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import dreamdata_cli
+import training.synthetic_cache as synthetic_cache
+from training.data import LabelledImages
+from training.evaluate import ARMS, EvaluationSettings, run_evaluation
+from training.evaluation_stats import mean_std, paired_delta, t_quantile
+from training.synthetic_cache import align_classes
+
+TEST_PER_CLASS = 4  # conftest.TEST_PER_CLASS
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_quantile_matches_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-4)
+
+
+def test_paired_delta_on_known_numbers():
+    d = paired_delta([0.40, 0.42, 0.44], [0.43, 0.44, 0.47])
+    # differences 0.03, 0.02, 0.03: mean 0.026667, sd 0.0057735, half-width 4.302653 * sd / sqrt(3) = 0.0143422
+    assert d["mean"] == pytest.approx(0.0266667, abs=1e-6)
+    assert d["std"] == pytest.approx(0.0057735, abs=1e-6)
+    assert d["ci95"] == pytest.approx([0.0123245, 0.0410088], abs=1e-6)
+    assert d["significant"] is True and d["n"] == 3
+    spread = paired_delta([0.4, 0.5], [0.45, 0.45])  # +0.05, -0.05: the interval straddles 0
+    assert spread["mean"] == pytest.approx(0.0, abs=1e-12) and spread["significant"] is False
+
+
+def test_one_seed_has_no_interval():
+    d = paired_delta([0.5], [0.52])
+    assert d["mean"] == pytest.approx(0.02) and d["std"] is None and d["ci95"] is None
+    assert mean_std([0.3]) == (0.3, None)
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2))
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="real_fraction"):
+        EvaluationSettings(data="x", real_fraction=0).validate()
+    with pytest.raises(ValueError, match="seeds"):
+        EvaluationSettings(data="x", seeds=(1, 1)).validate()
+    with pytest.raises(ValueError, match="unknown evaluation settings"):
+        EvaluationSettings.from_dict({"data": "x", "epoch": 3})
+
+
+def test_synthetic_labels_follow_the_data_set_class_order():
+    synth = LabelledImages(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2]), ("b", "c", "a"), "s")
+    assert align_classes(synth, ("a", "b", "c")).labels.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="differ"):
+        align_classes(synth, ("a", "b", "d"))
+
+
+def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
+        data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch, capsys):
+    calls = []
+    real_generate = synthetic_cache.generate_to_dir
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs.get("base_seed"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic_cache, "generate_to_dir", counting_generate)
+    settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
+                                  synthetic_per_class=2, real_fraction=0.5, epochs=2, seeds=(0, 1), sampler="dpmpp",
+                                  steps=2, guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
+    seen = []
+    report = run_evaluation(settings, tmp_path / "run1", progress=lambda f, m: seen.append((f, m)), show_bars=False)
+    assert len(calls) == 1
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1] == (1.0, "done")
+
+    on_disk = json.loads((tmp_path / "run1" / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert set(on_disk["arms"]) == set(ARMS)
+    test_images = 10 * TEST_PER_CLASS
+    for arm, a in on_disk["arms"].items():
+        assert len(a["accuracies"]) == 2 and all(0 <= v <= 1 for v in a["accuracies"])
+        assert a["accuracy_mean"] == pytest.approx(sum(a["accuracies"]) / 2)
+        assert a["accuracy_std"] is not None
+        assert len(a["per_class_accuracy"]) == 10
+        cm = torch.tensor(a["confusion_matrix"])
+        assert cm.shape == (10, 10) and cm.sum() == 2 * test_images  # summed over the two seeds
+        assert (cm.sum(1) == 2 * TEST_PER_CLASS).all()
+        assert len(a["confusion_matrix_per_seed"]) == 2
+    train_images = {arm: a["train_images"] for arm, a in on_disk["arms"].items()}
+    assert train_images == {"real": 40, "real+synthetic": 60, "synthetic": 20}
+    d = on_disk["delta"]
+    diffs = [b - a for a, b in zip(on_disk["arms"]["real"]["accuracies"], on_disk["arms"]["real+synthetic"]["accuracies"])]
+    assert d["per_seed"] == pytest.approx(diffs) and len(d["ci95"]) == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert on_disk["settings"]["synthetic_per_class"] == 2 and on_disk["synthetic"]["reused"] is False
+    for f in ["accuracy.png", "per_class.png", "confusion_real.png", "confusion_real_synthetic.png",
+              "confusion_synthetic.png"]:
+        with Image.open(tmp_path / "run1" / f) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    md = (tmp_path / "run1" / "report.md").read_text()
+    assert "95% CI" in md and "real+synthetic" in md and "accuracy.png" in md
+
+    # second run, through the CLI, with another classifier and one seed: same synthetic settings -> cache hit
+    dreamdata_cli.main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data_tar),
+                        "--classifier", "cnn", "--width", "4", "--synthetic-per-class", "2", "--real-fraction", "0.5",
+                        "--epochs", "1", "--seeds", "3", "--steps", "2", "--guidance", "1.5",
+                        "--train-batch-size", "8", "--device", "cpu", "--cache-dir", str(cache_dir),
+                        "--out", str(tmp_path / "run2")])
+    assert len(calls) == 1  # nothing was sampled again
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["delta"]["ci95"] is None
+    second = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert second["synthetic"]["reused"] is True
+    assert second["synthetic"]["cache_dir"] == on_disk["synthetic"]["cache_dir"]
+    assert second["arms"]["real"]["accuracy_std"] is None and second["delta"]["ci95"] is None
+    assert "undefined" in (tmp_path / "run2" / "report.md").read_text()

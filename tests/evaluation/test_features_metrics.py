@@ -1,0 +1,108 @@
+
+import pytest
+import torch
+
+from training.features_metrics import (class_fidelity, density_coverage, feature_stats, frechet_distance,
+                                       frechet_distance_from_stats, inception_features, knn_radii, load_inception,
+                                       precision_recall)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_of_a_shifted_set_is_the_squared_shift():
+    x = torch.randn(2000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    assert frechet_distance(x, x + shift) == pytest.approx(float(shift.pow(2).sum()), rel=1e-6)
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    # d^2 = ||mu1 - mu2||^2 + sum_i (s1_i - s2_i)^2 when both covariances are diagonal
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, -1.0])
+    s1, s2 = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 2.0, 1.5])
+    expected = float((mu1 - mu2).pow(2).sum() + (s1 - s2).pow(2).sum())
+    got = frechet_distance_from_stats(mu1, torch.diag(s1 ** 2), mu2, torch.diag(s2 ** 2))
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_of_sampled_gaussians_approaches_the_closed_form():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    b = 2 * torch.randn(20000, 2, generator=g, dtype=torch.float64) + torch.tensor([3.0, 0.0], dtype=torch.float64)
+    # closed form: 3^2 + 2 * (1 - 2)^2 = 11
+    assert frechet_distance(a, b) == pytest.approx(11.0, rel=0.03)
+
+
+def test_feature_stats_shapes_and_validation():
+    mu, sigma = feature_stats(torch.randn(10, 3))
+    assert mu.shape == (3,) and sigma.shape == (3, 3) and mu.dtype == torch.float64
+    with pytest.raises(ValueError):
+        feature_stats(torch.randn(1, 3))
+
+
+def test_knn_radii_on_a_line():
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
+    assert knn_radii(x, 1).tolist() == [1.0, 1.0, 2.0, 3.0]
+    assert knn_radii(x, 2).tolist() == [3.0, 2.0, 3.0, 5.0]
+    with pytest.raises(ValueError):
+        knn_radii(x, 4)
+
+
+def test_identical_sets_have_full_precision_recall_and_coverage():
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    pr, dc = precision_recall(x, x, k=5), density_coverage(x, x, k=5)
+    assert pr == {"precision": 1.0, "recall": 1.0}
+    assert dc["coverage"] == 1.0
+    # each real ball holds its centre and its k neighbours: density = (k + 1) / k
+    assert dc["density"] == pytest.approx(6 / 5)
+
+
+def test_disjoint_sets_score_zero():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + 100
+    assert precision_recall(real, fake, k=3) == {"precision": 0.0, "recall": 0.0}
+    assert density_coverage(real, fake, k=3) == {"density": 0.0, "coverage": 0.0}
+
+
+def test_precision_counts_the_share_of_generated_points_on_the_real_manifold():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 4, generator=g)
+    fake = torch.cat([real[:100], torch.randn(100, 4, generator=g) + 50])  # half on, half far off
+    assert precision_recall(real, fake, k=3)["precision"] == pytest.approx(0.5)
+
+
+def test_recall_counts_the_share_of_real_points_the_generator_covers():
+    g = torch.Generator().manual_seed(0)
+    mode_a, mode_b = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g) + 50
+    real = torch.cat([mode_a, mode_b])
+    pr = precision_recall(real, mode_a, k=3)  # a generator that dropped mode b
+    assert pr == {"precision": 1.0, "recall": 0.5}
+    assert density_coverage(real, mode_a, k=3)["coverage"] == pytest.approx(0.5)
+
+
+def test_class_fidelity_overall_and_per_class():
+    requested = torch.tensor([0, 0, 0, 0, 1, 1])
+    predicted = torch.tensor([0, 0, 1, 0, 1, 0])
+    out = class_fidelity(predicted, requested, ["a", "b", "c"])
+    assert out["overall"] == pytest.approx(4 / 6)
+    assert out["per_class"] == {"a": 0.75, "b": 0.5, "c": None}
+
+
+def test_inception_loads_a_user_state_dict_and_gives_pool3_features(tmp_path):
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), path)
+    model = load_inception(path)
+    feats = inception_features(model, torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="inception_v3"):
+        load_inception(bad)
+    with pytest.raises(FileNotFoundError):
+        load_inception(tmp_path / "missing.pth")

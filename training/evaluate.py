@@ -1,0 +1,222 @@
+"""The augmentation experiment: does adding synthetic images to real training data help a classifier?
+
+    from training.evaluate import EvaluationSettings, run_evaluation
+    report = run_evaluation(EvaluationSettings(data="../shared/data/cifar10-jpeg.tar.gz", classifier="cnn",
+                                               synthetic_per_class=500, real_fraction=0.1, epochs=10,
+                                               seeds=(0, 1, 2)), out_dir="out/eval",
+                            progress=lambda fraction, message: ...)
+
+Three arms, each trained once per seed and tested on the real test split:
+
+- ``real``            a class-balanced ``real_fraction`` of the real training set (the baseline);
+- ``real+synthetic``  the same real images plus ``synthetic_per_class`` synthetic images per class;
+- ``synthetic``       the synthetic images only: the Classification Accuracy Score (CAS) of
+                      Ravuri & Vinyals 2019.
+
+Seed s picks the real subset (``LabelledImages.subset(f, seed=s)``) and the classifier's
+initial weights, shuffling and augmentation, identically in every arm, so ``real`` and
+``real+synthetic`` are paired per seed.  The synthetic set is one set shared by all seeds
+(image i has sampler seed ``synthetic_seed + i``); the confidence interval therefore covers
+the real-subset and training randomness, not the draw of synthetic images.  Every arm trains
+for ``epochs`` passes over its own training set (so an arm with more images takes more steps).
+
+Writes ``report.json``, ``report.md`` and PNG plots into ``out_dir`` (see ``evaluate_report``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from diffusion.checkpoint import Checkpoint
+from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
+
+from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
+                          default_train_settings, predict, train_classifier)
+from .data import LabelledImages, load_dataset
+from .evaluate_report import write_outputs
+from .evaluation_stats import mean_std, paired_delta
+from .generate import default_checkpoint
+from .sample_cli import pick_device
+from .synthetic_cache import align_classes, synthetic_images
+
+log = logging.getLogger(__name__)
+
+ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic")
+ProgressFn = Callable[[float, str], None]  # (fraction done 0..1, message); may raise to cancel the run
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    data: str                                   # data set path (anything training.data.load_dataset reads)
+    checkpoint: str | None = None               # checkpoint dir; None: $DREAMDATA_CHECKPOINT or the shipped one
+    classifier: ClassifierKind = "cnn"
+    width: int | None = None                    # classifier width; None: classifiers.DEFAULT_WIDTH
+    synthetic_per_class: int = 500              # k
+    real_fraction: float = 0.1                  # f, class-balanced
+    epochs: int = 10
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sampler: SamplerName = "dpmpp"
+    steps: int = 20
+    guidance: float = 1.5
+    eta: float = 0.0
+    synthetic_seed: int = 0                     # synthetic image i gets sampler seed synthetic_seed + i
+    sample_batch_size: int = 100
+    train_batch_size: int | None = None         # None: the classifier's default
+    device: str = "auto"                        # auto, cpu, cuda, cuda:1 ...
+    cache_dir: str | None = None                # None: training.data.default_cache_dir()
+
+    def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvaluationSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown evaluation settings: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seeds"] = list(self.seeds)
+        return d
+
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta)
+
+    def validate(self) -> None:
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {self.classifier!r}; expected one of {', '.join(CLASSIFIERS)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        if self.synthetic_per_class < 1:
+            raise ValueError(f"synthetic_per_class must be at least 1, got {self.synthetic_per_class}")
+        if not 0 < self.real_fraction <= 1:
+            raise ValueError(f"real_fraction must be in (0, 1], got {self.real_fraction}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(self.seeds)}")
+
+
+def _arm_data(arm: str, real: LabelledImages, synth: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
+    if arm == "real":
+        return real.images, real.labels
+    if arm == "synthetic":
+        return synth.images, synth.labels
+    return torch.cat([real.images, synth.images]), torch.cat([real.labels, synth.labels])
+
+
+def summarize(class_names: Sequence[str], per_seed: dict[str, list[dict]]) -> dict:
+    """Per-arm results from ``{arm: [{"accuracy", "confusion"}, ...one per seed]}``."""
+    arms = {}
+    for arm, runs in per_seed.items():
+        accs = [r["accuracy"] for r in runs]
+        cm = torch.stack([torch.as_tensor(r["confusion"]) for r in runs]).sum(0)
+        mean, sd = mean_std(accs)
+        per_class = (cm.diag().double() / cm.sum(1).clamp(min=1).double()).tolist()
+        arms[arm] = {"accuracy_mean": mean, "accuracy_std": sd, "accuracies": accs,
+                     "per_class_accuracy": dict(zip(class_names, per_class)),
+                     "confusion_matrix": cm.tolist(),
+                     "confusion_matrix_per_seed": [torch.as_tensor(r["confusion"]).tolist() for r in runs],
+                     "train_images": runs[0]["train_images"], "train_seconds": [r["seconds"] for r in runs]}
+    return arms
+
+
+def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
+                   progress: ProgressFn | None = None,   # (fraction, message); raise from it to cancel
+                   checkpoint: Checkpoint | None = None, # an already loaded checkpoint (the worker's)
+                   sample_fn: Callable = sample,         # the worker may pass its batching sampler
+                   show_bars: bool = True,               # tqdm bars on stderr (off in the worker)
+                   ) -> dict:
+    """Run the three-arm experiment (module docstring), write the outputs to ``out_dir``, return the report."""
+    settings.validate()
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(settings.device)
+    report_progress = progress or (lambda f, m: None)
+    report_progress(0.0, "loading data")
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
+    train = load_dataset(settings.data, "train", cache_dir=cache_dir)
+    test = load_dataset(settings.data, "test", cache_dir=cache_dir)
+    if tuple(train.class_names) != tuple(test.class_names):
+        raise ValueError(f"train classes {list(train.class_names)} differ from test classes {list(test.class_names)}")
+    names = tuple(train.class_names)
+
+    gen_share = 0.25
+    synth, synth_info = synthetic_images(
+        checkpoint if checkpoint is not None else (settings.checkpoint or default_checkpoint()),
+        settings.synthetic_per_class, settings.sampler_settings, base_seed=settings.synthetic_seed,
+        cache_dir=cache_dir, device=device, batch_size=settings.sample_batch_size, sample_fn=sample_fn,
+        progress=lambda f: report_progress(gen_share * f, f"sampling synthetic images ({f:.0%})"))
+    synth = align_classes(synth, names)
+    base = 0.0 if synth_info["reused"] else gen_share
+
+    # Training cost ~ images x epochs: share the remaining progress range out by that.
+    reals = {s: train.subset(settings.real_fraction, seed=s) for s in settings.seeds}
+    jobs = [(s, arm) for s in settings.seeds for arm in ARMS]
+    sizes = [len(_arm_data(arm, reals[s], synth)[1]) for s, arm in jobs]
+    total_cost, done_cost = float(sum(sizes)), 0.0
+    overrides = {"batch_size": settings.train_batch_size} if settings.train_batch_size else {}
+    tset = default_train_settings(settings.classifier, settings.epochs, **overrides)
+    per_seed: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    params = None
+    for (seed, arm), size in zip(jobs, sizes):
+        x, y = _arm_data(arm, reals[seed], synth)
+        msg = f"training {settings.classifier} on {arm} ({len(y)} images), seed {seed}"
+
+        def on_train(f: float, _done=done_cost, _size=size, _msg=msg) -> None:
+            report_progress(base + (1 - base) * (_done + f * _size) / total_cost, _msg)
+
+        report_progress(base + (1 - base) * done_cost / total_cost, msg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_classifier(settings.classifier, len(names), settings.width)
+        params = count_parameters(model)
+        info = train_classifier(model, x, y, tset, device=device, seed=seed, progress=on_train,
+                                desc=f"{arm} seed {seed}", show_bar=show_bars)
+        pred = predict(model, test.images, device)
+        per_seed[arm].append({"accuracy": (pred == test.labels).double().mean().item(),
+                              "confusion": confusion_matrix(test.labels, pred, len(names)),
+                              "train_images": len(y), "seconds": info["seconds"]})
+        done_cost += size
+        log.info("%s seed %d: test accuracy %.4f", arm, seed, per_seed[arm][-1]["accuracy"])
+
+    arms = summarize(names, per_seed)
+    delta = paired_delta(arms["real"]["accuracies"], arms["real+synthetic"]["accuracies"])
+    delta["per_class"] = {c: arms["real+synthetic"]["per_class_accuracy"][c] - arms["real"]["per_class_accuracy"][c]
+                          for c in names}
+    report = {
+        "arms": arms,
+        "delta": delta,
+        "class_names": list(names),
+        "settings": dict(settings.to_dict(), device=str(device),
+                         checkpoint=str(checkpoint.path if checkpoint is not None
+                                         else settings.checkpoint or default_checkpoint())),
+        "classifier": {"kind": settings.classifier, "width": model.width, "parameters": params,
+                       "train_settings": tset.to_dict()},
+        "data": {"source": train.source, "train_images": len(train), "test_images": len(test),
+                 "real_train_images_per_seed": len(reals[settings.seeds[0]])},
+        "synthetic": dict(synth_info, images=len(synth)),
+        "notes": {
+            "confusion_matrix": "rows = true class, columns = predicted class; counts summed over seeds "
+                                "(confusion_matrix_per_seed has one matrix per seed)",
+            "per_class_accuracy": "from the summed confusion matrix (recall per true class)",
+            "accuracy_std": "sample standard deviation over seeds (ddof=1); null with one seed",
+            "delta": "real+synthetic minus real, paired by seed; ci95 = mean +- t(0.975, n-1) * sd / sqrt(n); "
+                     "null with one seed",
+            "synthetic": "one synthetic set shared by all seeds: the interval does not cover the draw of synthetic images",
+        },
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    write_outputs(report, out)  # adds report["files"]
+    report_progress(1.0, "done")
+    return report

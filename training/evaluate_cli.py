@@ -1,0 +1,86 @@
+"""``dreamdata evaluate``: real vs real+synthetic vs synthetic-only classifiers (``training.evaluate``).
+
+    dreamdata evaluate --data ../shared/data/cifar10-jpeg.tar.gz --classifier cnn \\
+        --synthetic-per-class 500 --real-fraction 0.1 --epochs 10 --seeds 0,1,2 --out out/eval-cnn
+    dreamdata evaluate --checkpoint runs/cpu/checkpoint --data ... --classifier mlp --synthetic-per-class 1000 \\
+        --real-fraction 1 --epochs 20 --seeds 0,1,2,3,4 --sampler ddim --steps 50 --guidance 2 --out out/eval-mlp
+
+Writes OUT/report.json, OUT/report.md and PNG plots; prints a one-line JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from tqdm import tqdm
+
+from diffusion.samplers import SAMPLERS
+
+from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
+from .evaluate import EvaluationSettings, run_evaluation
+from .generate import DEFAULT_SETTINGS
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` or ``"0-4"`` -> (0, 1, 2) / (0, 1, 2, 3, 4)."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            a, dash, b = part.partition("-")
+            seeds.extend(range(int(a), int(b) + 1) if dash else [int(a)])
+    except ValueError:
+        raise ValueError(f"expected comma-separated seeds or a range like 0-4, got {text!r}") from None
+    return tuple(seeds)
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    d = DEFAULT_SETTINGS
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
+    p.add_argument("--data", required=True, help="data set: .tar.gz of an ImageFolder tree, cifar-10-batches-py, ...")
+    p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn", help="default cnn")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"classifier width (default mlp {DEFAULT_WIDTH['mlp']}, cnn {DEFAULT_WIDTH['cnn']}; "
+                        "cnn 64 is Page's full ResNet-9, for a GPU)")
+    p.add_argument("--synthetic-per-class", type=int, default=500, help="k synthetic images per class (default 500)")
+    p.add_argument("--real-fraction", type=float, default=0.1,
+                   help="class-balanced share of the real training set, 0 < f <= 1 (default 0.1)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per arm (default 10)")
+    p.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"default {d.sampler}")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
+    p.add_argument("--guidance", type=float, default=d.guidance, help=f"guidance scale w (default {d.guidance})")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic image i gets seed S+i (default 0)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
+    p.add_argument("--train-batch-size", type=int, default=None, help="classifier batch size (default mlp 256, cnn 512)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where synthetic sets and decoded data are cached (default $DREAMDATA_CACHE or ~/.cache/dreamdata)")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = EvaluationSettings(
+        data=args.data, checkpoint=args.checkpoint, classifier=args.classifier, width=args.width,
+        synthetic_per_class=args.synthetic_per_class, real_fraction=args.real_fraction, epochs=args.epochs,
+        seeds=args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
+        synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
+        train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir)
+    settings.validate()
+    bar = tqdm(total=100, dynamic_ncols=True, bar_format="{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {desc}")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = round(100 * fraction, 1)
+        bar.set_description_str(message, refresh=True)
+
+    report = run_evaluation(settings, args.out, progress=progress, show_bars=False)  # one bar, not one per run
+    bar.close()
+    print(json.dumps({
+        "out": args.out,
+        "accuracy": {arm: {"mean": a["accuracy_mean"], "std": a["accuracy_std"]} for arm, a in report["arms"].items()},
+        "delta": {"mean": report["delta"]["mean"], "ci95": report["delta"]["ci95"]},
+        "report": f"{args.out}/report.md", "seconds": report["seconds"]}))

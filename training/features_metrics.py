@@ -1,0 +1,150 @@
+"""Measures of a generator in a feature space: Frechet distance, precision/recall, density/coverage,
+class fidelity; and pool3 features of a user-supplied Inception v3.
+
+All functions take features ``[N, D]`` (any float dtype; computed in float64 for the Frechet
+distance, float32 for the k-NN measures) and return plain Python floats.
+
+- Frechet distance (Heusel et al. 2017, FID without the Inception prescription):
+  ``d^2 = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r^1/2 S_g S_r^1/2)^1/2)``.
+- Precision / recall (Kynkaanniemi et al. 2019): the real manifold is the union of balls around
+  each real feature with radius = distance to its k-th nearest real neighbour; precision is the
+  share of generated features inside it, recall the share of real features inside the generated
+  manifold (built the same way).
+- Density / coverage (Naeem et al. 2020): density = (1 / kM) sum_j #{i : Y_j in B(X_i, r_k(X_i))};
+  coverage = share of real X_i whose ball holds at least one generated Y_j.
+- Class fidelity: the share of generated images that a real-data classifier assigns to the
+  class they were generated for, overall and per class.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import to_model_range
+
+CHUNK = 2048  # rows per block of pairwise distances (memory ~ CHUNK x N floats)
+
+
+# --- Frechet distance -------------------------------------------------------------------------
+
+def feature_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f: [N, D] -> (mu [D], Sigma [D, D]) in float64; Sigma is the unbiased covariance."""
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need [N >= 2, D] features, got shape {tuple(f.shape)}")
+    f = f.double()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a positive semi-definite matrix (eigenvalues clipped at 0)."""
+    w, v = torch.linalg.eigh((s + s.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance_from_stats(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2)  (float64)."""
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    r = _sqrt_psd(s1)
+    cross = torch.linalg.eigvalsh(r @ s2 @ r).clamp(min=0).sqrt().sum()  # Tr((S1 S2)^1/2)
+    d2 = (mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * cross
+    return max(0.0, float(d2))
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [N, D], [M, D]."""
+    return frechet_distance_from_stats(*feature_stats(real), *feature_stats(fake))
+
+
+# --- k-NN manifold measures -------------------------------------------------------------------
+
+def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[N] distance of each row of x to its k-th nearest other row (the point itself excluded)."""
+    if not 1 <= k < len(x):
+        raise ValueError(f"k must be in 1..{len(x) - 1} for {len(x)} points, got {k}")
+    x = x.float()
+    return torch.cat([torch.cdist(x[i:i + CHUNK], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), CHUNK)])
+
+
+def _ball_counts(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """[len(points)] number of balls B(centre_i, radius_i) that hold each point."""
+    points, centres = points.float(), centres.float()
+    return torch.cat([(torch.cdist(points[i:i + CHUNK], centres) <= radii[None]).sum(1)
+                      for i in range(0, len(points), CHUNK)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN radii."""
+    precision = (_ball_counts(fake, real, knn_radii(real, k)) > 0).double().mean().item()
+    recall = (_ball_counts(real, fake, knn_radii(fake, k)) > 0).double().mean().item()
+    return {"precision": precision, "recall": recall}
+
+
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict:
+    """Density and coverage (Naeem et al. 2020); density can exceed 1, coverage is in [0, 1]."""
+    radii = knn_radii(real, k)
+    density = _ball_counts(fake, real, radii).double().sum().item() / (k * len(fake))
+    real_f, fake_f = real.float(), fake.float()
+    nearest_fake = torch.cat([torch.cdist(real_f[i:i + CHUNK], fake_f).min(1).values
+                              for i in range(0, len(real_f), CHUNK)])
+    coverage = (nearest_fake <= radii).double().mean().item()
+    return {"density": density, "coverage": coverage}
+
+
+def class_fidelity(predicted: torch.Tensor, requested: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """Share of images classified as the class they were generated for: overall and per class."""
+    hit = (predicted == requested).double()
+    per_class = {}
+    for c, name in enumerate(class_names):
+        mask = requested == c
+        per_class[name] = hit[mask].mean().item() if mask.any() else None
+    return {"overall": hit.mean().item(), "per_class": per_class}
+
+
+# --- Inception v3 (weights supplied by the user) ----------------------------------------------
+
+def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """torchvision's Inception v3 with a local state dict (``.pth``/``.pt`` or ``.safetensors``);
+    the classifier replaced by identity so the output is the 2048-d pool3 feature.
+
+    Expects torchvision's architecture (e.g. ``inception_v3_google-0cc3c7bd.pth``); the
+    pytorch-fid ``pt_inception`` weights have a different layout and will not load.
+    """
+    from torchvision.models import inception_v3
+
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a torchvision inception_v3 state dict ({str(e).splitlines()[0]})") from e
+    model.fc = nn.Identity()
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def inception_features(model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
+                       batch_size: int = 100) -> torch.Tensor:
+    """images: [N, 3, H, W] uint8 -> pool3 features [N, 2048] float32.
+
+    Images are scaled to [-1, 1] and resized bilinearly to 299x299: the input the Google weights
+    expect (what torchvision's ``transform_input`` produces from ImageNet-normalised input).
+    """
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_model_range(images[i:i + batch_size].to(device))
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        out.append(model(x).float().cpu())
+    return torch.cat(out)

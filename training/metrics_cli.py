@@ -1,0 +1,63 @@
+"""``dreamdata metrics``: Frechet distance, precision/recall, density/coverage and class fidelity of a
+checkpoint's images (``training.generator_metrics``), printed as JSON.
+
+    dreamdata metrics --data ../shared/data/cifar10-jpeg.tar.gz --n-per-class 100
+    dreamdata metrics --checkpoint runs/cpu/checkpoint --data ... --n-per-class 500 --sampler ddim --steps 50 \\
+        --guidance 2 --inception-weights ~/weights/inception_v3_google-0cc3c7bd.pth --out metrics.json
+
+The first run per data set trains the feature classifier (cached under --cache-dir); later runs reuse it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diffusion.samplers import SAMPLERS
+
+from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
+from .generate import DEFAULT_SETTINGS
+from .generator_metrics import MetricsSettings, measure_generator
+
+
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    d = DEFAULT_SETTINGS
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
+    p.add_argument("--data", required=True, help="data set with train and test splits")
+    p.add_argument("--n-per-class", type=int, default=100, help="generated images per class (default 100)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"default {d.sampler}")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
+    p.add_argument("--guidance", type=float, default=d.guidance, help=f"guidance scale w (default {d.guidance})")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="generated image i gets seed S+i (default 0)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
+    p.add_argument("--k", type=int, default=5, help="neighbours for precision/recall, density/coverage (default 5)")
+    p.add_argument("--feature-classifier", choices=CLASSIFIERS, default="cnn", help="default cnn")
+    p.add_argument("--feature-width", type=int, default=None,
+                   help=f"feature classifier width (default cnn {DEFAULT_WIDTH['cnn']}, mlp {DEFAULT_WIDTH['mlp']})")
+    p.add_argument("--feature-epochs", type=int, default=10, help="feature classifier epochs (default 10)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local torchvision inception_v3 state dict: adds an Inception-space Frechet distance")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default $DREAMDATA_CACHE or ~/.cache/dreamdata)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+
+
+def run_metrics(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = MetricsSettings(
+        data=args.data, checkpoint=args.checkpoint, n_per_class=args.n_per_class, sampler=args.sampler,
+        steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size, k=args.k,
+        feature_classifier=args.feature_classifier, feature_width=args.feature_width,
+        feature_epochs=args.feature_epochs, inception_weights=args.inception_weights, device=args.device,
+        cache_dir=args.cache_dir)
+    result = measure_generator(s)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
