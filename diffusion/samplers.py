@@ -165,6 +165,7 @@ def _dpmpp_2m(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress):
     alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), h = lambda_next - lambda_t
     x_next = (sigma_next / sigma_t) x - alpha_next (e^{-h} - 1) D,
     D = x0_t (first order) or (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h (second order).
+    The first step, the step into index 0 and the final step to sigma=0 are first order.
     """
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
@@ -178,7 +179,10 @@ def _dpmpp_2m(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress):
             abar_n = _abar(schedule, ts[i + 1])
             alpha_n, sigma_n = math.sqrt(abar_n), math.sqrt(1 - abar_n)
             h = math.log(alpha_n / sigma_n) - math.log(alpha / sigma)
-            if x0_prev is None:
+            if x0_prev is None or i + 2 == len(ts):
+                # First order for the first step and for the step into t=0: the second-order
+                # extrapolation over that last, very large jump in lambda over-disperses
+                # (diffusers' lower_order_final does the same below 15 steps).
                 d = x0
             else:
                 r = h_prev / h
