@@ -5,8 +5,9 @@ samplers in :mod:`diffusion.samplers` import them back, so there is one definiti
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
@@ -37,3 +38,19 @@ class SamplerSettings:
 
 # What ``dreamdata sample`` and the service use when a request leaves a setting out.
 DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=1.5)
+
+
+def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:
+    """A class name (any case) or an index 0..K-1 -> index.  Raises ValueError listing the valid ones."""
+    s = str(spec).strip()
+    lower = [c.lower() for c in class_names]
+    if s.lower() in lower:
+        return lower.index(s.lower())
+    if s.isdigit() and int(s) < len(class_names):
+        return int(s)
+    raise ValueError(f"unknown class {spec!r}; valid: {', '.join(class_names)} or 0-{len(class_names) - 1}")
+
+
+def draw_seed() -> int:
+    """A random base seed for a request that gave none (recorded with the results)."""
+    return random.SystemRandom().randrange(0, MAX_SEED // 2)

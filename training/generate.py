@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -28,13 +27,12 @@ from PIL import Image, PngImagePlugin
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SamplerSettings, sample
+from diffusion.spec import DEFAULT_SETTINGS, draw_seed, resolve_class  # noqa: F401  (re-exported)
 
 from .plots import image_grid, to_uint8
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
-DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=1.5)
 GRID_PER_CLASS = 10
-MAX_SEED = 2**31 - 1
 
 ProgressFn = Callable[[int, int, int, int], None]  # (images done, images total, step, steps); may raise
 
@@ -42,17 +40,6 @@ ProgressFn = Callable[[int, int, int, int], None]  # (images done, images total,
 def default_checkpoint() -> Path:
     """``$DREAMDATA_CHECKPOINT`` or the shipped ``checkpoints/cifar10``."""
     return Path(os.environ.get("DREAMDATA_CHECKPOINT", DEFAULT_CHECKPOINT))
-
-
-def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:
-    """A class name (any case) or an index 0..K-1 -> index.  Raises ValueError listing the valid ones."""
-    s = str(spec).strip()
-    lower = [c.lower() for c in class_names]
-    if s.lower() in lower:
-        return lower.index(s.lower())
-    if s.isdigit() and int(s) < len(class_names):
-        return int(s)
-    raise ValueError(f"unknown class {spec!r}; valid: {', '.join(class_names)} or 0-{len(class_names) - 1}")
 
 
 def resolve_classes(specs: Sequence[str], class_names: Sequence[str]) -> list[int]:
@@ -83,10 +70,6 @@ def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageS
             specs.append(ImageSpec(i, c, base_seed + i))
             i += 1
     return specs
-
-
-def draw_seed() -> int:
-    return random.SystemRandom().randrange(0, MAX_SEED // 2)
 
 
 def _write_png(path: Path, img: torch.Tensor, meta: dict) -> None:

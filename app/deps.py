@@ -1,0 +1,62 @@
+"""Dependencies shared by the routers: settings, job store, Celery client, API key, job lookup."""
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Path, Security
+from fastapi.security import APIKeyHeader
+
+from worker.celery_app import celery_for
+from worker.jobs import JobStore, connect, is_job_id
+from worker.settings import Settings, get_settings
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@lru_cache(maxsize=8)
+def _store(url: str, prefix: str) -> JobStore:
+    return JobStore(connect(url), prefix)
+
+
+def get_store(settings: SettingsDep) -> JobStore:
+    """The job-record store for the configured Redis (one connection pool per URL)."""
+    return _store(settings.redis_url, settings.key_prefix)
+
+
+def get_celery(settings: SettingsDep) -> Celery:
+    """The Celery client that sends tasks by name (no task code, no torch)."""
+    return celery_for(settings)
+
+
+StoreDep = Annotated[JobStore, Depends(get_store)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False,
+                        description="needed when the service has an API key (DREAMDATA_API_KEY)")
+
+
+def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key)] = None) -> None:
+    """401 unless the X-API-Key header matches the configured key (no key configured: open)."""
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    if key is None or not secrets.compare_digest(key.encode(), expected):
+        raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "APIKey"})
+
+
+JobId = Annotated[str, Path(description="job id: 32 lowercase hex digits (uuid4)",
+                            examples=["3f2b8c9d0e1f4a5b8c7d6e5f4a3b2c1d"])]
+
+
+def get_job(job_id: JobId, store: StoreDep) -> dict:
+    """The job record; 404 for an unknown id and for anything that is not a job id (never a path)."""
+    record = store.get(job_id) if is_job_id(job_id) else None
+    if record is None:
+        raise HTTPException(404, "no such job")
+    return record
+
+
+JobDep = Annotated[dict, Depends(get_job)]

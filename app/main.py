@@ -1,0 +1,58 @@
+"""The dreamdata HTTP API: ``create_app()`` builds it (``uvicorn app.main:create_app --factory``).
+
+Importing this module reads no settings and never imports torch (a test checks): work goes to
+the worker by Celery task name, and model facts come from the checkpoint's config.json.
+"""
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+
+from .catalog import CheckpointMissing
+from .deps import require_api_key
+from .routers import files, generate, health, jobs, models
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """On-demand synthetic images from a class-conditional DDPM.
+
+`POST /generate?class=cat&n=100` queues a job and answers 202 with its URL; poll `GET /jobs/{id}`
+until `status` is `succeeded`, then fetch `grid.png`, `images/{i}.png`, `images.zip` or
+`manifest.json`. Image i of a job has seed `seed + i`: the same request gives the same images.
+When the service has an API key, send it in the `X-API-Key` header.
+"""
+
+TAGS = [
+    {"name": "generate", "description": "queue generation jobs"},
+    {"name": "jobs", "description": "job status, progress and cancellation"},
+    {"name": "files", "description": "a finished job's images"},
+    {"name": "models", "description": "the model and its classes"},
+    {"name": "health", "description": "liveness and readiness probes"},
+]
+
+
+async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("job store unreachable: %s", exc)
+    return JSONResponse({"detail": f"job store (Redis) unreachable: {type(exc).__name__}"}, status_code=503)
+
+
+async def _no_checkpoint(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
+def create_app() -> FastAPI:
+    """The FastAPI application: routers, API-key guard, error handlers."""
+    app = FastAPI(title="dreamdata", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS)
+    guarded = [Depends(require_api_key)]
+    for module in (generate, jobs, files, models):
+        app.include_router(module.router, dependencies=guarded)
+    app.include_router(health.router)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _store_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _store_down)
+    app.add_exception_handler(OperationalError, _store_down)
+    app.add_exception_handler(CheckpointMissing, _no_checkpoint)
+    return app

@@ -1,0 +1,69 @@
+"""POST /generate: validate at the edge, record the job (queued), send it to the worker by task name."""
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Query, Response
+
+from diffusion.spec import SamplerName
+from worker.celery_app import TASK_GENERATE
+from worker.jobs import QueueFull, new_job_id, new_record
+
+from ..catalog import model_info
+from ..deps import CeleryDep, SettingsDep, StoreDep
+from ..job_view import job_url, job_view
+from ..schemas import GenerateBody, Job
+from ..validate import resolve_request
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["generate"])
+
+_BODY_EXAMPLES = {
+    "two classes": {"summary": "50 cats and 50 dogs, fixed seed",
+                    "value": {"classes": {"cat": 50, "dog": 50}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5,
+                              "seed": 0}},
+    "by index": {"summary": "classes by index, other settings default", "value": {"classes": {"0": 10, "9": 10}}},
+}
+
+
+@router.post("/generate", status_code=202, response_model=Job, responses={
+    202: {"description": "queued; poll the URL in the Location header",
+          "headers": {"Location": {"description": "/jobs/<id>", "schema": {"type": "string"}}}},
+    422: {"description": "a field is invalid; `detail[].loc` names it"},
+    429: {"description": "the queue is full; retry later"},
+    503: {"description": "Redis or the checkpoint is unavailable"}})
+def generate(
+    response: Response, settings: SettingsDep, store: StoreDep, celery: CeleryDep,
+    class_: Annotated[str | None, Query(alias="class", description="class name (any case), index 0-9, or 'all'",
+                                        openapi_examples={"cat": {"value": "cat"}, "index": {"value": "3"}})] = None,
+    n: Annotated[int | None, Query(description="images per class (default 10)",
+                                   openapi_examples={"hundred": {"value": 100}})] = None,
+    sampler: Annotated[SamplerName | None, Query(description="ddpm, ddim or dpmpp (default dpmpp)",
+                                                 openapi_examples={"dpmpp": {"value": "dpmpp"}})] = None,
+    steps: Annotated[int | None, Query(description="ddpm/ddim 1-1000, dpmpp 1-100 (default 20)",
+                                       openapi_examples={"twenty": {"value": 20}})] = None,
+    guidance: Annotated[float | None, Query(description="guidance scale 0-20 (default 1.5)",
+                                            openapi_examples={"default": {"value": 1.5}})] = None,
+    seed: Annotated[int | None, Query(description="base seed 0..2^31-1; image i gets seed + i (default: drawn)",
+                                      openapi_examples={"zero": {"value": 0}})] = None,
+    body: Annotated[GenerateBody | None, Body(openapi_examples=_BODY_EXAMPLES)] = None,
+) -> Job:
+    """Queue a generation job: ``?class=cat&n=100``, or a JSON body for several classes at once."""
+    query = {"class": class_, "n": n, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed}
+    request = resolve_request(query, body, model_info(settings.checkpoint), settings)
+    job_id = new_job_id()
+    total = sum(request["classes"].values())
+    try:
+        store.create(new_record(job_id, request, total, request["steps"]), settings.max_queued)
+    except QueueFull as e:
+        raise HTTPException(429, str(e), headers={"Retry-After": "30"}) from None
+    try:
+        celery.send_task(TASK_GENERATE, kwargs={"job_id": job_id, "request": request}, task_id=job_id,
+                         queue=settings.queue)
+    except Exception as e:  # the broker went away between the record and the message: leave no orphan
+        log.exception("could not enqueue job %s", job_id)
+        store.forget(job_id)
+        raise HTTPException(503, f"could not enqueue the job ({type(e).__name__}); try again") from None
+    response.headers["Location"] = job_url(job_id)
+    return job_view(store.get(job_id), store)

@@ -1,0 +1,46 @@
+"""Job records: GET /jobs, GET /jobs/{id}, POST /jobs/{id}/cancel."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from worker.jobs import ACTIVE, TERMINAL
+
+from ..deps import JobDep, StoreDep
+from ..job_view import job_view
+from ..schemas import Job, JobList, JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+_404 = {404: {"description": "no such job (or not a job id)"}}
+
+
+@router.get("", response_model=JobList)
+def list_jobs(store: StoreDep,
+              limit: Annotated[int, Query(ge=1, le=100, description="most jobs to return",
+                                          openapi_examples={"ten": {"value": 10}})] = 20,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status",
+                                                        openapi_examples={"running": {"value": "running"}})] = None,
+              ) -> JobList:
+    """Recent jobs, newest first."""
+    return JobList(jobs=[job_view(r, store) for r in store.recent(limit, status)])
+
+
+@router.get("/{job_id}", response_model=Job, responses=_404)
+def get_job(job: JobDep, store: StoreDep) -> Job:
+    """One job: status, progress, queue position, timings, echoed input, output URLs, error."""
+    return job_view(job, store)
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses={
+    **_404, 200: {"description": "canceled (it was still queued)"},
+    202: {"description": "cancel requested; the worker stops at its next sampler step"},
+    409: {"description": "the job has already finished"}})
+def cancel_job(job: JobDep, store: StoreDep, response: Response) -> Job:
+    """Cancel a job: at once while queued, between two sampler steps while running."""
+    if job["status"] in TERMINAL:
+        raise HTTPException(409, f"job is {job['status']}; nothing to cancel")
+    record = store.request_cancel(job["id"])
+    # still active: a worker took it meanwhile, and stops at its next step
+    response.status_code = 202 if record["status"] in ACTIVE else 200
+    return job_view(record, store)

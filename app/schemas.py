@@ -1,0 +1,132 @@
+"""Request and response bodies (separate classes: what a client sends is not what it gets back)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, SamplerName
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+_ID = "3f2b8c9d0e1f4a5b8c7d6e5f4a3b2c1d"
+
+
+class GenerateBody(BaseModel):
+    """Several classes at once; every setting but ``classes`` may be left out."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"classes": {"cat": 50, "dog": 50}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "seed": 0}]})
+
+    classes: dict[str, int] = Field(min_length=1, description="class name (any case) or index 0-9 -> images",
+                                    examples=[{"cat": 50, "dog": 50}])
+    sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description="ddpm, ddim or dpmpp")
+    steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
+    guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
+                            description="classifier-free guidance scale w (1 = none)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="base seed; image i gets seed + i (default: drawn)")
+
+
+class JobInput(BaseModel):
+    """The request as the worker runs it: class names resolved, seed drawn if it was left out."""
+    classes: dict[str, int] = Field(description="resolved class name -> images", examples=[{"cat": 100}])
+    sampler: SamplerName
+    steps: int
+    guidance: float
+    seed: int = Field(description="base seed; image i has seed + i")
+    seed_drawn: bool = Field(False, description="true when the service drew the seed")
+
+
+class JobOutput(BaseModel):
+    grid: str = Field(description="PNG grid, one row per class", examples=[f"/jobs/{_ID}/grid.png"])
+    zip: str = Field(description="every image (and the grid)", examples=[f"/jobs/{_ID}/images.zip"])
+    manifest: str = Field(description="one entry per image: file, class, seed ...",
+                          examples=[f"/jobs/{_ID}/manifest.json"])
+    images: str = Field(description="URL pattern of image i, 0 <= i < count",
+                        examples=[f"/jobs/{_ID}/images/{{i}}.png"])
+    count: int
+    checkpoint_sha256: str | None = None
+
+
+class Timings(BaseModel):
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queued_seconds: float | None = Field(None, description="submit to start (so far, while queued)")
+    run_seconds: float | None = Field(None, description="start to finish (so far, while running)")
+
+
+class Job(BaseModel):
+    """A job record as clients see it."""
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": _ID, "url": f"/jobs/{_ID}", "type": "generation", "status": "running", "progress": 0.42,
+        "images_done": 40, "images_total": 100, "step": 4, "steps": 20, "queue_position": None,
+        "cancel_requested": False, "attempts": 1,
+        "timings": {"created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:01Z",
+                    "finished_at": None, "queued_seconds": 1.0, "run_seconds": 3.2},
+        "input": {"classes": {"cat": 100}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "seed": 0,
+                  "seed_drawn": False},
+        "output": None, "error": None}]})
+
+    id: str
+    url: str
+    type: Literal["generation"] = "generation"
+    status: JobStatus
+    progress: float = Field(ge=0, le=1, description="fraction done")
+    images_done: int
+    images_total: int
+    step: int = Field(description="sampler step of the current batch")
+    steps: int
+    queue_position: int | None = Field(description="1 = next to start; null unless queued")
+    cancel_requested: bool
+    attempts: int = Field(description="deliveries so far (more than 1 after a worker crash)")
+    timings: Timings
+    input: JobInput
+    output: JobOutput | None = Field(description="URLs, once the job succeeded")
+    error: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class ClassInfo(BaseModel):
+    index: int
+    name: str
+
+
+class ClassList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"classes": [{"index": 0, "name": "airplane"},
+                                                                            {"index": 3, "name": "cat"}]}]})
+    classes: list[ClassInfo]
+
+
+class SamplerInfo(BaseModel):
+    min_steps: int
+    max_steps: int
+
+
+class ModelOut(BaseModel):
+    name: str = Field(description="checkpoint directory name", examples=["cifar10"])
+    sha256: str | None = Field(description="of model.safetensors; also in every PNG's metadata")
+    class_names: list[str]
+    unet: dict
+    schedule: dict
+    provenance: dict = Field(description="what produced the checkpoint: steps, images seen, data set ...")
+    format_version: int | None
+    samplers: dict[str, SamplerInfo]
+    defaults: dict = Field(examples=[{"sampler": "dpmpp", "steps": 20, "guidance": 1.5}])
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    broker: str = Field(description="ok, or why Redis is unreachable", examples=["ok"])
+    workers: list[str] = Field(description="workers that answered a ping", examples=[["dreamdata-12@host"]])
+    queued: int | None = Field(None, description="jobs waiting")

@@ -1,0 +1,78 @@
+"""Turn a /generate request (query or JSON body) into the worker's input, or 422 errors naming each field.
+
+Errors have FastAPI's own shape, ``{"detail": [{"loc": ["query", "n"], "msg": ..., ...}]}``,
+because they are raised as ``RequestValidationError``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+
+from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, STEP_RANGES, draw_seed, resolve_class
+from worker.settings import Settings
+
+from .catalog import ModelInfo
+from .schemas import GenerateBody
+
+DEFAULT_N = 10  # images per class when ?n= is left out (as `dreamdata sample`)
+
+
+def _error(loc: tuple, msg: str, value: Any, kind: str = "value_error") -> dict:
+    return {"type": kind, "loc": loc, "msg": msg, "input": value}
+
+
+def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, settings: Settings) -> dict:
+    """-> {"classes": {name: n}, "sampler", "steps", "guidance", "seed", "seed_drawn"}; raises RequestValidationError.
+
+    ``query``: {"class", "n", "sampler", "steps", "guidance", "seed"}, None where not given.
+    """
+    names = info.class_names
+    errors: list[dict] = []
+    if body is not None:
+        src = "body"
+        errors += [_error(("query", k), "give either a JSON body or query parameters, not both", v)
+                   for k, v in query.items() if v is not None]
+        specs = [(("body", "classes", k), ("body", "classes", k), k, v) for k, v in body.classes.items()]
+        sampler, steps, guidance, seed = body.sampler, body.steps, body.guidance, body.seed
+    else:
+        src = "query"
+        cls, per = query["class"], DEFAULT_N if query["n"] is None else query["n"]
+        if cls is None:
+            errors.append(_error(("query", "class"), "Field required", None, "missing"))
+        keys = list(names) if cls is not None and cls.strip().lower() == "all" else [cls] * (cls is not None)
+        specs = [(("query", "class"), ("query", "n"), k, per) for k in keys]
+        sampler = query["sampler"] or DEFAULT_SETTINGS.sampler
+        steps = DEFAULT_SETTINGS.steps if query["steps"] is None else query["steps"]
+        guidance = DEFAULT_SETTINGS.guidance if query["guidance"] is None else query["guidance"]
+        seed = query["seed"]
+
+    counts: dict[str, int] = {}
+    for class_loc, n_loc, key, n in specs:
+        try:
+            name = names[resolve_class(key, names)]
+        except ValueError as e:
+            errors.append(_error(class_loc, str(e), key))
+            continue
+        if name in counts:
+            errors.append(_error(class_loc, f"class {name!r} is given twice", key))
+        elif not 1 <= n <= settings.max_n:
+            errors.append(_error(n_loc, f"images per class must be in 1..{settings.max_n}", n))
+        counts[name] = n
+    total = sum(counts.values())
+    if total > settings.max_n and not errors:
+        loc = ("body", "classes") if body is not None else ("query", "n")
+        errors.append(_error(loc, f"{total} images in all; at most {settings.max_n} per job", total))
+    lo, hi = STEP_RANGES[sampler]
+    hi = min(hi, info.num_timesteps)
+    if not lo <= steps <= hi:
+        errors.append(_error((src, "steps"), f"steps for sampler {sampler} must be in {lo}..{hi}", steps))
+    g_lo, g_hi = GUIDANCE_RANGE
+    if not g_lo <= guidance <= g_hi:
+        errors.append(_error((src, "guidance"), f"guidance must be in {g_lo:g}..{g_hi:g}", guidance))
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        errors.append(_error((src, "seed"), f"seed must be in 0..{MAX_SEED}", seed))
+    if errors:
+        raise RequestValidationError(errors)
+    return {"classes": counts, "sampler": sampler, "steps": steps, "guidance": float(guidance),
+            "seed": draw_seed() if seed is None else seed, "seed_drawn": seed is None}

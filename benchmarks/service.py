@@ -1,0 +1,224 @@
+"""The service on real parts (bundled Redis, a `dreamdata worker` process, the API under uvicorn on
+loopback), measured three ways:
+
+1. overhead: end-to-end time of an N-image job (POST to "succeeded" seen by polling) against the
+   same work called directly in this process (the sampler alone, and generate_to_dir with files);
+2. GET /jobs/{id} latency, median and p99, with C concurrent clients (R requests in all);
+3. worker memory: peak RSS of the worker's pool process during an M-image job (one batch in memory).
+
+    python benchmarks/service.py [--checkpoint DIR | --tiny] [--n 100] [--memory-n 10000]
+                                 [--clients 50] [--requests 2000] [--threads 2]
+    python benchmarks/service.py --tiny --n 100 --memory-n 1000 --requests 500   # a quick check
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from diffusion.spec import SamplerSettings
+from training.generate import default_checkpoint, generate_to_dir, plan
+from worker.redis_server import RedisServer, die_with_parent, free_port
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def tiny_checkpoint(directory: Path) -> Path:
+    from diffusion.checkpoint import save_checkpoint
+    from diffusion.schedules import ScheduleConfig
+    from diffusion.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
+    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    return save_checkpoint(directory, model, ScheduleConfig("linear", 1000), names, {"dataset": "none (benchmark)"})
+
+
+def rss_kb(pid: int, field: str = "VmHWM") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def pool_child(pid: int) -> int:
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(kids[0]) if kids else pid
+
+
+def run_job(client: httpx.Client, params: dict, poll: float = 0.02) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    url = client.post("/generate", params=params).raise_for_status().headers["location"]
+    while True:
+        job = client.get(url).json()
+        if job["status"] in TERMINAL:
+            break
+        time.sleep(poll)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {url} {job['status']}: {job['error']}")
+    return time.perf_counter() - t0, job
+
+
+def direct(ckpt_dir: Path, n: int, s: SamplerSettings, batch: int, out: Path) -> tuple[float, float]:
+    """(seconds for the sampler alone, seconds for generate_to_dir with PNGs + zip) in this process."""
+    from diffusion.samplers import sample
+    from worker.generation import model_for
+
+    ckpt = model_for(ckpt_dir)  # the worker's own loading: device, channels_last on CPU
+    specs = plan([(3, n)], 0)
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        b = specs[i:i + batch]
+        sample(ckpt.model, ckpt.schedule, torch.tensor([x.class_index for x in b]), [x.seed for x in b],
+               sampler=s.sampler, steps=s.steps, guidance=s.guidance, autocast=torch.cuda.is_available())
+    t1 = time.perf_counter()
+    generate_to_dir(ckpt, [(3, n)], out, settings=s, base_seed=0, batch_size=batch, make_zip=True)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def latency(base_url: str, url: str, clients: int, requests: int) -> list[float]:
+    times: list[float] = []
+    lock = threading.Lock()
+    per = max(1, requests // clients)
+    start = threading.Barrier(clients)
+
+    def client_loop() -> None:
+        mine = []
+        with httpx.Client(base_url=base_url, timeout=30) as c:
+            c.get(url)  # connect first
+            start.wait()
+            for _ in range(per):
+                t0 = time.perf_counter()
+                c.get(url).raise_for_status()
+                mine.append(time.perf_counter() - t0)
+        with lock:
+            times.extend(mine)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    p.add_argument("--tiny", action="store_true", help="use a tiny random checkpoint (a quick check of the script)")
+    p.add_argument("--n", type=int, default=100, help="images in the overhead job")
+    p.add_argument("--sampler", default="dpmpp")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3, help="overhead runs (median reported)")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--requests", type=int, default=2000, help="GET /jobs/{id} requests in all")
+    p.add_argument("--memory-n", type=int, default=10_000, help="images in the memory job (0: skip)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads (here and in the worker)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (jobs, logs)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="dreamdata-bench-"))
+    ckpt = tiny_checkpoint(tmp / "ckpt") if a.tiny else Path(a.checkpoint or default_checkpoint())
+    s = SamplerSettings(a.sampler, a.steps, a.guidance)
+    port = free_port()
+    with RedisServer(tmp / "redis", persist=False) as redis_server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMDATA_")}
+        env.update(REDIS_URL=redis_server.url, DREAMDATA_DATA_DIR=str(tmp / "data"), DREAMDATA_CHECKPOINT=str(ckpt),
+                   DREAMDATA_BATCH_SIZE=str(a.batch_size), DREAMDATA_TORCH_THREADS=str(a.threads),
+                   DREAMDATA_MAX_N=str(max(a.n, a.memory_n)))
+        log = open(tmp / "service.log", "wb")
+        cmd = [sys.executable, "-m", "dreamdata_cli"]
+        procs = [subprocess.Popen(cmd + ["worker", "--log-level", "warning"], env=env, stdout=log, stderr=log,
+                                  start_new_session=True, preexec_fn=die_with_parent),
+                 subprocess.Popen(cmd + ["api", "--port", str(port), "--log-level", "warning"], env=env, stdout=log,
+                                  stderr=log, start_new_session=True, preexec_fn=die_with_parent)]
+        try:
+            report(a, s, ckpt, tmp, f"http://127.0.0.1:{port}", procs[0].pid)
+        finally:
+            procs[0].send_signal(signal.SIGQUIT)
+            procs[1].terminate()
+            for proc in procs:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+    if a.keep:
+        print(f"(work files in {tmp})")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_pid: int) -> None:
+    params = {"class": "cat", "n": a.n, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "seed": 0}
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service not ready; see {tmp / 'service.log'}")
+            time.sleep(0.2)
+        run_job(client, dict(params, n=1))  # warm-up: the worker's model is loaded and used once
+        e2e, sampler_only, with_files = [], [], []
+        job = None
+        for r in range(a.repeats):
+            seconds, job = run_job(client, params)
+            e2e.append(seconds)
+            t_sample, t_files = direct(ckpt, a.n, s, a.batch_size, tmp / f"direct-{r}")
+            sampler_only.append(t_sample)
+            with_files.append(t_files)
+        t_e2e, t_sample, t_files = (statistics.median(x) for x in (e2e, sampler_only, with_files))
+        lat = latency(base_url, job["url"], a.clients, a.requests)
+        mem = None
+        if a.memory_n:
+            child = pool_child(worker_pid)
+            try:
+                Path(f"/proc/{child}/clear_refs").write_text("5")  # reset the peak, so it is this job's
+            except OSError:
+                pass
+            before = rss_kb(child, "VmRSS")
+            mem_seconds, _ = run_job(client, dict(params, n=a.memory_n), poll=0.2)
+            mem = (before, rss_kb(child, "VmHWM"), mem_seconds)
+
+    print(f"\ncheckpoint {ckpt}; {s.sampler} {s.steps} steps, guidance {s.guidance}; batch {a.batch_size}; "
+          f"{a.threads} torch threads; device {'cuda' if torch.cuda.is_available() else 'cpu'}\n")
+    rows = [
+        ("overhead", f"{a.n}-image job, end to end (median of {a.repeats})", f"{t_e2e:.3f} s"),
+        ("", "sampler called directly, same batches", f"{t_sample:.3f} s"),
+        ("", "generate_to_dir directly (sampler + PNGs + zip)", f"{t_files:.3f} s"),
+        ("", "service overhead vs sampler alone", f"{100 * (t_e2e - t_sample) / t_sample:+.1f} %"),
+        ("", "service overhead vs generate_to_dir", f"{100 * (t_e2e - t_files) / t_files:+.1f} %"),
+        ("latency", f"GET /jobs/{{id}}, {a.clients} clients, {len(lat)} requests: median",
+         f"{1000 * statistics.median(lat):.1f} ms"),
+        ("", "p99", f"{1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.1f} ms"),
+    ]
+    if mem:
+        rows += [("memory", f"worker pool process before the {a.memory_n}-image job (RSS)", f"{mem[0] / 1024:.0f} MiB"),
+                 ("", "peak RSS during the job", f"{mem[1] / 1024:.0f} MiB"),
+                 ("", "job time", f"{mem[2]:.1f} s")]
+    width = max(len(r[1]) for r in rows)
+    print(f"{'measure':<9} {'what':<{width}} {'value':>10}")
+    for m, what, value in rows:
+        print(f"{m:<9} {what:<{width}} {value:>10}")
+
+
+if __name__ == "__main__":
+    main()

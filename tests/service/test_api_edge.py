@@ -1,0 +1,191 @@
+"""The API at its edge, no worker needed: validation (422 naming the field), 404s, 429, API key,
+readiness without a worker or broker, model facts, cancelling a queued job, the OpenAPI docs."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from .conftest import client_for
+
+
+def _locs(r) -> list[list]:
+    return [e["loc"] for e in r.json()["detail"]]
+
+
+@pytest.fixture(scope="module")
+def idle(make_settings):
+    """An API whose queue no worker reads: jobs stay queued."""
+    tag = uuid.uuid4().hex[:8]
+    with client_for(make_settings(queue=f"idle-{tag}", key_prefix=f"idle-{tag}")) as c:
+        yield c
+
+
+@pytest.mark.parametrize("url, loc, words", [
+    ("/generate?class=unicorn&n=5", ["query", "class"], ["unicorn", "airplane", "truck"]),
+    ("/generate?class=cat&n=0", ["query", "n"], ["1..10000"]),
+    ("/generate?class=cat&n=10001", ["query", "n"], ["1..10000"]),
+    ("/generate?class=all&n=1001", ["query", "n"], ["10010", "10000"]),
+    ("/generate?class=cat&n=5&sampler=euler", ["query", "sampler"], ["ddpm"]),
+    ("/generate?class=cat&n=5&sampler=dpmpp&steps=101", ["query", "steps"], ["1..100"]),
+    ("/generate?class=cat&n=5&sampler=ddim&steps=0", ["query", "steps"], ["1..1000"]),
+    ("/generate?class=cat&n=5&guidance=20.5", ["query", "guidance"], ["0..20"]),
+    ("/generate?class=cat&n=5&guidance=-1", ["query", "guidance"], ["0..20"]),
+    ("/generate?class=cat&n=5&seed=-1", ["query", "seed"], ["0..2147483647"]),
+    ("/generate?class=cat&n=5&seed=2147483648", ["query", "seed"], ["0..2147483647"]),
+    ("/generate?n=5", ["query", "class"], ["required"]),
+    ("/generate?class=10&n=5", ["query", "class"], ["0-9"]),
+])
+def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
+    r = idle.post(url)
+    assert r.status_code == 422, r.text
+    assert loc in _locs(r), r.json()
+    msg = " ".join(e["msg"] for e in r.json()["detail"] if e["loc"] == loc)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize("body, loc", [
+    ({"classes": {"cat": 5, "unicorn": 5}}, ["body", "classes", "unicorn"]),
+    ({"classes": {"cat": 5, "3": 5}}, ["body", "classes", "3"]),           # the same class twice
+    ({"classes": {"cat": 0}}, ["body", "classes", "cat"]),
+    ({"classes": {"cat": 6000, "dog": 6000}}, ["body", "classes"]),        # 12000 in all
+    ({"classes": {}}, ["body", "classes"]),
+    ({"classes": {"cat": 5}, "steps": 500, "sampler": "dpmpp"}, ["body", "steps"]),
+    ({"classes": {"cat": 5}, "guidance": 21}, ["body", "guidance"]),
+    ({"classes": {"cat": 5}, "seed": -3}, ["body", "seed"]),
+    ({"classes": {"cat": 5}, "sampler": "euler"}, ["body", "sampler"]),
+    ({"classes": {"cat": 5}, "colour": "red"}, ["body", "colour"]),
+])
+def test_bad_body_is_422_naming_the_field(idle, body, loc):
+    r = idle.post("/generate", json=body)
+    assert r.status_code == 422, r.text
+    assert loc in _locs(r), r.json()
+
+
+def test_query_and_body_together_is_422(idle):
+    r = idle.post("/generate?class=cat&n=3", json={"classes": {"dog": 3}})
+    assert r.status_code == 422
+    assert ["query", "class"] in _locs(r) and ["query", "n"] in _locs(r)
+
+
+def test_submit_records_a_queued_job_with_resolved_input(idle):
+    r = idle.post("/generate?class=CAT&n=7&sampler=ddim&steps=3&guidance=2")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/jobs/{job['id']}" == job["url"]
+    assert job["status"] == "queued" and job["type"] == "generation"
+    assert job["input"]["classes"] == {"cat": 7}
+    assert job["input"]["seed_drawn"] is True and 0 <= job["input"]["seed"] < 2**31
+    assert (job["images_total"], job["steps"], job["progress"]) == (7, 3, 0.0)
+    assert job["output"] is None and job["timings"]["started_at"] is None
+    again = idle.get(job["url"]).json()
+    assert again["input"] == job["input"] and again["queue_position"] == job["queue_position"] >= 1
+
+    by_index = idle.post("/generate", json={"classes": {"3": 2, "Dog": 1}, "seed": 11}).json()
+    assert by_index["input"]["classes"] == {"cat": 2, "dog": 1}
+    assert by_index["input"]["seed"] == 11 and by_index["input"]["seed_drawn"] is False
+    assert by_index["queue_position"] == again["queue_position"] + 1
+    everything = idle.post("/generate?class=all&n=1").json()
+    assert list(everything["input"]["classes"]) == ["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                    "frog", "horse", "ship", "truck"]
+
+
+def test_cancel_queued_job_at_once_and_finished_job_is_409(idle):
+    a = idle.post("/generate?class=cat&n=1").json()
+    b = idle.post("/generate?class=dog&n=1").json()
+    r = idle.post(f"/jobs/{a['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    assert r.json()["queue_position"] is None and r.json()["timings"]["finished_at"] is not None
+    assert idle.get(b["url"]).json()["queue_position"] == b["queue_position"] - 1  # moved up
+    assert idle.post(f"/jobs/{a['id']}/cancel").status_code == 409
+    listed = idle.get("/jobs?limit=50&status=canceled").json()["jobs"]
+    assert a["id"] in [j["id"] for j in listed] and all(j["status"] == "canceled" for j in listed)
+
+
+def test_recent_jobs_newest_first_with_limit(idle):
+    ids = [idle.post("/generate?class=bird&n=1").json()["id"] for _ in range(3)]
+    jobs = idle.get("/jobs?limit=2").json()["jobs"]
+    assert [j["id"] for j in jobs] == ids[:0:-1]
+    assert idle.get("/jobs?limit=0").status_code == 422
+    assert idle.get("/jobs?limit=101").status_code == 422
+
+
+@pytest.mark.parametrize("path", [
+    "/jobs/0123456789abcdef0123456789abcdef",            # well formed, unknown
+    "/jobs/0123456789abcdef0123456789abcdef/grid.png",
+    "/jobs/not-a-job",
+    "/jobs/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/jobs/..%2F..%2Fetc/grid.png",
+    "/jobs/%2e%2e/images.zip",
+    "/jobs/0123456789ABCDEF0123456789ABCDEF",            # upper case is not a job id
+])
+def test_unknown_and_traversal_ids_are_404(idle, path):
+    assert idle.get(path).status_code == 404
+    assert idle.post(path.split("/grid")[0].split("/images")[0] + "/cancel").status_code == 404
+
+
+def test_files_of_an_unfinished_job_are_404(idle):
+    job = idle.post("/generate?class=cat&n=2").json()
+    for f in ("grid.png", "images.zip", "manifest.json", "images/0.png", "images/2.png", "images/-1.png",
+              "images/x.png", "images/..%2F..%2Fresult.json"):
+        assert idle.get(f"{job['url']}/{f}").status_code == 404, f
+
+
+def test_full_queue_is_429(make_settings):
+    tag = uuid.uuid4().hex[:8]
+    with client_for(make_settings(queue=f"full-{tag}", key_prefix=f"full-{tag}", max_queued=2)) as c:
+        assert [c.post("/generate?class=cat&n=1").status_code for _ in range(2)] == [202, 202]
+        r = c.post("/generate?class=cat&n=1")
+        assert r.status_code == 429 and "Retry-After" in r.headers
+        assert len(c.get("/jobs").json()["jobs"]) == 2  # the refused job left no record
+
+
+def test_api_key_when_configured(make_settings):
+    tag = uuid.uuid4().hex[:8]
+    with client_for(make_settings(queue=f"key-{tag}", key_prefix=f"key-{tag}", api_key="s3cret")) as c:
+        assert c.get("/classes").status_code == 401
+        assert c.get("/classes", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get("/classes", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.post("/generate?class=cat&n=1").status_code == 401
+        assert c.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_classes_and_models_come_from_the_checkpoint(idle, tiny_checkpoint):
+    classes = idle.get("/classes").json()["classes"]
+    assert classes[3] == {"index": 3, "name": "cat"} and len(classes) == 10
+    model = idle.get("/models").json()["models"][0]
+    assert model["name"] == tiny_checkpoint.name and len(model["sha256"]) == 64
+    assert model["unet"]["base_channels"] == 8 and model["schedule"]["timesteps"] == 1000
+    assert model["provenance"]["steps"] == 0
+    assert model["samplers"]["dpmpp"] == {"min_steps": 1, "max_steps": 100}
+
+
+def test_missing_checkpoint_is_503(make_settings, tmp_path):
+    with client_for(make_settings(checkpoint=tmp_path / "nothing")) as c:
+        r = c.get("/classes")
+        assert r.status_code == 503 and "nothing" in r.json()["detail"]
+        assert c.post("/generate?class=cat&n=1").status_code == 503
+
+
+def test_readyz_503_without_worker_or_broker(make_settings):
+    with client_for(make_settings(db=5)) as c:  # no worker listens on database 5
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["broker"] == "ok" and r.json()["workers"] == []
+        assert c.get("/healthz").json() == {"status": "ok"}
+    with client_for(make_settings(redis_url="redis://127.0.0.1:1/0")) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["broker"].startswith("unreachable")
+        assert c.get("/jobs").status_code == 503
+
+
+def test_openapi_documents_every_route_with_examples(idle):
+    spec = idle.get("/openapi.json").json()
+    assert idle.get("/docs").status_code == 200
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            assert op.get("summary") and op.get("description"), (method, path)
+    gen = spec["paths"]["/generate"]["post"]
+    assert gen["requestBody"]["content"]["application/json"]["examples"]
+    assert all(p.get("examples") for p in gen["parameters"])
+    assert spec["components"]["schemas"]["Job"]["examples"]

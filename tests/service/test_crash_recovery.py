@@ -1,0 +1,92 @@
+"""kill -9 mid-job: the job is delivered again and completes with the images of an uninterrupted run.
+
+Two deaths: the whole worker (main process and pool child, as when a machine dies; the message
+comes back after the visibility timeout, which is why the test limits are short), and only the
+pool child (the worker puts the task back at once: task_reject_on_worker_lost).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion.spec import SamplerSettings
+from training.generate import generate_to_dir
+
+from .conftest import client_for
+from .service_testlib import TERMINAL, png_pixels, poll_job, wait_for
+
+N, STEPS, SEED = 40, 10, 1234  # 10 batches of 4, ddpm: a few seconds, long enough to be killed mid-run
+QUERY = f"/generate?class=horse&n={N}&sampler=ddpm&steps={STEPS}&guidance=1.5&seed={SEED}"
+
+
+@pytest.fixture(scope="module")
+def reference(settings, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The same request, uninterrupted, through the worker's own model loading and generate_to_dir."""
+    from worker.generation import model_for
+
+    threads = torch.get_num_threads()
+    try:
+        ckpt = model_for(settings.checkpoint, settings.torch_threads)
+        out = tmp_path_factory.mktemp("reference")
+        generate_to_dir(ckpt, [(ckpt.class_names.index("horse"), N)], out, settings=SamplerSettings("ddpm", STEPS, 1.5),
+                        base_seed=SEED, batch_size=settings.batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    return {f"images/{i:05d}.png": png_pixels((out / f"images/{i:05d}.png").read_bytes()) for i in range(N)}
+
+
+def _images_of(settings, job_id: str) -> dict[str, np.ndarray]:
+    folder = settings.jobs_dir / job_id
+    return {f"images/{i:05d}.png": png_pixels((folder / f"images/{i:05d}.png").read_bytes()) for i in range(N)}
+
+
+def _mid_run(job: dict) -> bool:
+    return job["status"] == "running" and 8 <= job["images_done"] < N - 8
+
+
+def _wait_mid_run(client, url: str) -> None:
+    job = poll_job(client, url, timeout=60, until=lambda j: _mid_run(j) or j["status"] in TERMINAL)
+    assert _mid_run(job), f"the job ended before it could be killed mid-run: {job['status']}"
+
+
+def test_whole_worker_killed_job_completes_on_a_new_worker(make_settings, start_worker, reference):
+    settings = make_settings(db=1)  # its own database: no other worker takes or answers anything here
+    with client_for(settings) as client:
+        first = start_worker(settings)
+        url = client.post(QUERY).headers["location"]
+        job_id = url.rsplit("/", 1)[1]
+        _wait_mid_run(client, url)
+        first.kill9()
+        done_before = client.get(url).json()["images_done"]
+        kept = settings.jobs_dir / job_id / "images" / "00000.png"
+        kept_mtime = kept.stat().st_mtime_ns
+        assert client.get(url).json()["status"] == "running"      # nobody knows yet
+        assert client.get("/readyz").status_code == 503           # no worker answers
+
+        second = start_worker(settings)
+        assert client.get("/readyz").json()["workers"] == [second.name]
+        job = poll_job(client, url, timeout=90)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 2 and job["images_done"] == N and done_before < N
+        assert kept.stat().st_mtime_ns == kept_mtime              # finished batches were not redone
+        images = _images_of(settings, job_id)
+        assert images.keys() == reference.keys()
+        assert all(np.array_equal(images[k], reference[k]) for k in images)
+        assert len(client.get(job["output"]["zip"]).content) > 0
+
+
+def test_pool_child_killed_job_is_requeued_at_once(client, worker, settings, reference):
+    url = client.post(QUERY).headers["location"]
+    _wait_mid_run(client, url)
+    children = worker.pool_children()
+    assert len(children) == 1
+    os.kill(children[0], signal.SIGKILL)
+    job = poll_job(client, url, timeout=60)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    images = _images_of(settings, job["id"])
+    assert all(np.array_equal(images[k], reference[k]) for k in reference)
+    wait_for(lambda: worker.pool_children(), 30, "a new pool child")

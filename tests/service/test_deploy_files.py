@@ -1,0 +1,83 @@
+"""docker-compose.yml and Dockerfile.gpu, checked statically (no Docker engine in the test run)."""
+from __future__ import annotations
+
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from .service_testlib import REPO
+
+# The commands the README documents; compose must run exactly these.
+README_COMMANDS = {
+    "api": ["dreamdata", "api", "--host", "0.0.0.0"],
+    "worker": ["dreamdata", "worker"],
+}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_services_and_commands(compose):
+    services = compose["services"]
+    assert {"redis", "api", "worker"} <= set(services)
+    for name, command in README_COMMANDS.items():
+        assert services[name]["command"] == command, name
+
+
+def test_redis_is_healthchecked_and_awaited(compose):
+    services = compose["services"]
+    assert "redis-cli" in " ".join(services["redis"]["healthcheck"]["test"])
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_worker_reserves_a_gpu_and_api_does_not(compose):
+    services = compose["services"]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert "deploy" not in services["api"]
+
+
+def test_api_and_worker_share_the_data_volume(compose):
+    services = compose["services"]
+    mounts = {name: services[name]["volumes"] for name in ("api", "worker")}
+    assert mounts["api"] == mounts["worker"] == ["data:/data"]
+    assert "data" in compose["volumes"]
+    for name in ("api", "worker"):
+        assert services[name]["environment"]["DREAMDATA_DATA_DIR"] == "/data"
+
+
+def test_api_is_published_on_loopback_only(compose):
+    api = compose["services"]["api"]
+    assert all(p.startswith("127.0.0.1:") for p in api["ports"])
+    assert api["environment"]["DREAMDATA_ALLOW_PUBLIC"] == "1"  # binds 0.0.0.0 inside the container
+
+
+def test_flower_is_optional(compose):
+    assert compose["services"]["flower"]["profiles"] == ["monitor"]
+
+
+def test_dockerfile_builds_the_cuda_image():
+    text = (REPO / "Dockerfile.gpu").read_text()
+    torch_pin = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                     if d.startswith("torch=="))
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:12\.\d+\.\d+-(cudnn-)?runtime-ubuntu22\.04$", text, re.M)
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", text, re.M)
+    assert "python3.11" in text
+    assert f"ARG TORCH_VERSION={torch_pin.split('==')[1]}" in text
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cu\d+$", text, re.M)
+    assert 'pip install "torch==${TORCH_VERSION}"' in text and '--index-url "${TORCH_INDEX}"' in text
+    assert re.search(r"^COPY checkpoints/ ", text, re.M)
+    assert "DREAMDATA_CHECKPOINT=/app/checkpoints/cifar10" in text
+    assert re.search(r"^USER (?!root)", text, re.M)
+
+
+def test_dockerignore_keeps_local_state_out():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "runs", "data"} <= set(ignored)
+    assert "checkpoints" not in ignored

@@ -1,0 +1,85 @@
+"""`dreamdata serve` on a bare machine: bundled Redis + worker + API, stopped cleanly by a signal;
+and the launchers' refusals (public host without an API key, no checkpoint)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+import dreamdata_cli
+from worker.redis_server import free_port
+
+from .service_testlib import REPO, poll_job, wait_for
+
+
+def _descendants(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(p) for p in path.read_text().split()] if path.exists() else []
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_runs_all_three_and_stops_them(tmp_path, tiny_checkpoint, sig):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMDATA_") and k != "REDIS_URL"}
+    env.update(DREAMDATA_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "serve", "--port", str(port),
+                             "--data-dir", str(tmp_path / "data"), "--checkpoint", str(tiny_checkpoint)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            def ready():
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    return client.get("/readyz").status_code == 200
+                except httpx.TransportError:
+                    return False
+            wait_for(ready, 90, "dreamdata serve to be ready", interval=0.2)
+            r = client.post("/generate", params={"class": "deer", "n": 2, "steps": 2})
+            assert r.status_code == 202
+            assert poll_job(client, r.headers["location"], timeout=60)["status"] == "succeeded"
+        children = _descendants(proc.pid)
+        assert len(children) >= 3  # redis-server, worker main process, its pool child
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        wait_for(lambda: not any(_alive(p) for p in children), 10, "redis and worker to exit")
+        assert (tmp_path / "data" / "redis").is_dir()  # Redis kept its data in the data directory
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _descendants(proc.pid):
+            os.kill(p, signal.SIGKILL)
+        log.close()
+
+
+def _cli(monkeypatch, *argv: str) -> SystemExit:
+    for var in ("DREAMDATA_DATA_DIR", "DREAMDATA_CHECKPOINT", "DREAMDATA_ALLOW_PUBLIC", "DREAMDATA_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as e:
+        dreamdata_cli.main(list(argv))
+    return e.value
+
+
+def test_public_host_needs_an_api_key(monkeypatch, tmp_path, tiny_checkpoint, capsys):
+    e = _cli(monkeypatch, "api", "--host", "0.0.0.0", "--data-dir", str(tmp_path), "--checkpoint", str(tiny_checkpoint))
+    assert e.code == 2 and "DREAMDATA_API_KEY" in capsys.readouterr().err
+    e = _cli(monkeypatch, "serve", "--host", "192.0.2.1", "--data-dir", str(tmp_path))
+    assert e.code == 2 and "--allow-public" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    e = _cli(monkeypatch, "worker", "--data-dir", str(tmp_path), "--checkpoint", str(tmp_path / "none"))
+    assert e.code == 2 and "no checkpoint at" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Small parts of the service: settings, the job store, progress throttling, shared rules."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from diffusion.spec import resolve_class
+from diffusion.spec import DEFAULT_SETTINGS
+from worker.jobs import JobStore, QueueFull, connect, is_job_id, new_job_id, new_record
+from worker.progress import JobCanceled, ProgressReporter, fraction
+from worker.settings import Settings, get_settings
+
+from .service_testlib import CIFAR10_CLASSES
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://example:6380/2")
+    monkeypatch.setenv("DREAMDATA_MAX_N", "50")
+    monkeypatch.setenv("DREAMDATA_API_KEY", "zebra-secret")
+    get_settings.cache_clear()
+    try:
+        s = get_settings()
+        assert (s.redis_url, s.max_n, s.api_key.get_secret_value()) == ("redis://example:6380/2", 50, "zebra-secret")
+        assert get_settings() is s
+        assert "zebra-secret" not in repr(s)
+    finally:
+        get_settings.cache_clear()
+
+
+def test_visibility_timeout_must_exceed_the_hard_limit():
+    s = Settings(job_time_limit=100, job_kill_grace=10)
+    assert s.hard_time_limit == 110 and s.effective_visibility_timeout == 410
+    with pytest.raises(ValidationError, match="visibility_timeout"):
+        Settings(job_time_limit=100, job_kill_grace=10, visibility_timeout=110)
+
+
+def test_job_ids_are_strict():
+    assert is_job_id(new_job_id())
+    for bad in ("", "../etc", "0" * 31, "0" * 33, "G" * 32, "A" * 32, "0" * 32 + "\n"):
+        assert not is_job_id(bad)
+
+
+def test_store_queue_position_cancel_and_limits(settings):
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    ids = [new_job_id() for _ in range(3)]
+    for i in ids:
+        store.create(new_record(i, {"steps": 2}, 1, 2), max_queued=3)
+        time.sleep(0.002)
+    with pytest.raises(QueueFull):
+        store.create(new_record(new_job_id(), {"steps": 2}, 1, 2), max_queued=3)
+    assert [store.queue_position(i) for i in ids] == [1, 2, 3]
+    assert store.request_cancel(ids[0])["status"] == "canceled"
+    assert store.queue_position(ids[0]) is None and store.queue_position(ids[2]) == 2
+    assert store.transition(ids[0], ("queued",), {"status": "running"}) is None  # canceled stays canceled
+    assert store.transition(ids[1], ("queued",), {"status": "running"})["status"] == "queued"
+    assert store.queued_count() == 1
+    assert [r["id"] for r in store.recent(10)] == ids[::-1]
+    assert [r["id"] for r in store.recent(10, status="running")] == [ids[1]]
+    assert store.get(new_job_id()) is None
+
+
+def test_progress_is_throttled_monotonic_and_cancels():
+    now = [0.0]
+    writes, cancel = [], [False]
+    rep = ProgressReporter(lambda **f: writes.append(f), lambda: cancel[0], batch_size=10, interval=0.5,
+                           clock=lambda: now[0])
+    for step in range(1, 21):           # 20 steps in 1 s: at most one write per 0.5 s
+        now[0] += 0.05
+        rep(0, 20, step, 20)
+    rep(10, 20, 20, 20)                 # batch done
+    assert 2 <= len(writes) <= 4
+    rep(20, 20, 20, 20)                 # the last call is always written
+    assert writes[-1]["progress"] == 1.0 and writes[-1]["images_done"] == 20
+    assert [w["progress"] for w in writes] == sorted(w["progress"] for w in writes)
+    cancel[0] = True
+    with pytest.raises(JobCanceled):
+        rep(10, 20, 1, 20)
+
+
+def test_progress_fraction():
+    assert fraction(0, 100, 0, 20, 50) == 0.0
+    assert fraction(0, 100, 10, 20, 50) == 0.25       # half of the first batch of 50
+    assert fraction(50, 100, 20, 20, 50) == 0.5       # between batches
+    assert fraction(90, 100, 10, 20, 50) == 0.95      # the last batch holds 10
+    assert fraction(100, 100, 20, 20, 50) == 1.0
+
+
+def test_class_rule_names_any_case_and_indices():
+    # One rule (diffusion.spec.resolve_class) serves the API and `dreamdata sample`.
+    assert resolve_class("cat", CIFAR10_CLASSES) == 3
+    assert resolve_class("CAT", CIFAR10_CLASSES) == 3
+    assert resolve_class(" Dog ", CIFAR10_CLASSES) == 5
+    assert resolve_class("0", CIFAR10_CLASSES) == 0
+    assert resolve_class("9", CIFAR10_CLASSES) == 9
+    for bad in ("10", "-1", "unicorn", "", "3.0"):
+        with pytest.raises(ValueError, match="valid: airplane"):
+            resolve_class(bad, CIFAR10_CLASSES)

@@ -1,0 +1,135 @@
+"""The task body, ``worker.generation.run_generation``, called as a plain function (no broker, no worker)."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from worker.generation import run_generation
+from worker.jobs import JobStore, connect, new_job_id, new_record
+
+REQUEST = {"classes": {"cat": 3, "dog": 2}, "sampler": "dpmpp", "steps": 2, "guidance": 1.5, "seed": 5}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def body_settings(make_settings, tmp_path):
+    return make_settings(data_dir=tmp_path, key_prefix=f"body-{uuid.uuid4().hex[:8]}", batch_size=2,
+                         progress_interval=0.0)
+
+
+@pytest.fixture
+def store(body_settings) -> JobStore:
+    return JobStore(connect(body_settings.redis_url), body_settings.key_prefix)
+
+
+def _submit(store, request=REQUEST) -> str:
+    job_id = new_job_id()
+    store.create(new_record(job_id, request, sum(request["classes"].values()), request["steps"]), max_queued=100)
+    return job_id
+
+
+def test_success_writes_the_sample_layout_and_the_record(store, body_settings):
+    job_id = _submit(store)
+    result = run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="w1")
+    out = body_settings.jobs_dir / job_id
+    assert result["status"] == "succeeded" and result["images"] == 5
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "images.zip", "manifest.json",
+                                                      "result.json"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    assert json.loads((out / "result.json").read_text())["checkpoint"]["sha256"] == result["checkpoint"]["sha256"]
+    rec = store.get(job_id)
+    assert rec["status"] == "succeeded" and rec["worker"] == "w1" and rec["attempts"] == 1
+    assert rec["images_done"] == 5 and rec["progress"] == 1.0 and rec["output"]["images"] == 5
+    assert rec["started_at"] <= rec["finished_at"]
+    # delivered again after success: nothing runs twice
+    assert run_generation(job_id, REQUEST, store=store, settings=body_settings)["status"] == "succeeded"
+    assert store.get(job_id)["attempts"] == 1
+
+
+def test_progress_is_written_while_running(store, body_settings):
+    seen = []
+    original = store.update
+    store.update = lambda job_id, **f: (seen.append(f), original(job_id, **f))  # type: ignore[method-assign]
+    job_id = _submit(store)
+    run_generation(job_id, REQUEST, store=store, settings=body_settings)
+    assert [f["images_done"] for f in seen if f["step"] == 2 and f["images_done"] > 0][-1] == 5
+    fractions = [f["progress"] for f in seen]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < 1 and fractions[-1] == 1.0
+    assert any(0 < f["step"] < f["steps"] for f in seen)  # the step inside a batch is reported
+
+
+def test_cancel_flag_stops_between_steps(store, body_settings):
+    job_id = _submit(store)
+    original = store.update
+
+    def update(jid, **f):
+        original(jid, **f)
+        if f["images_done"] >= 2:  # the first batch is done: ask for cancellation
+            store.r.set(store.key(jid) + ":cancel", 1)
+
+    store.update = update  # type: ignore[method-assign]
+    result = run_generation(job_id, REQUEST, store=store, settings=body_settings)
+    rec = store.get(job_id)
+    assert result["status"] == rec["status"] == "canceled" and rec["finished_at"] is not None
+    assert not (body_settings.jobs_dir / job_id).exists()
+
+
+def test_canceled_while_queued_never_runs(store, body_settings):
+    job_id = _submit(store)
+    store.request_cancel(job_id)
+    assert run_generation(job_id, REQUEST, store=store, settings=body_settings)["status"] == "canceled"
+    assert store.get(job_id)["started_at"] is None
+
+
+def test_failure_is_recorded_and_raised(store, body_settings):
+    request = dict(REQUEST, classes={"unicorn": 2})
+    job_id = _submit(store, request)
+    with pytest.raises(ValueError, match="unicorn"):
+        run_generation(job_id, request, store=store, settings=body_settings)
+    rec = store.get(job_id)
+    assert rec["status"] == "failed" and "unknown class 'unicorn'" in rec["error"]
+
+
+def test_redelivered_job_resumes_and_gives_up_after_max_attempts(store, body_settings):
+    job_id = _submit(store)
+    first = run_generation(job_id, REQUEST, store=store, settings=body_settings)
+    out = body_settings.jobs_dir / job_id
+    before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    (out / "images" / "00004.png").unlink()       # as if the worker died during the last batch
+    store.update(job_id, status="running")
+    again = run_generation(job_id, REQUEST, store=store, settings=body_settings)
+    assert again["attempts"] == 2 and first["images"] == again["images"]
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
+    store.update(job_id, status="running", attempts=body_settings.max_attempts)
+    assert run_generation(job_id, REQUEST, store=store, settings=body_settings)["status"] == "failed"
+    assert "gave up" in store.get(job_id)["error"]
+
+
+def test_unknown_job_is_skipped(store, body_settings):
+    assert run_generation(new_job_id(), REQUEST, store=store, settings=body_settings)["status"] == "skipped"
+
+
+def test_hard_time_limit_marks_the_record_failed(store, body_settings, monkeypatch):
+    # After a hard limit the pool child is gone; the worker's main process calls on_failure.
+    from celery.exceptions import TimeLimitExceeded
+
+    import worker.tasks as tasks
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: body_settings)
+    job_id = _submit(store)
+    store.transition(job_id, ("queued",), {"status": "running"})
+    tasks.generate.on_failure(TimeLimitExceeded(16), job_id, (), {"job_id": job_id, "request": REQUEST}, None)
+    rec = store.get(job_id)
+    assert rec["status"] == "failed"
+    assert rec["error"] == f"hard time limit of {body_settings.hard_time_limit} s exceeded"
+    tasks.generate.on_failure(ValueError("late"), job_id, (), {"job_id": job_id}, None)
+    assert store.get(job_id)["error"].startswith("hard time limit")  # a finished record is not rewritten

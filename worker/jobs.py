@@ -1,0 +1,164 @@
+"""Job records in Redis: one hash per job, written by the API at submit and by the worker as it runs.
+
+    <prefix>:job:<id>          hash; every field holds a JSON value (see ``new_record``)
+    <prefix>:job:<id>:cancel   set when a cancel was asked for; the worker checks it between steps
+    <prefix>:jobs              sorted set of every job id by submit time (recent jobs)
+    <prefix>:queued            sorted set of the ids still queued, by submit time (queue position)
+
+Status moves queued -> running -> succeeded | failed | canceled (running -> running again when a
+crashed worker's job is delivered again). Transitions are atomic (a Lua script at submit,
+WATCH/MULTI after), so an API cancel and a worker start never both win.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, Iterable
+
+import redis
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+ACTIVE = (QUEUED, RUNNING)
+TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+CANCEL_FLAG_TTL = 7 * 24 * 3600
+
+# KEYS: record, recent, queued.  ARGV: max_queued, submit time, id, field, value, field, value ...
+_CREATE = """
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+class QueueFull(Exception):
+    """As many jobs are queued as the service allows."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_job_id(value: str) -> bool:
+    """uuid4 hex, exactly: the only ids that reach Redis keys or file paths."""
+    return bool(JOB_ID.fullmatch(value))
+
+
+def new_record(job_id: str, request: dict, images_total: int, steps: int, job_type: str = "generation") -> dict:
+    """The record of a job just submitted (status queued)."""
+    return {"id": job_id, "type": job_type, "status": QUEUED, "request": request,
+            "images_total": images_total, "images_done": 0, "step": 0, "steps": steps, "progress": 0.0,
+            "created_at": time.time(), "started_at": None, "finished_at": None, "updated_at": time.time(),
+            "attempts": 0, "worker": None, "output": None, "error": None}
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client with short timeouts, so a dead broker gives an error, not a hang."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "dreamdata"):
+        self.r, self.prefix = client, prefix
+        self._create = client.register_script(_CREATE)
+
+    def key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    @property
+    def recent_key(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def queued_key(self) -> str:
+        return f"{self.prefix}:queued"
+
+    # -- API side --------------------------------------------------------------------------------
+    def create(self, record: dict, max_queued: int) -> None:
+        """Store a new queued record; raises QueueFull when ``max_queued`` jobs are already queued."""
+        args = [max_queued, record["created_at"], record["id"]] + _flatten(record)
+        if not self._create(keys=[self.key(record["id"]), self.recent_key, self.queued_key], args=args):
+            raise QueueFull(f"{max_queued} jobs are queued already; try again later")
+
+    def get(self, job_id: str) -> dict | None:
+        raw = self.r.hgetall(self.key(job_id))
+        return {k.decode(): json.loads(v) for k, v in raw.items()} if raw else None
+
+    def recent(self, limit: int = 20, status: str | None = None) -> list[dict]:
+        """Newest first; with ``status``, only jobs in that status (scans at most 1000 recent ids)."""
+        ids = [i.decode() for i in self.r.zrevrange(self.recent_key, 0, (limit if status is None else 1000) - 1)]
+        out = []
+        for job_id in ids:
+            rec = self.get(job_id)
+            if rec is not None and (status is None or rec["status"] == status):
+                out.append(rec)
+                if len(out) == limit:
+                    break
+        return out
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 = next to start; None when the job is not queued."""
+        rank = self.r.zrank(self.queued_key, job_id)
+        return None if rank is None else rank + 1
+
+    def queued_count(self) -> int:
+        return self.r.zcard(self.queued_key)
+
+    def request_cancel(self, job_id: str) -> dict | None:
+        """Flag the job for cancellation; a queued job is canceled at once.  Returns the record."""
+        self.r.set(self.key(job_id) + ":cancel", 1, ex=CANCEL_FLAG_TTL)
+        now = time.time()
+        self.transition(job_id, (QUEUED,), {"status": CANCELED, "finished_at": now, "error": None})
+        return self.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Remove a record whose job never reached the broker."""
+        self.r.delete(self.key(job_id))
+        self.r.zrem(self.recent_key, job_id)
+        self.r.zrem(self.queued_key, job_id)
+
+    # -- worker side -----------------------------------------------------------------------------
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.key(job_id) + ":cancel"))
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set some fields (progress, output ...) of an existing record."""
+        self.r.hset(self.key(job_id), mapping=dict(_pairs(dict(fields, updated_at=time.time()))))
+
+    def transition(self, job_id: str, allowed: Iterable[str], fields: dict) -> dict | None:
+        """Atomically apply ``fields`` if the status is in ``allowed``; returns the old record, else None.
+
+        ``fields`` may be a function of the old record (called inside the transaction).
+        """
+        key, allowed = self.key(job_id), tuple(allowed)
+        result: list[dict | None] = [None]
+
+        def apply(pipe: redis.client.Pipeline) -> None:
+            result[0] = None
+            raw = pipe.hgetall(key)
+            old = {k.decode(): json.loads(v) for k, v in raw.items()}
+            if not old or old.get("status") not in allowed:
+                pipe.multi()
+                return
+            new = fields(old) if callable(fields) else fields
+            pipe.multi()
+            pipe.hset(key, mapping=dict(_pairs(dict(new, updated_at=time.time()))))
+            if new.get("status", old["status"]) != QUEUED:
+                pipe.zrem(self.queued_key, job_id)
+            result[0] = old
+
+        self.r.transaction(apply, key)
+        return result[0]
+
+
+def _pairs(fields: dict) -> Iterable[tuple[str, str]]:
+    return ((k, json.dumps(v)) for k, v in fields.items())
+
+
+def _flatten(record: dict) -> list[str]:
+    return [x for pair in _pairs(record) for x in pair]

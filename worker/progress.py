@@ -1,0 +1,53 @@
+"""Progress of a running job: throttled writes to its record, and the cancel check between steps."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+class JobCanceled(Exception):
+    """Raised from the progress callback when the job's cancel flag is set."""
+
+
+class ProgressReporter:
+    """The ``progress(done, total, step, steps)`` callback that ``generate_to_dir`` calls.
+
+    Called after every sampler step and after every batch. It raises :class:`JobCanceled` as
+    soon as ``is_canceled()`` is true, so a canceled job stops between two steps, and writes
+    progress through ``write(**fields)`` at most once per ``interval`` seconds (plus the last
+    call of a job), so a progress bar moves without flooding Redis.
+    """
+
+    def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,
+                 batch_size: int,
+                 interval: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic):
+        self.write, self.is_canceled = write, is_canceled
+        self.batch_size, self.interval, self.clock = batch_size, interval, clock
+        self.last: float | None = None
+        self.best = 0.0  # reported progress never goes back
+        self.writes = 0
+
+    def __call__(self, done: int, total: int, step: int, steps: int) -> None:
+        if self.is_canceled():
+            raise JobCanceled()
+        now = self.clock()
+        finished = done >= total
+        if not finished and self.last is not None and now - self.last < self.interval:
+            return
+        self.last = now
+        self.writes += 1
+        self.best = max(self.best, fraction(done, total, step, steps, self.batch_size))
+        self.write(images_done=done, images_total=total, step=step, steps=steps, progress=self.best)
+
+
+def fraction(done: int, total: int, step: int, steps: int, batch_size: int) -> float:
+    """Share of the job finished: whole images done plus the current batch's share of its steps.
+
+    ``step == steps`` is read as "between batches" (``generate_to_dir`` reports the batch as done
+    right after its last step), so the current batch counts only while ``step < steps``.
+    """
+    if total <= 0:
+        return 0.0
+    in_batch = min(batch_size, total - done) if step < steps else 0
+    return round(min(1.0, (done + in_batch * step / max(steps, 1)) / total), 4)

