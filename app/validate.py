@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, STEP_RANGES, draw_seed, resolve_class
+from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed, resolve_class
 from worker.settings import Settings
 
 from .catalog import ModelInfo

@@ -9,7 +9,7 @@ Shapes: ``x: [N, 3, H, W]`` float, ``t: [N]`` long in [0, T), ``y: [N]`` long in
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F

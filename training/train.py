@@ -14,10 +14,8 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch

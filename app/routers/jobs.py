@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from worker.jobs import ACTIVE, TERMINAL
+from worker.jobs import CANCELED, QUEUED, TERMINAL
 
 from ..deps import JobDep, StoreDep
 from ..job_view import job_view
@@ -41,6 +41,7 @@ def cancel_job(job: JobDep, store: StoreDep, response: Response) -> Job:
     if job["status"] in TERMINAL:
         raise HTTPException(409, f"job is {job['status']}; nothing to cancel")
     record = store.request_cancel(job["id"])
-    # still active: a worker took it meanwhile, and stops at its next step
-    response.status_code = 202 if record["status"] in ACTIVE else 200
+    # 200: canceled while queued.  202: a worker has it and stops at its next sampler step (it may
+    # already have stopped by now: decide on what the job was, not on how fast the worker reacted).
+    response.status_code = 200 if job["status"] == QUEUED and record["status"] == CANCELED else 202
     return job_view(record, store)
