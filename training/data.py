@@ -115,17 +115,7 @@ def _from_tar(path: Path, split: str, image_size: int | None) -> LabelledImages:
         for m in tf:
             if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
                 blobs[m.name] = tf.extractfile(m).read()
-    by_class = _split_members(list(blobs), split)
-    if not by_class:
-        raise DatasetError(f"{path}: no images found for split {split!r}; {EXPECTED}")
-    classes = tuple(sorted(by_class))
-    arrays, labels = [], []
-    for ci, c in enumerate(classes):
-        for name in sorted(by_class[c]):
-            arrays.append(_decode(blobs[name], image_size))
-            labels.append(ci)
-    x, y = _stack(arrays, labels)
-    return LabelledImages(x, y, classes, str(path))
+    return _decode_tree(path, list(blobs), blobs.__getitem__, split, image_size)
 
 
 def _from_cifar_batches(folder: Path, split: str, image_size: int | None = None) -> LabelledImages:
@@ -156,17 +146,22 @@ def _from_cifar_batches(folder: Path, split: str, image_size: int | None = None)
 
 def _from_image_folder(root: Path, split: str, image_size: int | None) -> LabelledImages:
     names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    return _decode_tree(root, names, lambda n: (root / n).read_bytes(), split, image_size)
+
+
+def _decode_tree(source: Path, names: list[str], read, split: str, image_size: int | None) -> LabelledImages:
+    """Decode the ImageFolder tree among ``names`` (``read(name) -> bytes``); classes in sorted order."""
     by_class = _split_members(names, split)
     if not by_class:
-        raise DatasetError(f"{root}: no images found for split {split!r}; {EXPECTED}")
+        raise DatasetError(f"{source}: no images found for split {split!r}; {EXPECTED}")
     classes = tuple(sorted(by_class))
     arrays, labels = [], []
     for ci, c in enumerate(classes):
         for n in sorted(by_class[c]):
-            arrays.append(_decode((root / n).read_bytes(), image_size))
+            arrays.append(_decode(read(n), image_size))
             labels.append(ci)
     x, y = _stack(arrays, labels)
-    return LabelledImages(x, y, classes, str(root))
+    return LabelledImages(x, y, classes, str(source))
 
 
 def _cache_key(path: Path, split: str, image_size: int | None) -> str:
