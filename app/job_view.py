@@ -4,19 +4,32 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
-from worker.jobs import QUEUED, RUNNING, SUCCEEDED, JobStore
+from worker.jobs import EVALUATION, QUEUED, RUNNING, SUCCEEDED, JobStore
 
-from .schemas import Job, JobInput, JobOutput, Timings
+from .schemas import EvaluationInput, EvaluationJob, EvaluationOutput, GenerationJob, JobInput, JobOutput, Timings
 
 
 def job_url(job_id: str) -> str:
     return f"/jobs/{job_id}"
 
 
+def evaluation_url(job_id: str) -> str:
+    return f"/evaluations/{job_id}"
+
+
 def output_urls(job_id: str, count: int, sha256: str | None = None) -> JobOutput:
     base = job_url(job_id)
     return JobOutput(grid=f"{base}/grid.png", zip=f"{base}/images.zip", manifest=f"{base}/manifest.json",
                      images=f"{base}/images/{{i}}.png", count=count, checkpoint_sha256=sha256)
+
+
+def evaluation_output(job_id: str, out: dict) -> EvaluationOutput:
+    """URLs of the report and of the plots the worker recorded, plus the headline numbers."""
+    base = job_url(job_id)
+    return EvaluationOutput(report=f"{base}/report.json", report_md=f"{base}/report.md",
+                            plots={name: f"{base}/plots/{name}.png" for name in out["plots"]},
+                            accuracy_mean=out["accuracy_mean"], delta_mean=out["delta_mean"], seconds=out["seconds"],
+                            checkpoint_sha256=out.get("checkpoint_sha256"))
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -33,18 +46,22 @@ def timings(rec: dict, now: float | None = None) -> Timings:
                    run_seconds=None if run_s is None else round(max(run_s, 0.0), 3))
 
 
-def job_view(rec: dict, store: JobStore) -> Job:
-    """The public view of one record (asks Redis for the queue position and the cancel flag)."""
+def job_view(rec: dict, store: JobStore, report: dict | None = None) -> GenerationJob | EvaluationJob:
+    """The public view of one record (asks Redis for the queue position and the cancel flag).
+
+    ``report``: an evaluation's report.json, shown inline (GET /evaluations/{id}).
+    """
     job_id, status = rec["id"], rec["status"]
-    out = rec.get("output")
-    return Job(
-        id=job_id, url=job_url(job_id), type=rec.get("type", "generation"), status=status,
-        progress=rec.get("progress", 0.0), images_done=rec.get("images_done", 0), images_total=rec["images_total"],
-        step=rec.get("step", 0), steps=rec.get("steps", rec["request"]["steps"]),
+    out = rec.get("output") if status == SUCCEEDED else None
+    common = dict(
+        id=job_id, status=status, progress=rec.get("progress", 0.0), message=rec.get("message"),
         queue_position=store.queue_position(job_id) if status == QUEUED else None,
         cancel_requested=status == RUNNING and store.cancel_requested(job_id),
-        attempts=rec.get("attempts", 0), timings=timings(rec), input=JobInput(**rec["request"]),
-        output=output_urls(job_id, out["images"], out.get("checkpoint_sha256")) if status == SUCCEEDED and out
-        else None,
-        error=rec.get("error"),
-    )
+        attempts=rec.get("attempts", 0), timings=timings(rec), error=rec.get("error"))
+    if rec.get("type") == EVALUATION:
+        return EvaluationJob(**common, url=evaluation_url(job_id), input=EvaluationInput(**rec["request"]),
+                             output=evaluation_output(job_id, out) if out else None, report=report)
+    return GenerationJob(
+        **common, url=job_url(job_id), images_done=rec.get("images_done", 0), images_total=rec["images_total"],
+        step=rec.get("step", 0), steps=rec.get("steps", rec["request"]["steps"]), input=JobInput(**rec["request"]),
+        output=output_urls(job_id, out["images"], out.get("checkpoint_sha256")) if out else None)

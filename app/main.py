@@ -14,7 +14,7 @@ from kombu.exceptions import OperationalError
 
 from .catalog import CheckpointMissing
 from .deps import require_api_key
-from .routers import files, generate, health, jobs, models
+from .routers import evaluations, files, generate, health, jobs, models
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,19 @@ DESCRIPTION = """On-demand synthetic images from a class-conditional DDPM.
 `POST /generate?class=cat&n=100` queues a job and answers 202 with its URL; poll `GET /jobs/{id}`
 until `status` is `succeeded`, then fetch `grid.png`, `images/{i}.png`, `images.zip` or
 `manifest.json`. Image i of a job has seed `seed + i`: the same request gives the same images.
+
+`POST /evaluations` queues an augmentation experiment on the server's data set: classifiers trained on
+real, real+synthetic and synthetic images, tested on real data. `GET /evaluations/{id}` shows its
+progress and, once it succeeded, the report; `report.json`, `report.md` and the plots are files of the job.
+
 When the service has an API key, send it in the `X-API-Key` header.
 """
 
 TAGS = [
     {"name": "generate", "description": "queue generation jobs"},
-    {"name": "jobs", "description": "job status, progress and cancellation"},
-    {"name": "files", "description": "a finished job's images"},
+    {"name": "evaluations", "description": "queue augmentation experiments, read their reports"},
+    {"name": "jobs", "description": "job status, progress and cancellation (both types)"},
+    {"name": "files", "description": "a finished job's images, report and plots"},
     {"name": "models", "description": "the model and its classes"},
     {"name": "health", "description": "liveness and readiness probes"},
 ]
@@ -48,7 +54,7 @@ def create_app() -> FastAPI:
     """The FastAPI application: routers, API-key guard, error handlers."""
     app = FastAPI(title="dreamdata", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS)
     guarded = [Depends(require_api_key)]
-    for module in (generate, jobs, files, models):
+    for module in (generate, evaluations, jobs, files, models):
         app.include_router(module.router, dependencies=guarded)
     app.include_router(health.router)
     app.add_exception_handler(redis.exceptions.ConnectionError, _store_down)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, SamplerName
 
@@ -55,38 +55,113 @@ class Timings(BaseModel):
     run_seconds: float | None = Field(None, description="start to finish (so far, while running)")
 
 
-class Job(BaseModel):
-    """A job record as clients see it."""
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": _ID, "url": f"/jobs/{_ID}", "type": "generation", "status": "running", "progress": 0.42,
-        "images_done": 40, "images_total": 100, "step": 4, "steps": 20, "queue_position": None,
-        "cancel_requested": False, "attempts": 1,
-        "timings": {"created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:01Z",
-                    "finished_at": None, "queued_seconds": 1.0, "run_seconds": 3.2},
-        "input": {"classes": {"cat": 100}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "seed": 0,
-                  "seed_drawn": False},
-        "output": None, "error": None}]})
+_TIMINGS = {"created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:01Z", "finished_at": None,
+            "queued_seconds": 1.0, "run_seconds": 3.2}
 
+
+class JobBase(BaseModel):
+    """What every job record shows, whatever its type."""
     id: str
     url: str
-    type: Literal["generation"] = "generation"
+    type: str
     status: JobStatus
     progress: float = Field(ge=0, le=1, description="fraction done")
-    images_done: int
-    images_total: int
-    step: int = Field(description="sampler step of the current batch")
-    steps: int
+    message: str | None = Field(None, description="what the job is doing now (evaluations)")
     queue_position: int | None = Field(description="1 = next to start; null unless queued")
     cancel_requested: bool
     attempts: int = Field(description="deliveries so far (more than 1 after a worker crash)")
     timings: Timings
-    input: JobInput
-    output: JobOutput | None = Field(description="URLs, once the job succeeded")
     error: str | None
 
 
+class GenerationJob(JobBase):
+    """A generation job as clients see it."""
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": _ID, "url": f"/jobs/{_ID}", "type": "generation", "status": "running", "progress": 0.42,
+        "message": None, "queue_position": None, "cancel_requested": False, "attempts": 1, "timings": _TIMINGS,
+        "error": None, "images_done": 40, "images_total": 100, "step": 4, "steps": 20,
+        "input": {"classes": {"cat": 100}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "seed": 0,
+                  "seed_drawn": False},
+        "output": None}]})
+
+    type: Literal["generation"] = "generation"
+    images_done: int
+    images_total: int
+    step: int = Field(description="sampler step of the current batch")
+    steps: int
+    input: JobInput
+    output: JobOutput | None = Field(description="URLs, once the job succeeded")
+
+
+ClassifierName = Literal["mlp", "cnn"]  # training.classifiers.CLASSIFIERS (imports torch; a test keeps them equal)
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+_EVAL_EXAMPLE = {"classifier": "mlp", "synthetic_per_class": 500, "real_fraction": 0.1, "epochs": 10,
+                 "seeds": [0, 1, 2], "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "synthetic_seed": 0}
+
+
+class EvaluationBody(BaseModel):
+    """An augmentation experiment on the server's data set (real / real+synthetic / synthetic arms).
+
+    Every field may be left out; there is no data-set field (the server's DREAMDATA_EVAL_DATA is used).
+    """
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVAL_EXAMPLE]})
+
+    classifier: ClassifierName = Field("cnn", description="mlp (fast) or cnn (ResNet-9)")
+    synthetic_per_class: int = Field(500, ge=1, le=5000, description="k: synthetic images added per class")
+    real_fraction: float = Field(0.1, gt=0, le=1, description="f: class-balanced share of the real training set")
+    epochs: int = Field(10, ge=1, le=200, description="passes over each arm's training set")
+    seeds: list[Seed] = Field([0, 1, 2], min_length=1, max_length=10,
+                              description="distinct seeds, one run of every arm each (3+ for a confidence interval)")
+    sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description="ddpm, ddim or dpmpp")
+    steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
+    guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
+                            description="classifier-free guidance scale w (1 = none)")
+    synthetic_seed: int = Field(0, ge=0, le=MAX_SEED,
+                                description="synthetic image i gets sampler seed synthetic_seed + i")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
+
+
+class EvaluationInput(EvaluationBody):
+    """The experiment as the worker runs it (every default filled in)."""
+    model_config = ConfigDict(extra="ignore")
+
+
+class EvaluationOutput(BaseModel):
+    report: str = Field(description="report.json: every number", examples=[f"/jobs/{_ID}/report.json"])
+    report_md: str = Field(description="a readable summary", examples=[f"/jobs/{_ID}/report.md"])
+    plots: dict[str, str] = Field(description="plot name -> PNG URL",
+                                  examples=[{"accuracy": f"/jobs/{_ID}/plots/accuracy.png"}])
+    accuracy_mean: dict[str, float] = Field(description="arm -> mean test accuracy over seeds",
+                                            examples=[{"real": 0.41, "real+synthetic": 0.43, "synthetic": 0.22}])
+    delta_mean: float = Field(description="real+synthetic minus real, mean over seeds (paired)")
+    seconds: float
+    checkpoint_sha256: str | None = None
+
+
+class EvaluationJob(JobBase):
+    """An evaluation job as clients see it; ``report`` is filled in by GET /evaluations/{id} only."""
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": _ID, "url": f"/evaluations/{_ID}", "type": "evaluation", "status": "running", "progress": 0.31,
+        "message": "training mlp on real (5000 images), seed 1", "queue_position": None, "cancel_requested": False,
+        "attempts": 1, "timings": _TIMINGS, "error": None, "input": _EVAL_EXAMPLE, "output": None, "report": None}]})
+
+    type: Literal["evaluation"] = "evaluation"
+    input: EvaluationInput
+    output: EvaluationOutput | None = Field(description="URLs and headline numbers, once the job succeeded")
+    report: dict | None = Field(None, description="report.json inline (GET /evaluations/{id}, once succeeded)")
+
+
+AnyJob = Annotated[GenerationJob | EvaluationJob, Field(discriminator="type")]
+
+
 class JobList(BaseModel):
-    jobs: list[Job]
+    jobs: list[AnyJob]
 
 
 class ClassInfo(BaseModel):

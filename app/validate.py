@@ -1,4 +1,4 @@
-"""Turn a /generate request (query or JSON body) into the worker's input, or 422 errors naming each field.
+"""Turn a /generate or /evaluations request into the worker's input, or 422 errors naming each field.
 
 Errors have FastAPI's own shape, ``{"detail": [{"loc": ["query", "n"], "msg": ..., ...}]}``,
 because they are raised as ``RequestValidationError``.
@@ -13,7 +13,7 @@ from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANG
 from worker.settings import Settings
 
 from .catalog import ModelInfo
-from .schemas import GenerateBody
+from .schemas import EvaluationBody, GenerateBody
 
 DEFAULT_N = 10  # images per class when ?n= is left out (as `dreamdata sample`)
 
@@ -63,10 +63,7 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
     if total > settings.max_n and not errors:
         loc = ("body", "classes") if body is not None else ("query", "n")
         errors.append(_error(loc, f"{total} images in all; at most {settings.max_n} per job", total))
-    lo, hi = STEP_RANGES[sampler]
-    hi = min(hi, info.num_timesteps)
-    if not lo <= steps <= hi:
-        errors.append(_error((src, "steps"), f"steps for sampler {sampler} must be in {lo}..{hi}", steps))
+    errors += _steps_errors((src, "steps"), sampler, steps, info)
     g_lo, g_hi = GUIDANCE_RANGE
     if not g_lo <= guidance <= g_hi:
         errors.append(_error((src, "guidance"), f"guidance must be in {g_lo:g}..{g_hi:g}", guidance))
@@ -76,3 +73,21 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
         raise RequestValidationError(errors)
     return {"classes": counts, "sampler": sampler, "steps": steps, "guidance": float(guidance),
             "seed": draw_seed() if seed is None else seed, "seed_drawn": seed is None}
+
+
+def _steps_errors(loc: tuple, sampler: str, steps: int, info: ModelInfo) -> list[dict]:
+    """The sampler's step range (diffusion.spec), capped at the checkpoint's schedule length."""
+    lo, hi = STEP_RANGES[sampler]
+    hi = min(hi, info.num_timesteps)
+    return [] if lo <= steps <= hi else [_error(loc, f"steps for sampler {sampler} must be in {lo}..{hi}", steps)]
+
+
+def resolve_evaluation(body: EvaluationBody, info: ModelInfo) -> dict:
+    """-> the worker's input (every field of ``EvaluationBody``); raises RequestValidationError.
+
+    The schema checks each field alone; this adds the rule that needs the sampler and the model.
+    """
+    errors = _steps_errors(("body", "steps"), body.sampler, body.steps, info)
+    if errors:
+        raise RequestValidationError(errors)
+    return body.model_dump()

@@ -1,14 +1,14 @@
 """The Celery app: Redis broker and result backend, configured for crash-safe long jobs.
 
-The API sends tasks by name (``TASK_GENERATE``) through :func:`celery_for`, so it never imports
+The API sends tasks by name (``TASK_GENERATE``, ``TASK_EVALUATE``) through :func:`celery_for`, so it never imports
 the task code (or torch). The worker runs ``celery_for(get_settings())``; ``celery -A
 worker.celery_app worker`` finds the same app as the module attribute ``app``.
 
 Crash safety: a task is acknowledged only when it returns (``task_acks_late``), a pool child
 that dies puts its task back (``task_reject_on_worker_lost``), a worker takes one task at a
 time (``worker_prefetch_multiplier=1``), and a task whose whole worker died (kill -9, lost
-host) is delivered again once ``visibility_timeout`` has passed; that is longer than the hard
-time limit, so a live job is never delivered twice.
+host) is delivered again once ``visibility_timeout`` has passed; that is longer than the longest
+hard time limit (evaluations have their own, longer one), so a live job is never delivered twice.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from celery import Celery
 from .settings import Settings, get_settings
 
 TASK_GENERATE = "dreamdata.generate"
+TASK_EVALUATE = "dreamdata.evaluate"
 SOFT_SHUTDOWN_S = 10.0
 
 
@@ -37,7 +38,7 @@ def celery_config(s: Settings) -> dict:
         "result_backend_transport_options": {"socket_connect_timeout": 2},
         "result_expires": 24 * 3600,
         "task_default_queue": s.queue,
-        "task_routes": {TASK_GENERATE: {"queue": s.queue}},
+        "task_routes": {TASK_GENERATE: {"queue": s.queue}, TASK_EVALUATE: {"queue": s.queue}},
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -45,6 +46,9 @@ def celery_config(s: Settings) -> dict:
         "task_reject_on_worker_lost": True,
         "task_soft_time_limit": s.job_time_limit,
         "task_time_limit": s.hard_time_limit,
+        # read by the worker when it registers the task (the message carries no limits)
+        "task_annotations": {TASK_EVALUATE: {"soft_time_limit": s.eval_time_limit,
+                                             "time_limit": s.eval_hard_time_limit}},
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                       "interval_max": 0.5},
         "worker_prefetch_multiplier": 1,

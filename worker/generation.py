@@ -52,14 +52,14 @@ def model_for(path: str | Path, threads: int | None = None) -> Checkpoint:
     return _load(str(p.resolve()))
 
 
-def describe(exc: BaseException, settings: Settings) -> str:
-    """The error message a user sees on a failed job."""
+def describe(exc: BaseException, time_limit: int) -> str:
+    """The error message a user sees on a failed job (``time_limit``: the job's soft limit, seconds)."""
     if isinstance(exc, SoftTimeLimitExceeded):
-        return f"time limit of {settings.job_time_limit} s exceeded"
+        return f"time limit of {time_limit} s exceeded"
     return f"{type(exc).__name__}: {exc}"
 
 
-def _start(store: JobStore, job_id: str, settings: Settings, worker: str | None) -> dict | None:
+def start_job(store: JobStore, job_id: str, settings: Settings, worker: str | None) -> dict | None:
     """queued/running -> running (or canceled, or failed after too many deliveries).
 
     Returns the record as it is now (None for an unknown job); run only if it says running.
@@ -84,7 +84,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     ``request``: {"classes": {name: n, ...}, "sampler", "steps", "guidance", "seed"} (as
     validated by the API). A job that is already finished, canceled or unknown is skipped.
     """
-    rec = _start(store, job_id, settings, worker)
+    rec = start_job(store, job_id, settings, worker)
     if rec is None or rec["status"] != RUNNING:
         status = rec["status"] if rec else "skipped"
         log.info("job %s not run: %s", job_id, status)
@@ -105,7 +105,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         return {"id": job_id, "status": CANCELED}
     except Exception as e:
         store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
-                                               "error": describe(e, settings)})
+                                               "error": describe(e, settings.job_time_limit)})
         raise
     total = len(manifest["images"])
     result = {
@@ -115,7 +115,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         "files": {"grid": "grid.png", "zip": "images.zip", "manifest": "manifest.json",
                   "images": "images/{i:05d}.png"},
     }
-    _write_json(out / "result.json", result)
+    write_json(out / "result.json", result)
     store.transition(job_id, (RUNNING,), {
         "status": SUCCEEDED, "finished_at": time.time(), "images_done": total, "step": sampler.steps,
         "progress": 1.0, "output": {"images": total, "seconds": manifest["seconds"],
@@ -124,7 +124,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     return result
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     tmp.replace(path)

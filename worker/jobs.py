@@ -23,6 +23,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded",
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 ACTIVE = (QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+GENERATION, EVALUATION = "generation", "evaluation"  # job types
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 CANCEL_FLAG_TTL = 7 * 24 * 3600
 
@@ -49,7 +50,7 @@ def is_job_id(value: str) -> bool:
     return bool(JOB_ID.fullmatch(value))
 
 
-def new_record(job_id: str, request: dict, images_total: int, steps: int, job_type: str = "generation") -> dict:
+def new_record(job_id: str, request: dict, images_total: int, steps: int, job_type: str = GENERATION) -> dict:
     """The record of a job just submitted (status queued)."""
     return {"id": job_id, "type": job_type, "status": QUEUED, "request": request,
             "images_total": images_total, "images_done": 0, "step": 0, "steps": steps, "progress": 0.0,

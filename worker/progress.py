@@ -1,4 +1,8 @@
-"""Progress of a running job: throttled writes to its record, and the cancel check between steps."""
+"""Progress of a running job: throttled writes to its record, and the cancel check between steps.
+
+``ProgressReporter`` is the callback of a generation job (``generate_to_dir``), ``StageProgress``
+that of an evaluation job (``run_evaluation``: a fraction and a message saying what runs now).
+"""
 from __future__ import annotations
 
 import time
@@ -39,6 +43,35 @@ class ProgressReporter:
         self.writes += 1
         self.best = max(self.best, fraction(done, total, step, steps, self.batch_size))
         self.write(images_done=done, images_total=total, step=step, steps=steps, progress=self.best)
+
+
+class StageProgress:
+    """The ``progress(fraction, message)`` callback that ``training.evaluate.run_evaluation`` calls.
+
+    Raises :class:`JobCanceled` as soon as ``is_canceled()`` is true (every call: between two
+    sampler or training steps), and writes ``progress`` and ``message`` through ``write(**fields)``
+    at most once per ``interval`` seconds, plus the final call (fraction 1).
+    """
+
+    def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,
+                 interval: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic):
+        self.write, self.is_canceled = write, is_canceled
+        self.interval, self.clock = interval, clock
+        self.last: float | None = None
+        self.best = 0.0  # reported progress never goes back
+        self.writes = 0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.is_canceled():
+            raise JobCanceled()
+        now = self.clock()
+        if fraction < 1 and self.last is not None and now - self.last < self.interval:
+            return
+        self.last = now
+        self.writes += 1
+        self.best = max(self.best, round(min(max(fraction, 0.0), 1.0), 4))
+        self.write(progress=self.best, message=message)
 
 
 def fraction(done: int, total: int, step: int, steps: int, batch_size: int) -> float:

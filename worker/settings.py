@@ -34,9 +34,16 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process (default: torch's; "
                                                               "1 on a CPU shared with other work)")
     job_time_limit: int = Field(3600, ge=1, description="soft time limit of a job, seconds")
+    # Kept equal to job_time_limit by default: the visibility timeout (how long a job of a dead
+    # worker waits before redelivery) must exceed the longest limit, so a longer evaluation limit
+    # would delay crash recovery of every generation job too.  Raise both for long CPU evaluations.
+    eval_time_limit: int = Field(3600, ge=1, description="soft time limit of an evaluation job, seconds")
     job_kill_grace: int = Field(30, ge=1, description="hard limit = soft limit + this, seconds")
     visibility_timeout: int | None = Field(None, description="seconds before an unacknowledged job is delivered "
-                                                             "again (default: hard limit + 300)")
+                                                             "again (default: the longer hard limit + 300; a job "
+                                                             "whose worker died waits this long)")
+    eval_data: Path | None = Field(None, description="the labelled data set of POST /evaluations (CIFAR-10 "
+                                                     ".tar.gz or folder); unset: evaluations are off (503)")
     max_attempts: int = Field(3, ge=1, description="deliveries of one job (worker crashes) before it is failed")
     progress_interval: float = Field(0.5, ge=0.0, description="least seconds between progress writes")
     ping_timeout: float = Field(1.0, gt=0.0, description="seconds /readyz waits for a worker to answer")
@@ -51,19 +58,31 @@ class Settings(BaseSettings):
         return self.job_time_limit + self.job_kill_grace
 
     @property
+    def eval_hard_time_limit(self) -> int:
+        return self.eval_time_limit + self.job_kill_grace
+
+    @property
     def effective_visibility_timeout(self) -> int:
-        return self.visibility_timeout if self.visibility_timeout is not None else self.hard_time_limit + 300
+        # One timeout for every task on the broker connection: it must outlast the longest job.
+        longest = max(self.hard_time_limit, self.eval_hard_time_limit)
+        return self.visibility_timeout if self.visibility_timeout is not None else longest + 300
 
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir.resolve() / "jobs"
 
+    @property
+    def cache_dir(self) -> Path:
+        """Decoded data sets and synthetic image sets of evaluation jobs (reused between jobs)."""
+        return self.data_dir.resolve() / "cache"
+
     @model_validator(mode="after")
     def _visibility_above_hard_limit(self) -> "Settings":
         # A job still running when its message becomes visible again would run twice at once.
-        if self.effective_visibility_timeout <= self.hard_time_limit:
-            raise ValueError(f"visibility_timeout ({self.effective_visibility_timeout} s) must exceed the hard "
-                             f"time limit ({self.hard_time_limit} s = job_time_limit + job_kill_grace)")
+        longest = max(self.hard_time_limit, self.eval_hard_time_limit)
+        if self.effective_visibility_timeout <= longest:
+            raise ValueError(f"visibility_timeout ({self.effective_visibility_timeout} s) must exceed the longest hard "
+                             f"time limit ({longest} s = job_time_limit or eval_time_limit + job_kill_grace)")
         return self
 
 

@@ -1,7 +1,8 @@
 """Celery tasks, registered by name; the API sends them with ``send_task`` and never imports this.
 
-The task body is :func:`worker.generation.run_generation` (imported when a task runs, so the
-worker's main process stays torch-free and its pool children load torch after the fork).
+The task bodies are :func:`worker.generation.run_generation` and
+:func:`worker.evaluation.run_evaluation_job` (imported when a task runs, so the worker's main
+process stays torch-free and its pool children load torch after the fork).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from celery import Task, shared_task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
-from .celery_app import TASK_GENERATE
+from .celery_app import TASK_EVALUATE, TASK_GENERATE
 from .jobs import ACTIVE, FAILED, JobStore, connect
 from .settings import Settings, get_settings
 
@@ -26,19 +27,20 @@ def job_store(settings: Settings) -> JobStore:
     return JobStore(connect(settings.redis_url), settings.key_prefix)
 
 
-class GenerationTask(Task):
+class JobTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         """Mark the record failed if the body could not (a hard time limit kills the pool child)."""
         job_id = kwargs.get("job_id") or (args[0] if args else task_id)
         settings = get_settings()
         if isinstance(exc, TimeLimitExceeded):
-            error = f"hard time limit of {settings.hard_time_limit} s exceeded"
+            limit = settings.eval_hard_time_limit if self.name == TASK_EVALUATE else settings.hard_time_limit
+            error = f"hard time limit of {limit} s exceeded"
         else:
             error = f"{type(exc).__name__}: {exc}"
         job_store(settings).transition(job_id, ACTIVE, {"status": FAILED, "finished_at": time.time(), "error": error})
 
 
-@shared_task(name=TASK_GENERATE, bind=True, base=GenerationTask)
+@shared_task(name=TASK_GENERATE, bind=True, base=JobTask)
 def generate(self: Task, job_id: str, request: dict) -> dict:
     """Generate the images of one job (see ``run_generation``)."""
     from .generation import run_generation
@@ -46,6 +48,16 @@ def generate(self: Task, job_id: str, request: dict) -> dict:
     settings = get_settings()
     return run_generation(job_id, request, store=job_store(settings), settings=settings,
                           worker=self.request.hostname)
+
+
+@shared_task(name=TASK_EVALUATE, bind=True, base=JobTask)
+def evaluate(self: Task, job_id: str, request: dict) -> dict:
+    """Run the augmentation experiment of one job (see ``run_evaluation_job``)."""
+    from .evaluation import run_evaluation_job
+
+    settings = get_settings()
+    return run_evaluation_job(job_id, request, store=job_store(settings), settings=settings,
+                              worker=self.request.hostname)
 
 
 @worker_process_init.connect

@@ -1,12 +1,19 @@
-"""A job's files: grid, single images, zip, manifest; served only from the job's own folder."""
+"""A job's files, served only from the job's own folder.
+
+Generation: grid, single images, zip, manifest. Evaluation: report.json, report.md and the plots
+that the worker recorded in the job (``output.plots``), nothing else from the folder.
+"""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
-from worker.jobs import SUCCEEDED
+from worker.jobs import EVALUATION, SUCCEEDED
 
 from ..deps import JobDep, SettingsDep
 
@@ -58,3 +65,41 @@ def images_zip(job: JobDep, settings: SettingsDep) -> FileResponse:
 def manifest(job: JobDep, settings: SettingsDep) -> FileResponse:
     """One entry per image: file, class, seed, sampler settings; plus the checkpoint hash."""
     return FileResponse(_final(settings, job, "manifest.json"), media_type="application/json")
+
+
+PLOT_NAME = re.compile(r"[a-z0-9_]{1,64}")  # accuracy, per_class, confusion_<arm>: never a path
+
+
+def _report_file(settings: SettingsDep, job: dict, relative: str) -> Path:
+    """A file of a finished evaluation (404 for a generation job)."""
+    if job.get("type") != EVALUATION:
+        raise HTTPException(404, f"{relative} is not available (not an evaluation job)")
+    return _final(settings, job, relative)
+
+
+@router.get("/report.json", response_class=FileResponse,
+            responses={**_NOT_THERE, 200: {"content": {"application/json": {}}}})
+def report_json(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """An evaluation's full report: per-arm accuracies per seed, confusion matrices, the paired delta."""
+    return FileResponse(_report_file(settings, job, "report.json"), media_type="application/json")
+
+
+@router.get("/report.md", response_class=FileResponse,
+            responses={**_NOT_THERE, 200: {"content": {"text/markdown": {}}}})
+def report_md(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """An evaluation's summary in Markdown (links the plots by file name)."""
+    return FileResponse(_report_file(settings, job, "report.md"), media_type="text/markdown; charset=utf-8")
+
+
+@router.get("/plots/{name}.png", response_class=FileResponse,
+            responses={**_NOT_THERE, 200: {"content": {"image/png": {}}}})
+def plot(job: JobDep, settings: SettingsDep,
+         name: Annotated[str, PathParam(description="a name from the job's output.plots",
+                                        openapi_examples={"accuracy": {"value": "accuracy"},
+                                                          "confusion": {"value": "confusion_real_synthetic"}})],
+         ) -> FileResponse:
+    """One plot of an evaluation: accuracy, per_class or confusion_<arm> (real, real_synthetic, synthetic)."""
+    plots = (job.get("output") or {}).get("plots") or []
+    if not PLOT_NAME.fullmatch(name) or name not in plots:
+        raise HTTPException(404, f"no plot {name!r}; this job has {', '.join(plots) or 'none'}")
+    return FileResponse(_report_file(settings, job, f"{name}.png"), media_type="image/png")

@@ -1,22 +1,21 @@
 """POST /generate: validate at the edge, record the job (queued), send it to the worker by task name."""
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Query, Response
+from fastapi import APIRouter, Body, Query, Response
 
 from diffusion.spec import SamplerName
 from worker.celery_app import TASK_GENERATE
-from worker.jobs import QueueFull, new_job_id, new_record
+from worker.jobs import new_job_id, new_record
 
 from ..catalog import model_info
 from ..deps import CeleryDep, SettingsDep, StoreDep
 from ..job_view import job_url, job_view
-from ..schemas import GenerateBody, Job
+from ..schemas import GenerateBody, GenerationJob
+from ..submit import submit
 from ..validate import resolve_request
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["generate"])
 
 _BODY_EXAMPLES = {
@@ -27,7 +26,7 @@ _BODY_EXAMPLES = {
 }
 
 
-@router.post("/generate", status_code=202, response_model=Job, responses={
+@router.post("/generate", status_code=202, response_model=GenerationJob, responses={
     202: {"description": "queued; poll the URL in the Location header",
           "headers": {"Location": {"description": "/jobs/<id>", "schema": {"type": "string"}}}},
     422: {"description": "a field is invalid; `detail[].loc` names it"},
@@ -48,22 +47,12 @@ def generate(
     seed: Annotated[int | None, Query(description="base seed 0..2^31-1; image i gets seed + i (default: drawn)",
                                       openapi_examples={"zero": {"value": 0}})] = None,
     body: Annotated[GenerateBody | None, Body(openapi_examples=_BODY_EXAMPLES)] = None,
-) -> Job:
+) -> GenerationJob:
     """Queue a generation job: ``?class=cat&n=100``, or a JSON body for several classes at once."""
     query = {"class": class_, "n": n, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed}
     request = resolve_request(query, body, model_info(settings.checkpoint), settings)
-    job_id = new_job_id()
     total = sum(request["classes"].values())
-    try:
-        store.create(new_record(job_id, request, total, request["steps"]), settings.max_queued)
-    except QueueFull as e:
-        raise HTTPException(429, str(e), headers={"Retry-After": "30"}) from None
-    try:
-        celery.send_task(TASK_GENERATE, kwargs={"job_id": job_id, "request": request}, task_id=job_id,
-                         queue=settings.queue)
-    except Exception as e:  # the broker went away between the record and the message: leave no orphan
-        log.exception("could not enqueue job %s", job_id)
-        store.forget(job_id)
-        raise HTTPException(503, f"could not enqueue the job ({type(e).__name__}); try again") from None
-    response.headers["Location"] = job_url(job_id)
-    return job_view(store.get(job_id), store)
+    record = submit(new_record(new_job_id(), request, total, request["steps"]), TASK_GENERATE, store, celery,
+                    settings)
+    response.headers["Location"] = job_url(record["id"])
+    return job_view(record, store)

@@ -9,7 +9,7 @@ from worker.jobs import CANCELED, QUEUED, TERMINAL
 
 from ..deps import JobDep, StoreDep
 from ..job_view import job_view
-from ..schemas import Job, JobList, JobStatus
+from ..schemas import AnyJob, EvaluationJob, GenerationJob, JobList, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 _404 = {404: {"description": "no such job (or not a job id)"}}
@@ -22,22 +22,22 @@ def list_jobs(store: StoreDep,
               status: Annotated[JobStatus | None, Query(description="only jobs in this status",
                                                         openapi_examples={"running": {"value": "running"}})] = None,
               ) -> JobList:
-    """Recent jobs, newest first."""
+    """Recent jobs of both types (generation, evaluation), newest first."""
     return JobList(jobs=[job_view(r, store) for r in store.recent(limit, status)])
 
 
-@router.get("/{job_id}", response_model=Job, responses=_404)
-def get_job(job: JobDep, store: StoreDep) -> Job:
-    """One job: status, progress, queue position, timings, echoed input, output URLs, error."""
+@router.get("/{job_id}", response_model=AnyJob, responses=_404)
+def get_job(job: JobDep, store: StoreDep) -> GenerationJob | EvaluationJob:
+    """One job of either type: status, progress, queue position, timings, echoed input, output URLs, error."""
     return job_view(job, store)
 
 
-@router.post("/{job_id}/cancel", response_model=Job, responses={
+@router.post("/{job_id}/cancel", response_model=AnyJob, responses={
     **_404, 200: {"description": "canceled (it was still queued)"},
-    202: {"description": "cancel requested; the worker stops at its next sampler step"},
+    202: {"description": "cancel requested; the worker stops at its next sampler or training step"},
     409: {"description": "the job has already finished"}})
-def cancel_job(job: JobDep, store: StoreDep, response: Response) -> Job:
-    """Cancel a job: at once while queued, between two sampler steps while running."""
+def cancel_job(job: JobDep, store: StoreDep, response: Response) -> GenerationJob | EvaluationJob:
+    """Cancel a job: at once while queued, between two sampler (or training) steps while running."""
     if job["status"] in TERMINAL:
         raise HTTPException(409, f"job is {job['status']}; nothing to cancel")
     record = store.request_cancel(job["id"])

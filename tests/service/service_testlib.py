@@ -1,4 +1,4 @@
-"""Helpers for the service tests: a tiny checkpoint, worker processes, polling with deadlines.
+"""Helpers for the service tests: a tiny checkpoint and data set, worker processes, polling with deadlines.
 
 Plain functions (no pytest), used by ``conftest.py`` and the tests.
 """
@@ -38,6 +38,15 @@ def make_tiny_checkpoint(directory: Path) -> Path:
     model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
     return save_checkpoint(directory, model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES,
                            {"dataset": "none (random weights, tests)", "steps": 0})
+
+
+def make_eval_data(root: Path, train_per_class: int = 6, test_per_class: int = 3) -> Path:
+    """An ImageFolder ``<root>/{train,test}/<class>/NNNN.png`` of the 10 CIFAR-10 classes, solid colours."""
+    from tests.fixtures import make_images, write_image_folder
+
+    write_image_folder(root / "train", make_images(CIFAR10_CLASSES, train_per_class), ext=".png")
+    write_image_folder(root / "test", make_images(CIFAR10_CLASSES, test_per_class, offset=train_per_class), ext=".png")
+    return root
 
 
 def env_for(settings: Settings) -> dict[str, str]:

@@ -188,4 +188,9 @@ def test_openapi_documents_every_route_with_examples(idle):
     gen = spec["paths"]["/generate"]["post"]
     assert gen["requestBody"]["content"]["application/json"]["examples"]
     assert all(p.get("examples") for p in gen["parameters"])
-    assert spec["components"]["schemas"]["Job"]["examples"]
+    assert spec["components"]["schemas"]["GenerationJob"]["examples"]
+    assert spec["components"]["schemas"]["EvaluationJob"]["examples"]
+    evaluation = spec["paths"]["/evaluations"]["post"]
+    assert evaluation["requestBody"]["content"]["application/json"]["examples"]
+    plot = spec["paths"]["/jobs/{job_id}/plots/{name}.png"]["get"]
+    assert all(p.get("examples") or p["schema"].get("examples") for p in plot["parameters"])

@@ -76,7 +76,7 @@ def test_cancel_running_job(client, worker, settings):
     running = poll_job(client, url, timeout=60, until=lambda j: j["status"] == "running" and j["step"] > 0)
     assert 0 < running["progress"] < 1
     c = client.post(f"{url}/cancel")
-    assert c.status_code == 202 and c.json()["cancel_requested"] is True
+    assert c.status_code == 202 and (c.json()["cancel_requested"] is True or c.json()["status"] == "canceled")  # the worker may be that quick
     job = poll_job(client, url, timeout=30)
     assert job["status"] == "canceled" and job["output"] is None
     assert not (settings.jobs_dir / job["id"]).exists()  # partial output removed

@@ -30,11 +30,15 @@ def test_settings_from_environment(monkeypatch):
         get_settings.cache_clear()
 
 
-def test_visibility_timeout_must_exceed_the_hard_limit():
-    s = Settings(job_time_limit=100, job_kill_grace=10)
+def test_visibility_timeout_must_exceed_the_longest_hard_limit():
+    s = Settings(job_time_limit=100, eval_time_limit=50, job_kill_grace=10)
     assert s.hard_time_limit == 110 and s.effective_visibility_timeout == 410
+    e = Settings(job_time_limit=100, eval_time_limit=1000, job_kill_grace=10)
+    assert e.eval_hard_time_limit == 1010 and e.effective_visibility_timeout == 1310
     with pytest.raises(ValidationError, match="visibility_timeout"):
-        Settings(job_time_limit=100, job_kill_grace=10, visibility_timeout=110)
+        Settings(job_time_limit=100, eval_time_limit=50, job_kill_grace=10, visibility_timeout=110)
+    with pytest.raises(ValidationError, match="visibility_timeout"):
+        Settings(job_time_limit=100, eval_time_limit=1000, job_kill_grace=10, visibility_timeout=500)
 
 
 def test_job_ids_are_strict():

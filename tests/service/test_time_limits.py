@@ -6,7 +6,8 @@ from .service_testlib import poll_job
 
 
 def test_job_over_the_soft_limit_fails_and_the_worker_goes_on(make_settings, start_worker):
-    settings = make_settings(db=3, job_time_limit=2, job_kill_grace=2, visibility_timeout=5)
+    settings = make_settings(db=3, job_time_limit=2, eval_time_limit=2, job_kill_grace=2,
+                             visibility_timeout=5)
     with client_for(settings) as client:
         start_worker(settings)
         url = client.post("/generate?class=cat&n=40&sampler=ddpm&steps=1000").headers["location"]

@@ -1,0 +1,95 @@
+"""The body of the ``evaluate`` task: an augmentation experiment (``training.evaluate``) run as a job.
+
+Output goes into ``<data dir>/jobs/<id>/``: ``report.json``, ``report.md``, ``accuracy.png``,
+``per_class.png`` and ``confusion_<arm>.png`` (see ``training.evaluate_report``). The data set is
+the worker's own ``eval_data`` setting, never a path from the request, and the report a client
+downloads names files, not server paths. Decoded data and synthetic image sets are cached under
+``<data dir>/cache/``, so a job delivered again after a crash samples nothing twice.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from training.evaluate import EvaluationSettings, run_evaluation
+from training.evaluate_report import markdown
+
+from .generation import describe, model_for, start_job, write_json
+from .jobs import CANCELED, FAILED, RUNNING, SUCCEEDED, JobStore
+from .progress import JobCanceled, StageProgress
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The request keys the worker takes from the API (EvaluationBody); everything else is the server's.
+REQUEST_KEYS = ("classifier", "synthetic_per_class", "real_fraction", "epochs", "seeds", "sampler", "steps",
+                "guidance", "synthetic_seed")
+
+
+def evaluation_settings(request: dict, settings: Settings) -> EvaluationSettings:
+    """The experiment of ``request`` on the server's data set; raises if the worker has none."""
+    if settings.eval_data is None:
+        raise RuntimeError("evaluation data set not configured on the worker (set DREAMDATA_EVAL_DATA)")
+    chosen = {k: request[k] for k in REQUEST_KEYS if k in request}
+    return EvaluationSettings.from_dict(dict(chosen, data=str(settings.eval_data), checkpoint=str(settings.checkpoint),
+                                             sample_batch_size=settings.batch_size,
+                                             cache_dir=str(settings.cache_dir)))
+
+
+def publish(report: dict, out: Path) -> None:
+    """Rewrite report.json and report.md with names in place of server paths (the plots hold none)."""
+    s = report["settings"]
+    s["data"] = report["data"]["source"] = Path(s["data"]).name
+    s["checkpoint"] = Path(s["checkpoint"]).name
+    s["cache_dir"] = None
+    report["synthetic"]["cache_dir"] = Path(report["synthetic"]["cache_dir"]).name
+    (out / report["files"]["report_md"]).write_text(markdown(report))
+    write_json(out / report["files"]["report_json"], report)
+
+
+def plot_names(files: dict) -> list[str]:
+    """The PNG files a report wrote, without ``.png``: accuracy, per_class, confusion_<arm> ..."""
+    pngs = [files["accuracy"], files["per_class"], *files["confusion"].values()]
+    return [Path(f).stem for f in pngs]
+
+
+def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings: Settings,
+                       worker: str | None = None) -> dict:
+    """Run the experiment of job ``job_id`` into ``<data dir>/jobs/<id>/``; returns a short summary.
+
+    ``request``: the fields of ``app.schemas.EvaluationBody`` (as validated by the API). A job that
+    is already finished, canceled or unknown is skipped; one delivered again starts over.
+    """
+    rec = start_job(store, job_id, settings, worker)
+    if rec is None or rec["status"] != RUNNING:
+        status = rec["status"] if rec else "skipped"
+        log.info("evaluation %s not run: %s", job_id, status)
+        return {"id": job_id, "status": status}
+    out = settings.jobs_dir / job_id
+    try:
+        config = evaluation_settings(request, settings)
+        ckpt = model_for(settings.checkpoint, settings.torch_threads)
+        progress = StageProgress(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
+                                 interval=settings.progress_interval)
+        shutil.rmtree(out, ignore_errors=True)  # a crashed attempt's partial report
+        report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False)
+        publish(report, out)
+    except JobCanceled:
+        shutil.rmtree(out, ignore_errors=True)
+        store.transition(job_id, (RUNNING,), {"status": CANCELED, "finished_at": time.time()})
+        log.info("evaluation %s canceled", job_id)
+        return {"id": job_id, "status": CANCELED}
+    except Exception as e:
+        store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
+                                               "error": describe(e, settings.eval_time_limit)})
+        raise
+    arms = report["arms"]
+    output = {"plots": plot_names(report["files"]), "accuracy_mean": {a: arms[a]["accuracy_mean"] for a in arms},
+              "delta_mean": report["delta"]["mean"], "seconds": report["seconds"],
+              "checkpoint_sha256": report["synthetic"]["checkpoint_sha256"]}
+    store.transition(job_id, (RUNNING,), {"status": SUCCEEDED, "finished_at": time.time(), "progress": 1.0,
+                                          "message": "done", "output": output})
+    log.info("evaluation %s: %s in %.1f s", job_id, output["accuracy_mean"], report["seconds"])
+    return {"id": job_id, "status": SUCCEEDED, "attempts": rec["attempts"], "worker": worker, **output}
