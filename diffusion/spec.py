@@ -6,6 +6,7 @@ samplers in :mod:`diffusion.samplers` import them back, so there is one definiti
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -14,6 +15,8 @@ SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
 # Allowed step counts per sampler (inclusive); the service validates against these.
 STEP_RANGES: dict[str, tuple[int, int]] = {"ddpm": (1, 1000), "ddim": (1, 1000), "dpmpp": (1, 100)}
 GUIDANCE_RANGE: tuple[float, float] = (0.0, 20.0)  # classifier-free guidance scale w
+# The checkpoint that ships in the repo (the default of `dreamdata sample`, the worker and the API).
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
 MAX_SEED = 2**31 - 1                                 # a base seed is in 0..MAX_SEED
 
 

@@ -15,11 +15,10 @@ import json
 import torch
 from tqdm import tqdm
 
-from diffusion.samplers import SAMPLERS
 
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
 from .evaluate import EvaluationSettings, run_evaluation
-from .generate import DEFAULT_SETTINGS
+from .sample_cli import add_sampler_args
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -35,7 +34,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    d = DEFAULT_SETTINGS
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
     p.add_argument("--data", required=True, help="data set: .tar.gz of an ImageFolder tree, cifar-10-batches-py, ...")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn", help="default cnn")
@@ -47,10 +45,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="class-balanced share of the real training set, 0 < f <= 1 (default 0.1)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per arm (default 10)")
     p.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"default {d.sampler}")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
-    p.add_argument("--guidance", type=float, default=d.guidance, help=f"guidance scale w (default {d.guidance})")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    add_sampler_args(p)
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic image i gets seed S+i (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--train-batch-size", type=int, default=None, help="classifier batch size (default mlp 256, cnn 512)")

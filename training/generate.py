@@ -27,11 +27,11 @@ from PIL import Image, PngImagePlugin
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SamplerSettings, sample
-from diffusion.spec import DEFAULT_SETTINGS, draw_seed, resolve_class  # noqa: F401  (re-exported)
+from diffusion.spec import DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, draw_seed, resolve_class  # noqa: F401  (re-exported)
 
 from .plots import image_grid, to_uint8
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
+DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 GRID_PER_CLASS = 10
 
 ProgressFn = Callable[[int, int, int, int], None]  # (images done, images total, step, steps); may raise

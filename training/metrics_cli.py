@@ -15,22 +15,17 @@ from pathlib import Path
 
 import torch
 
-from diffusion.samplers import SAMPLERS
 
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
-from .generate import DEFAULT_SETTINGS
 from .generator_metrics import MetricsSettings, measure_generator
+from .sample_cli import add_sampler_args
 
 
 def add_metrics_args(p: argparse.ArgumentParser) -> None:
-    d = DEFAULT_SETTINGS
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
     p.add_argument("--data", required=True, help="data set with train and test splits")
     p.add_argument("--n-per-class", type=int, default=100, help="generated images per class (default 100)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"default {d.sampler}")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
-    p.add_argument("--guidance", type=float, default=d.guidance, help=f"guidance scale w (default {d.guidance})")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="generated image i gets seed S+i (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--k", type=int, default=5, help="neighbours for precision/recall, density/coverage (default 5)")

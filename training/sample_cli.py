@@ -22,17 +22,22 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def add_sample_args(p: argparse.ArgumentParser) -> None:
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --guidance, --eta: shared by sample, evaluate and metrics."""
     d = DEFAULT_SETTINGS
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
-    p.add_argument("--class", dest="classes", action="append", default=None,
-                   help="class name or index 0-9; repeat for several; 'all' for every class (default: all)")
-    p.add_argument("--n", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"default {d.sampler}")
     p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance,
                    help=f"classifier-free guidance scale w (1 = none; default {d.guidance})")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
+    p.add_argument("--class", dest="classes", action="append", default=None,
+                   help="class name or index 0-9; repeat for several; 'all' for every class (default: all)")
+    p.add_argument("--n", type=int, default=10, help="images per class (default 10)")
+    add_sampler_args(p)
     p.add_argument("--seed", type=int, default=None, help="base seed; image i gets seed+i (default: random, recorded)")
     p.add_argument("--batch-size", type=int, default=100, help="images per model batch (default 100)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

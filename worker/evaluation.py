@@ -16,8 +16,8 @@ from pathlib import Path
 from training.evaluate import EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
-from .generation import describe, model_for, start_job, write_json
-from .jobs import CANCELED, FAILED, RUNNING, SUCCEEDED, JobStore
+from .generation import model_for, record_canceled, record_failed, start_job, write_json
+from .jobs import RUNNING, SUCCEEDED, JobStore
 from .progress import JobCanceled, StageProgress
 from .settings import Settings
 
@@ -77,13 +77,9 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
         report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False)
         publish(report, out)
     except JobCanceled:
-        shutil.rmtree(out, ignore_errors=True)
-        store.transition(job_id, (RUNNING,), {"status": CANCELED, "finished_at": time.time()})
-        log.info("evaluation %s canceled", job_id)
-        return {"id": job_id, "status": CANCELED}
+        return record_canceled(store, job_id, out)
     except Exception as e:
-        store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
-                                               "error": describe(e, settings.eval_time_limit)})
+        record_failed(store, job_id, e, settings.eval_time_limit)
         raise
     arms = report["arms"]
     output = {"plots": plot_names(report["files"]), "accuracy_mean": {a: arms[a]["accuracy_mean"] for a in arms},

@@ -52,6 +52,20 @@ def model_for(path: str | Path, threads: int | None = None) -> Checkpoint:
     return _load(str(p.resolve()))
 
 
+def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:
+    """A run stopped by its cancel flag: drop the partial output, mark the job canceled."""
+    shutil.rmtree(out, ignore_errors=True)
+    store.transition(job_id, (RUNNING,), {"status": CANCELED, "finished_at": time.time()})
+    log.info("job %s canceled", job_id)
+    return {"id": job_id, "status": CANCELED}
+
+
+def record_failed(store: JobStore, job_id: str, exc: BaseException, time_limit: int) -> None:
+    """A run that raised: mark the job failed with the message a user sees (the caller re-raises)."""
+    store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
+                                           "error": describe(exc, time_limit)})
+
+
 def describe(exc: BaseException, time_limit: int) -> str:
     """The error message a user sees on a failed job (``time_limit``: the job's soft limit, seconds)."""
     if isinstance(exc, SoftTimeLimitExceeded):
@@ -99,13 +113,9 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         manifest = generate_to_dir(ckpt, counts, out, settings=sampler, base_seed=int(request["seed"]),
                                    batch_size=settings.batch_size, make_zip=True, progress=reporter)
     except JobCanceled:
-        shutil.rmtree(out, ignore_errors=True)
-        store.transition(job_id, (RUNNING,), {"status": CANCELED, "finished_at": time.time()})
-        log.info("job %s canceled", job_id)
-        return {"id": job_id, "status": CANCELED}
+        return record_canceled(store, job_id, out)
     except Exception as e:
-        store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
-                                               "error": describe(e, settings.job_time_limit)})
+        record_failed(store, job_id, e, settings.job_time_limit)
         raise
     total = len(manifest["images"])
     result = {

@@ -12,8 +12,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The shipped checkpoint (same place as training.generate.DEFAULT_CHECKPOINT, which imports torch).
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
+from diffusion.spec import SHIPPED_CHECKPOINT
 
 
 class Settings(BaseSettings):
