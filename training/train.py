@@ -15,6 +15,8 @@ import copy
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +35,34 @@ from .data import load_dataset, random_flip, to_model_range
 from .plots import image_grid, loss_curve, to_uint8
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _stop_on_signal():
+    """While training, SIGTERM/SIGINT ask the loop to finish its step, write the checkpoint and state, and exit.
+
+    Yields a zero-argument function that says whether a stop was requested. Only installed in the main
+    thread (signal handlers cannot be set elsewhere); a second signal restores the default behaviour.
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):
+        log.warning("signal %d: stopping after this step (send again to abort at once)", signum)
+        requested.set()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    for sig in old:
+        signal.signal(sig, handler)
+    try:
+        yield requested.is_set
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
@@ -193,52 +223,53 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     t_start_wall = wall
     stop = False
     model.train()
-    while step < cfg.max_steps and not stop:
-        t0 = time.perf_counter()
-        if pos + per_rank > n_data:
-            perm, pos = torch.randperm(n_data, generator=gen), 0
-        idx = perm[pos: pos + per_rank]
-        pos += per_rank
-        x0 = to_model_range(random_flip(images_u8[idx], gen)).to(device)
-        if cfg.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        y = labels_all[idx].to(device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss = diffusion_loss(train_model, schedule, x0, y, cfg.p_uncond, cfg.unet.num_classes, gen, cfg.bf16)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
-        step += 1
-        images_seen += per_rank * dd.world
-        wall += time.perf_counter() - t0
-        loss_acc += loss.item()
-        n_acc += 1
-        if cfg.max_minutes is not None and wall >= cfg.max_minutes * 60:
-            stop = True
-        if cfg.max_minutes is not None and dd.world > 1:
-            # Wall time differs between ranks: stop together, or the ranks left behind hang in all-reduce.
-            flag = torch.tensor([float(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if dd.main:
-            bar.update(1)
-            if step % cfg.log_every == 0 or stop or step == cfg.max_steps:
-                now = time.perf_counter()
-                rec = {"step": step, "loss": loss_acc / n_acc, "grad_norm": float(gnorm), "lr": lr_at(step - 1, cfg),
-                       "images_seen": images_seen, "wall_time_s": round(wall, 2),
-                       "images_per_s": round(n_acc * per_rank * dd.world / max(now - t_log, 1e-9), 1)}
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=rec["images_per_s"])
-                loss_acc, n_acc, t_log = 0.0, 0, now
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop or step == cfg.max_steps):
-                write_checkpoint()
-                loss_curve(out / "metrics.jsonl", out / "loss.png")
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", cfg.bf16)
+    with _stop_on_signal() as stop_requested:
+        while step < cfg.max_steps and not stop:
+            t0 = time.perf_counter()
+            if pos + per_rank > n_data:
+                perm, pos = torch.randperm(n_data, generator=gen), 0
+            idx = perm[pos: pos + per_rank]
+            pos += per_rank
+            x0 = to_model_range(random_flip(images_u8[idx], gen)).to(device)
+            if cfg.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            y = labels_all[idx].to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            loss = diffusion_loss(train_model, schedule, x0, y, cfg.p_uncond, cfg.unet.num_classes, gen, cfg.bf16)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
+            step += 1
+            images_seen += per_rank * dd.world
+            wall += time.perf_counter() - t0
+            loss_acc += loss.item()
+            n_acc += 1
+            if (cfg.max_minutes is not None and wall >= cfg.max_minutes * 60) or stop_requested():
+                stop = True
+            if dd.world > 1:
+                # Wall time differs between ranks: stop together, or the ranks left behind hang in all-reduce.
+                flag = torch.tensor([float(stop)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if dd.main:
+                bar.update(1)
+                if step % cfg.log_every == 0 or stop or step == cfg.max_steps:
+                    now = time.perf_counter()
+                    rec = {"step": step, "loss": loss_acc / n_acc, "grad_norm": float(gnorm), "lr": lr_at(step - 1, cfg),
+                           "images_seen": images_seen, "wall_time_s": round(wall, 2),
+                           "images_per_s": round(n_acc * per_rank * dd.world / max(now - t_log, 1e-9), 1)}
+                    metrics_f.write(json.dumps(rec) + "\n")
+                    metrics_f.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=rec["images_per_s"])
+                    loss_acc, n_acc, t_log = 0.0, 0, now
+                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop or step == cfg.max_steps):
+                    write_checkpoint()
+                    loss_curve(out / "metrics.jsonl", out / "loss.png")
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", cfg.bf16)
     bar.close()
     if dd.main:
         write_checkpoint()

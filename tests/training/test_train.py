@@ -215,6 +215,30 @@ def test_max_minutes_stops_and_is_resumable(data10, tmp_path):
     assert st2["step"] == 2 and st2["wall_time_s"] > st["wall_time_s"]  # wall time accumulates across runs
 
 
+def test_sigterm_finishes_the_step_and_saves_a_resumable_state(data10, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import training.train as tt
+
+    real_update, calls = tt.ema_update, []
+
+    def update_then_signal(ema, model, decay):  # the third step gets a SIGTERM in the middle
+        real_update(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tt, "ema_update", update_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=1000), str(data10), out, progress=False)
+    assert _state(out)["step"] == 3
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["provenance"]["steps"] == 3
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed again
+
+
 def _fixed_noise_loss(model, x0, y, schedule):
     """The diffusion loss at fixed (t, noise) draws for every image, several per image."""
     g = torch.Generator().manual_seed(1234)
