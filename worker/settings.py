@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,7 +30,16 @@ class Settings(BaseSettings):
     max_queued: int = Field(100, ge=0, description="queued jobs beyond which POST /generate answers 429")
     api_key: SecretStr | None = Field(None, description="when set, every job route needs header X-API-Key")
     allow_public: bool = Field(False, description="allow binding the API to a non-loopback host without an API key")
-    batch_size: int = Field(100, ge=1, description="images per model batch in the worker")
+    batch_size: int = Field(100, ge=1, description="images per model batch in the worker (also the most images "
+                                                   "that concurrent jobs merge into one batch)")
+    pool: Literal["prefork", "threads"] = Field(
+        "prefork", description="worker pool: prefork runs one job per process (a crashed job is requeued at once, "
+                               "hard time limits kill it); threads runs `concurrency` jobs in one process and merges "
+                               "their images into shared model batches (dynamic batching; the way to fill a GPU)")
+    concurrency: int = Field(1, ge=1, description="jobs one worker runs at once (prefork: processes, each with its "
+                                                  "own model; threads: threads sharing one model and its batches)")
+    batch_window: float = Field(0.02, ge=0.0, description="seconds a batch waits for other jobs' images to join "
+                                                          "(threads pool with concurrency > 1 only)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process (default: torch's; "
                                                               "1 on a CPU shared with other work)")
     job_time_limit: int = Field(3600, ge=1, description="soft time limit of a job, seconds")
@@ -65,6 +75,11 @@ class Settings(BaseSettings):
         # One timeout for every task on the broker connection: it must outlast the longest job.
         longest = max(self.hard_time_limit, self.eval_hard_time_limit)
         return self.visibility_timeout if self.visibility_timeout is not None else longest + 300
+
+    @property
+    def batching(self) -> bool:
+        """Do concurrent jobs of this worker share model batches?"""
+        return self.pool == "threads" and self.concurrency > 1
 
     @property
     def jobs_dir(self) -> Path:

@@ -43,6 +43,15 @@ def test_worker_reserves_a_gpu_and_api_does_not(compose):
     assert "deploy" not in services["api"]
 
 
+def test_gpu_worker_batches_concurrent_jobs(compose):
+    from worker.settings import Settings
+
+    env = compose["services"]["worker"]["environment"]
+    settings = Settings(**{k.removeprefix("DREAMDATA_").lower(): v for k, v in env.items()
+                           if k.startswith("DREAMDATA_") and v and not v.startswith("$")})
+    assert settings.pool == "threads" and settings.concurrency > 1 and settings.batching
+
+
 def test_api_and_worker_share_the_data_volume(compose):
     services = compose["services"]
     mounts = {name: services[name]["volumes"] for name in ("api", "worker")}

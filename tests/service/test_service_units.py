@@ -84,6 +84,25 @@ def test_progress_is_throttled_monotonic_and_cancels():
         rep(10, 20, 1, 20)
 
 
+def test_progress_enforces_the_time_limit():
+    # The threads pool has no time limits of its own: the progress callbacks enforce the soft one.
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from worker.progress import StageProgress
+
+    now = [100.0]
+    rep = ProgressReporter(lambda **f: None, lambda: False, batch_size=10, time_limit=5, clock=lambda: now[0])
+    stage = StageProgress(lambda **f: None, lambda: False, time_limit=5, clock=lambda: now[0])
+    now[0] += 4.9
+    rep(0, 20, 1, 20)
+    stage(0.1, "training")
+    now[0] += 0.2
+    with pytest.raises(SoftTimeLimitExceeded):
+        rep(0, 20, 2, 20)
+    with pytest.raises(SoftTimeLimitExceeded):
+        stage(0.2, "training")
+
+
 def test_progress_fraction():
     assert fraction(0, 100, 0, 20, 50) == 0.0
     assert fraction(0, 100, 10, 20, 50) == 0.25       # half of the first batch of 50
