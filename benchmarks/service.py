@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -134,20 +135,47 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dreamdata-bench-"))
     ckpt = tiny_checkpoint(tmp / "ckpt") if a.tiny else Path(a.checkpoint or default_checkpoint())
     s = SamplerSettings(a.sampler, a.steps, a.guidance)
+    with running_service(tmp, ckpt, threads=a.threads, DREAMDATA_BATCH_SIZE=a.batch_size,
+                         DREAMDATA_MAX_N=max(a.n, a.memory_n)) as (base_url, worker_pid):
+        report(a, s, ckpt, tmp, base_url, worker_pid)
+    if a.keep:
+        print(f"(work files in {tmp})")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def running_service(tmp: Path, ckpt: Path, threads: int, **env_settings):
+    """Bundled Redis, one `dreamdata worker` and the API on a free loopback port, until the block ends.
+
+    ``env_settings``: extra environment (``DREAMDATA_POOL="threads"``, ...). Yields (base URL, worker pid)
+    once ``/readyz`` answers 200 (a worker is up).
+    """
     port = free_port()
     with RedisServer(tmp / "redis", persist=False) as redis_server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMDATA_")}
         env.update(REDIS_URL=redis_server.url, DREAMDATA_DATA_DIR=str(tmp / "data"), DREAMDATA_CHECKPOINT=str(ckpt),
-                   DREAMDATA_BATCH_SIZE=str(a.batch_size), DREAMDATA_TORCH_THREADS=str(a.threads),
-                   DREAMDATA_MAX_N=str(max(a.n, a.memory_n)))
-        log = open(tmp / "service.log", "wb")
+                   DREAMDATA_TORCH_THREADS=str(threads), **{k: str(v) for k, v in env_settings.items()})
+        log = open(tmp / "service.log", "ab")
         cmd = [sys.executable, "-m", "dreamdata_cli"]
         procs = [subprocess.Popen(cmd + ["worker", "--log-level", "warning"], env=env, stdout=log, stderr=log,
                                   start_new_session=True, preexec_fn=die_with_parent),
                  subprocess.Popen(cmd + ["api", "--port", str(port), "--log-level", "warning"], env=env, stdout=log,
                                   stderr=log, start_new_session=True, preexec_fn=die_with_parent)]
+        base_url = f"http://127.0.0.1:{port}"
         try:
-            report(a, s, ckpt, tmp, f"http://127.0.0.1:{port}", procs[0].pid)
+            with httpx.Client(base_url=base_url, timeout=30) as client:
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        if client.get("/readyz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"service not ready; see {tmp / 'service.log'}")
+                    time.sleep(0.2)
+            yield base_url, procs[0].pid
         finally:
             procs[0].send_signal(signal.SIGQUIT)
             procs[1].terminate()
@@ -157,25 +185,11 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
             log.close()
-    if a.keep:
-        print(f"(work files in {tmp})")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_pid: int) -> None:
     params = {"class": "cat", "n": a.n, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "seed": 0}
     with httpx.Client(base_url=base_url, timeout=30) as client:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"service not ready; see {tmp / 'service.log'}")
-            time.sleep(0.2)
         run_job(client, dict(params, n=1))  # warm-up: the worker's model is loaded and used once
         e2e, sampler_only, with_files = [], [], []
         job = None
