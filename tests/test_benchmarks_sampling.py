@@ -1,0 +1,81 @@
+"""benchmarks/sampling.py end to end with --quick on a tiny random checkpoint: every row is measured
+and printed, with the header facts and the comparisons (the numbers themselves mean nothing here)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.checkpoint import save_checkpoint
+from diffusion.schedules import ScheduleConfig
+from diffusion.unet import UNet, UNetConfig
+from tests.fixtures import CIFAR10_CLASSES
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+TABLE_ROW = re.compile(r"^(ours|ours\+compile|\(a\) report|\(b\) diffusers) +(fp32|bf16) ")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The script as a module (benchmarks/ is not a package); torch's thread count restored afterwards."""
+    spec = importlib.util.spec_from_file_location("benchmarks_sampling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(8,), dropout=0.0))
+    return save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES,
+                           {"dataset": "none (test)"})
+
+
+def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys):
+    rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--threads", "1"])
+    out = capsys.readouterr().out
+
+    expected = {("ours", p, layout, "1.5") for p in ("fp32", "bf16") for layout in ("NCHW", "channels_last")}
+    expected |= {("ours", "fp32", layout, "1.0") for layout in ("NCHW", "channels_last")}  # unguided
+    expected |= {("(a) report", "fp32", "NCHW", "1.0")}
+    if HAS_DIFFUSERS:
+        expected |= {("(b) diffusers", "fp32", layout, g)
+                     for layout in ("NCHW", "channels_last") for g in ("uncond", "1.5")}
+    assert sorted((r.name, r.precision, r.layout, r.guidance) for r in rows) == sorted(expected)
+    assert all(r.batch == 2 and len(r.rates) == 1 and r.rates[0] > 0 and r.flops > 0 for r in rows)
+
+    report = next(r for r in rows if r.name == "(a) report")
+    assert (report.steps, report.calls) == (1000, 1000) and "extrapolated from 1 of 1000 steps" in report.note
+    (default,) = [r for r in rows if r.note.startswith("default")]
+    assert (default.precision, default.layout, default.steps, default.calls) == ("fp32", "channels_last", 2, 4)
+    for r in rows:  # a guided step is two model calls per image, an unguided one is one
+        assert r.calls == r.steps * (2 if r.guidance == "1.5" else 1)
+
+    assert len([line for line in out.splitlines() if TABLE_ROW.match(line)]) == len(rows)
+    for needle in ("GFLOP per image per call", "peak fp32 torch.mm", "peak bf16 torch.mm", "sha256",
+                   "speed-up vs (a)", "default row", "fastest row of ours"):
+        assert needle in out, needle
+    if HAS_DIFFUSERS:
+        assert "UNet2DModel, class-conditional (random weights): 45,611 parameters (+0.00% vs ours)" in out
+        for layout in ("NCHW", "channels_last"):
+            assert re.search(rf"{layout}, +guided w=1.5, .* = \d+\.\d\dx", out)
+            assert re.search(rf"{layout}, +unguided, .* = \d+\.\d\dx", out)
+
+
+def test_unguided_settings_need_no_extra_row(bench, tiny_checkpoint, capsys):
+    rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--skip-diffusers",
+                       "--threads", "1", "--guidance", "1", "--batch-sizes", "1,3", "--n", "2"])
+    assert sorted({r.batch for r in rows if r.name == "ours"}) == [1, 2]  # --n caps the batch sizes
+    assert all(r.guidance == "1.0" and r.calls == r.steps for r in rows)
+    assert len([r for r in rows if r.name == "ours"]) == 4 * 2  # no separate unguided row
+    assert "the same unguided" not in capsys.readouterr().out
