@@ -83,12 +83,6 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def guided_calls(s: SamplerSettings) -> int:
-    """Model calls per image: one per step, two with guidance (diffusion.samplers.guided_eps puts the
-    conditional and unconditional halves in one call of twice the batch)."""
-    return s.steps * (1 if s.guidance in (0.0, 1.0) else 2)
-
-
 def cpu_description() -> str:
     model, flags = "unknown CPU", set()
     if Path("/proc/cpuinfo").is_file():
@@ -263,7 +257,7 @@ def run_diffusers(unet, flops: int, schedule: NoiseSchedule, s: SamplerSettings,
                         output_type="pt")
     rates, _ = measure(run, batch, s.steps, a.warmup_steps, a.repeats)
     return Row("(b) diffusers", "fp32", layout, batch, s.steps, f"{s.guidance:.1f}" if conditional else "uncond",
-               guided_calls(s), flops, rates, f"{type(pipe).__name__} + {type(scheduler).__name__}")
+               s.model_calls, flops, rates, f"{type(pipe).__name__} + {type(scheduler).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -310,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     model, schedule, cfg = ckpt.model, ckpt.schedule, ckpt.model.config
     s = SamplerSettings(a.sampler, a.steps, a.guidance)
     s.validate(schedule.num_timesteps)
-    guided = guided_calls(s) > s.steps
+    guided = s.model_calls > s.steps
     unguided_s = SamplerSettings(s.sampler, s.steps, 1.0) if guided else s  # one model call per step
     cap = a.n or sys.maxsize
     batches = sorted({min(int(b), cap) for b in a.batch_sizes.split(",")})
@@ -346,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                   f"({n / n_params - 1:+.2%} vs ours), {f / 1e9:.3f} GFLOP per image per call")
     elif not a.skip_diffusers:
         print("diffusers is not installed (pip install -e '.[test]'): the (b) rows are left out")
-    print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}: {guided_calls(s)} model calls per image"
+    print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}: {s.model_calls} model calls per image"
           + (" (cond + uncond in one call of twice the batch)" if guided else ""))
     print("FLOPs: FlopCounterMode on one forward of one image (conv, matmul, attention; not norms or activations)")
     progress("peak matmul")
@@ -380,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             run_s = batch / statistics.median(rates)
             note = f"compile {warm - min(a.warmup_steps, settings.steps) / settings.steps * run_s:.1f} s (first call)"
         return emit(Row(name, precision, layout, batch, settings.steps, f"{settings.guidance:.1f}",
-                        guided_calls(settings), flops, rates, note))
+                        settings.model_calls, flops, rates, note))
 
     # ---- 1. ours, eager: every precision, layout and batch size
     for precision in ("fp32", "bf16"):

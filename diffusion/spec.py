@@ -27,6 +27,12 @@ class SamplerSettings:
     guidance: float = 1.0  # w in eps = eps_u + w (eps_c - eps_u); 1 = conditional only, 0 = unconditional
     eta: float = 0.0       # DDIM only: 0 = deterministic, 1 = DDPM-like noise
 
+    @property
+    def model_calls(self) -> int:
+        """Model evaluations per image: one per step, two with guidance (w not 0 or 1), which
+        ``diffusion.samplers.guided_eps`` makes as one call of twice the batch."""
+        return self.steps * (1 if self.guidance in (0.0, 1.0) else 2)
+
     def validate(self, num_timesteps: int = 1000) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")

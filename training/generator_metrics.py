@@ -42,7 +42,7 @@ from .features_metrics import (class_fidelity, density_coverage, feature_stats, 
                                inception_features, load_inception, precision_recall)
 from .generate import default_checkpoint
 from .sample_cli import pick_device
-from .synthetic_cache import align_classes, synthetic_images
+from .synthetic_cache import ProgressFn, align_classes, synthetic_images
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,13 @@ def _row(feats: torch.Tensor, fidelity_pred: torch.Tensor, fidelity_labels: torc
             "class_fidelity": class_fidelity(fidelity_pred, fidelity_labels, names)}
 
 
-def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Checkpoint | None = None) -> dict:
-    """Rows ``generated`` and ``real_train`` (module docstring) plus the feature classifier's details."""
+def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Checkpoint | None = None,
+                      progress: ProgressFn | None = None) -> dict:
+    """Rows ``generated`` and ``real_train`` (module docstring) plus the feature classifier's details.
+
+    ``progress`` is called with the fraction of the generated images sampled (0..1), as in
+    :func:`training.synthetic_cache.synthetic_images` (once with 1.0 when they come from the cache).
+    """
     if s.n_per_class < 2:
         raise ValueError(f"n_per_class must be at least 2, got {s.n_per_class}")
     t0 = time.perf_counter()
@@ -145,7 +150,8 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
                                          show_bar=show_bars)
     settings = SamplerSettings(s.sampler, s.steps, s.guidance, s.eta)
     gen, gen_info = synthetic_images(checkpoint or s.checkpoint or default_checkpoint(), s.n_per_class, settings,
-                                     base_seed=s.seed, cache_dir=cache_dir, device=device, batch_size=s.batch_size)
+                                     base_seed=s.seed, cache_dir=cache_dir, device=device, batch_size=s.batch_size,
+                                     progress=progress)
     gen = align_classes(gen, names)
     ref_train = per_class(train, s.n_per_class, seed=s.seed)
     ref_test = per_class(test, s.n_per_class, seed=s.seed + 1)

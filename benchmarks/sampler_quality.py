@@ -1,0 +1,367 @@
+"""Generator quality against sampler and step count (issue 5): which sampler setting should the
+service use by default?  Answer: "the fastest setting within a few percent of the 1000-step quality".
+
+For every setting of the grid (default: DDPM ancestral at 1000 steps, the report's method; DDIM
+at 50 and 100; DPM-Solver++ at 10, 15 and 20; each unguided, guidance 1.0, and guided, default
+1.5) it measures the checkpoint's images through ``training.generator_metrics.measure_generator``
+(the same metrics as ``dreamdata metrics``), with the same image seeds for every setting, so the
+differences come from the sampler.  A row: model calls per image (steps, twice that when guided),
+sampling seconds per image, Frechet distance in the project classifier's feature space, class
+fidelity, recall, coverage, and the FD relative to the reference row of the same guidance: DDPM
+at 1000 steps when it is in the grid, else the slowest setting (most model calls) of the grid at
+that guidance, which the output says.  The ``real_train`` row is the floor: real training images,
+same count.
+
+The choice rule, per guidance value: among the settings whose FD is at most --tolerance (default
+5%) above the reference's, and whose class fidelity is at most --tolerance x 100 percentage
+points (absolute, so 5 points at the default) below the reference's, the one with the fewest
+model calls per image (ties: lower FD).  The reference itself always passes, so there is always
+an answer.  Fewest model calls, not measured seconds, is "fastest": the cost of a step is one
+model call (two with guidance) whatever the sampler, and the seconds of a busy machine are noisy.
+
+The feature classifier and every setting's images are cached (``training.synthetic_cache``,
+under --cache-dir), so a rerun, or a run after an interrupted one, samples only what is missing;
+running the grid in parts (e.g. --skip-ddpm first) costs nothing extra.  Settings run cheapest
+first; progress and log lines go to stderr, the table to stdout.
+
+The real measurement (shipped checkpoint, 100 images per class = 1,000 per setting):
+
+    python benchmarks/sampler_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --threads 2 \\
+        --n-per-class 100 --out out/sampler_quality.json
+
+Its cost on the 2-core development CPU, estimated from benchmarks/README.md (one model call on one
+image takes about 15 ms, ~19 ms per image-call when guided; DPM-Solver++ 20 steps: 0.3 s per image
+unguided, 0.75 s guided; DDPM 1000 steps: ~17 s per image unguided, ~35 s guided):
+
+    feature classifier (cnn, 10 epochs), trained once and cached         ~25 min
+    DDIM 50/100 + DPM-Solver++ 10/15/20, unguided (195 calls/image)      ~50 min
+    the same, guided at 1.5 (390 calls/image)                            ~2 h
+    DDPM 1000, unguided                                                  ~5 h
+    DDPM 1000, guided                                                    ~10 h
+    total                                                                ~18 h (--skip-ddpm: ~3.3 h)
+
+so run it in two parts: first with --skip-ddpm (about 3.3 h, a DDIM-100 reference), then the
+same command without it (adds the two DDPM rows, about 15 h; the other rows come from the cache).
+The seconds per image are those of the run that sampled the images (batch --batch-size): on a
+machine that is busy with something else they are only indicative.  A smaller grid, guided only:
+
+    python benchmarks/sampler_quality.py --data DATA --settings ddim:50,dpmpp:10,dpmpp:20 --guidances 1.5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffusion.checkpoint import WEIGHTS_FILE, file_sha256, read_config
+from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings
+from training.classifiers import CLASSIFIERS, DEFAULT_WIDTH
+from training.data import default_cache_dir
+from training.generate import default_checkpoint, plan
+from training.generator_metrics import MetricsSettings, measure_generator
+from training.synthetic_cache import cache_path
+
+log = logging.getLogger("sampler_quality")
+
+DEFAULT_GRID = "ddpm:1000,ddim:50,ddim:100,dpmpp:10,dpmpp:15,dpmpp:20"
+DEFAULT_GUIDANCES = f"1.0,{DEFAULT_SETTINGS.guidance:g}"
+REPORT_STEPS = 1000  # the report's method: DDPM ancestral sampling over all 1000 timesteps
+
+
+def model_calls(steps: int, guidance: float) -> int:
+    """Model calls per image (see ``SamplerSettings.model_calls``); the sampler does not matter."""
+    return SamplerSettings("ddim", steps, guidance).model_calls
+
+
+@dataclass
+class Row:
+    sampler: str
+    steps: int
+    guidance: float
+    frechet_distance: float
+    class_fidelity: float             # overall share classified as the requested class
+    recall: float = float("nan")
+    coverage: float = float("nan")
+    precision: float = float("nan")
+    density: float = float("nan")
+    images: int = 0
+    seconds_per_image: float | None = None
+    timing: str = ""                  # where seconds_per_image comes from
+    cache_dir: str = ""
+
+    @property
+    def calls(self) -> int:
+        return model_calls(self.steps, self.guidance)
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler}-{self.steps}"
+
+    @property
+    def is_report_method(self) -> bool:
+        return self.sampler == "ddpm" and self.steps == REPORT_STEPS
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), model_calls_per_image=self.calls)
+
+
+@dataclass
+class Choice:
+    guidance: float
+    reference: Row
+    chosen: Row
+    passing: list[Row]                # every row within tolerance of the reference (the reference included)
+
+    @property
+    def reference_is_ddpm1000(self) -> bool:
+        return self.reference.is_report_method
+
+
+def reference_row(rows: list[Row]) -> Row:
+    """DDPM-1000 if among ``rows`` (one guidance value), else the slowest: most model calls, first listed on ties."""
+    return next((r for r in rows if r.is_report_method), None) or max(rows, key=lambda r: r.calls)
+
+
+def within_tolerance(row: Row, ref: Row, tolerance: float) -> bool:
+    """FD at most ``tolerance`` (relative) above the reference's; class fidelity at most ``tolerance``
+    (absolute, as a fraction: 0.05 = 5 percentage points) below it."""
+    return (row.frechet_distance <= ref.frechet_distance * (1 + tolerance)
+            and row.class_fidelity >= ref.class_fidelity - tolerance)
+
+
+def choose(rows: list[Row], tolerance: float) -> list[Choice]:
+    """The choice rule (module docstring), once per guidance value, in the order the values first appear."""
+    choices = []
+    for g in dict.fromkeys(r.guidance for r in rows):
+        group = [r for r in rows if r.guidance == g]
+        ref = reference_row(group)
+        passing = [r for r in group if r is ref or within_tolerance(r, ref, tolerance)]
+        chosen = min(passing, key=lambda r: (r.calls, r.frechet_distance))
+        choices.append(Choice(g, ref, chosen, passing))
+    return choices
+
+
+def parse_settings(text: str) -> list[tuple[str, int]]:
+    """``"ddpm:1000,ddim:50"`` -> [("ddpm", 1000), ("ddim", 50)] (validated, duplicates dropped)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        sampler, sep, steps = item.partition(":")
+        if not sep or not steps.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"bad setting {item!r}: expected SAMPLER:STEPS, e.g. dpmpp:20")
+        setting = (sampler.strip().lower(), int(steps))
+        try:
+            SamplerSettings(*setting).validate()
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if setting not in out:
+            out.append(setting)
+    if not out:
+        raise argparse.ArgumentTypeError("no settings given")
+    return out
+
+
+def parse_guidances(text: str) -> list[float]:
+    try:
+        values = list(dict.fromkeys(float(g) for g in text.split(",") if g.strip()))
+        for g in values:
+            SamplerSettings(guidance=g).validate()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad --guidances {text!r}: {e}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("no guidance values given")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
+    p.add_argument("--data", required=True, help="CIFAR-10 data set with train and test splits (training.data)")
+    p.add_argument("--n-per-class", type=int, default=100, help="images per class per setting (default 100)")
+    p.add_argument("--settings", type=parse_settings, default=parse_settings(DEFAULT_GRID),
+                   help=f"the grid, SAMPLER:STEPS,... (default {DEFAULT_GRID}); samplers: {', '.join(SAMPLERS)}")
+    p.add_argument("--guidances", type=parse_guidances, default=parse_guidances(DEFAULT_GUIDANCES),
+                   help=f"guidance scales, each setting at each (default {DEFAULT_GUIDANCES}; 1.0 = no guidance)")
+    p.add_argument("--skip-ddpm", action="store_true", help="leave the DDPM settings out (the slow ones)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="choice rule: FD up to this much above the reference's (relative) and class fidelity up "
+                        "to this x 100 percentage points below it (absolute) (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="image i of every setting gets seed S+i (default 0)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
+    p.add_argument("--k", type=int, default=5, help="neighbours for recall and coverage (default 5)")
+    p.add_argument("--feature-classifier", choices=CLASSIFIERS, default="cnn", help="default cnn")
+    p.add_argument("--feature-width", type=int, default=None,
+                   help=f"feature classifier width (default cnn {DEFAULT_WIDTH['cnn']}, mlp {DEFAULT_WIDTH['mlp']})")
+    p.add_argument("--feature-epochs", type=int, default=10, help="feature classifier epochs (default 10)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default $DREAMDATA_CACHE or ~/.cache/dreamdata)")
+    p.add_argument("--out", default=None, help="also write every row, the floor and the choice as JSON to this file")
+    a = p.parse_args(argv)
+    if a.skip_ddpm:
+        a.settings = [s for s in a.settings if s[0] != "ddpm"]
+        if not a.settings:
+            p.error("--skip-ddpm leaves no settings")
+    if a.tolerance < 0:
+        p.error("--tolerance must be >= 0")
+    return a
+
+
+def _to_sample(folder: Path, num_classes: int, n_per_class: int, seed: int, batch_size: int) -> int | None:
+    """Images a synthetic cache entry still needs sampled; None when it is complete.  generate_to_dir skips
+    the batches whose PNGs are all on disk (an interrupted run), and samples every other batch whole."""
+    if (folder / "images.pt").exists():
+        return None
+    specs = plan([(c, n_per_class) for c in range(num_classes)], seed)
+    batches = [specs[i: i + batch_size] for i in range(0, len(specs), batch_size)]
+    return sum(len(b) for b in batches if not all((folder / s.file).exists() for s in b))
+
+
+def _timing(gen_info: dict, images: int, sampled: int | None) -> tuple[float | None, str]:
+    """Sampling seconds per image of this setting's images, and where the number comes from."""
+    if not gen_info["reused"]:
+        sampled = images if sampled is None else sampled  # None: another process was filling the entry
+        note = "this run" + (f", resumed: {images - sampled} images were on disk" if sampled != images else "")
+        return (gen_info["seconds"] / sampled if sampled else None), note
+    manifest = Path(gen_info["cache_dir"]) / "manifest.json"
+    if not manifest.exists():
+        return None, "cached, no manifest"
+    m = json.loads(manifest.read_text())
+    return m["seconds"] / len(m["images"]), "cached: the run that made them (only its own part if it was resumed)"
+
+
+def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict]:
+    """Every setting of the grid at every guidance, cheapest first; returns the rows and the last raw result."""
+    cfg = read_config(checkpoint)
+    sha, num_classes = file_sha256(checkpoint / WEIGHTS_FILE), len(cfg["class_names"])
+    cache_dir = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
+    grid = sorted(((s, k, g) for s, k in a.settings for g in a.guidances), key=lambda x: model_calls(x[1], x[2]))
+    rows, result = [], {}
+    for i, (sampler, steps, g) in enumerate(grid, 1):
+        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g), a.seed, a.n_per_class, num_classes)
+        total = a.n_per_class * num_classes
+        to_sample = _to_sample(folder, num_classes, a.n_per_class, a.seed, a.batch_size)
+        state = ("cached" if to_sample is None else f"sampling {to_sample}"
+                 + (f" ({total - to_sample} on disk)" if to_sample < total else ""))
+        log.info("[%d/%d] %s-%d guidance %g: %d model calls per image, %s", i, len(grid), sampler, steps, g,
+                 model_calls(steps, g), state)
+        s = MetricsSettings(data=a.data, checkpoint=str(checkpoint), n_per_class=a.n_per_class, sampler=sampler,
+                            steps=steps, guidance=g, seed=a.seed, batch_size=a.batch_size, k=a.k,
+                            feature_classifier=a.feature_classifier, feature_width=a.feature_width,
+                            feature_epochs=a.feature_epochs, device=a.device, cache_dir=a.cache_dir)
+        with tqdm(total=total, desc=f"{sampler}-{steps} g{g:g}", unit="img", dynamic_ncols=True, leave=False,
+                  file=sys.stderr, disable=to_sample is None) as bar:
+            def progress(fraction: float) -> None:  # in whole images (tqdm limits the redraws)
+                done = int(fraction * total)
+                if done > bar.n:
+                    bar.update(done - bar.n)
+
+            result = measure_generator(s, progress=progress)
+        gen = result["rows"]["generated"]
+        spi, timing = _timing(result["synthetic"], gen["images"], to_sample)
+        rows.append(Row(sampler, steps, g, gen["frechet_distance"], gen["class_fidelity"]["overall"], gen["recall"],
+                        gen["coverage"], gen["precision"], gen["density"], gen["images"], spi, timing,
+                        result["synthetic"]["cache_dir"]))
+        log.info("[%d/%d] %s-%d guidance %g: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps, g,
+                 gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
+    return rows, result
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: dict, checkpoint: Path,
+                 a: argparse.Namespace) -> None:
+    clf, syn = result["feature_classifier"], result["synthetic"]
+    prov = read_config(checkpoint).get("provenance", {})
+    n = rows[0].images
+    print(f"checkpoint {checkpoint} (sha256 {syn['checkpoint_sha256'][:12]}, "
+          f"{prov.get('steps', '?')} training steps); {a.n_per_class} images per class = {n} per setting, "
+          f"seeds {a.seed}..{a.seed + n - 1}, the same for every setting")
+    print(f"feature space: penultimate layer of the {clf['kind']} (width {clf['width']}, {clf['epochs']} epochs) "
+          f"trained on the real training split, test accuracy {_fmt(clf.get('test_accuracy'), '.3f')}")
+    print("FD: Frechet distance to all real test images (lower is better); fidelity: share classified as the "
+          "requested class; recall, coverage: k-NN against real test images (higher is better)")
+    head = (f"{'sampler':<8} {'steps':>5} {'guidance':>8} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
+            f"{'FD vs ref':>9} {'fidelity':>8} {'vs ref':>7} {'recall':>6} {'coverage':>8}  note")
+    print(head)
+    print(f"{'real_train':<14} {'-':>8} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} "
+          f"{floor['class_fidelity']['overall']:>8.3f} {'-':>7} {floor['recall']:>6.3f} {floor['coverage']:>8.3f}  "
+          f"floor: {floor['images']} real training images")
+    default = (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps, DEFAULT_SETTINGS.guidance)
+    for c in choices:
+        ref = c.reference
+        for r in sorted((r for r in rows if r.guidance == c.guidance), key=lambda r: -r.calls):
+            rel = r.frechet_distance / ref.frechet_distance - 1 if ref.frechet_distance > 0 else float("nan")
+            notes = (["reference"] if r is ref else []) + (["<- chosen"] if r is c.chosen else [])
+            notes += ["service default"] if (r.sampler, r.steps, r.guidance) == default else []
+            notes += ["cached timing"] if r.timing.startswith("cached") else []
+            print(f"{r.sampler:<8} {r.steps:>5} {r.guidance:>8.1f} {r.calls:>9} {_fmt(r.seconds_per_image, '.3f'):>7} "
+                  f"{r.frechet_distance:>9.3f} {rel:>+9.1%} {r.class_fidelity:>8.3f} "
+                  f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {r.recall:>6.3f} {r.coverage:>8.3f}  "
+                  f"{', '.join(notes)}".rstrip())
+    print("s/img: sampling wall time per image of the run that made the images (batch "
+          f"{a.batch_size}); 'cached timing': from the cache entry's manifest")
+    print()
+    print(f"choice rule: per guidance, the setting with the fewest model calls per image whose FD is at most "
+          f"{a.tolerance:.0%} above the reference's (relative) and whose class fidelity is at most "
+          f"{100 * a.tolerance:g} percentage points below the reference's (absolute)")
+    for c in choices:
+        ref, ch = c.reference, c.chosen
+        why = ("DDPM-1000, the report's method" if c.reference_is_ddpm1000 else
+               "NOT DDPM-1000, which is not in the grid at this guidance: the slowest setting measured")
+        if ch is ref:
+            verdict = "chosen: the reference itself, nothing faster is within tolerance"
+        else:
+            rel = ch.frechet_distance / ref.frechet_distance - 1 if ref.frechet_distance > 0 else float("nan")
+            verdict = (f"chosen {ch.name}: {ch.calls} model calls per image vs {ref.calls} "
+                       f"({ref.calls / ch.calls:.1f}x fewer), FD {rel:+.1%}, "
+                       f"fidelity {100 * (ch.class_fidelity - ref.class_fidelity):+.1f} pp")
+        print(f"guidance {c.guidance:g}: reference {ref.name} ({why}); {verdict}")
+    print(f"service default now (diffusion/spec.py DEFAULT_SETTINGS): {DEFAULT_SETTINGS.sampler}-"
+          f"{DEFAULT_SETTINGS.steps} guidance {DEFAULT_SETTINGS.guidance:g}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    checkpoint = Path(a.checkpoint) if a.checkpoint else default_checkpoint()
+    t0 = time.perf_counter()
+    rows, result = measure(a, checkpoint)
+    floor = result["rows"]["real_train"]  # the same in every call: same seed, same real images
+    choices = choose(rows, a.tolerance)
+    print_report(rows, choices, floor, result, checkpoint, a)
+    log.info("done in %.0f s", time.perf_counter() - t0)
+    report = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": result["synthetic"]["checkpoint_sha256"],
+        "settings": {k: v for k, v in vars(a).items() if k != "out"},
+        "rows": [r.to_dict() for r in rows],
+        "real_train": floor,
+        "feature_classifier": result["feature_classifier"],
+        "notes": result["notes"],
+        "rule": {"tolerance": a.tolerance, "frechet_distance": "relative: FD <= reference FD x (1 + tolerance)",
+                 "class_fidelity": "absolute: fidelity >= reference fidelity - tolerance (0.05 = 5 points)",
+                 "fastest": "fewest model calls per image, ties by lower FD"},
+        "choices": [{"guidance": c.guidance, "reference": c.reference.name,
+                     "reference_is_ddpm1000": c.reference_is_ddpm1000, "chosen": c.chosen.name,
+                     "chosen_model_calls_per_image": c.chosen.calls,
+                     "within_tolerance": [r.name for r in c.passing]} for c in choices],
+    }
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    return dict(report, rows=rows, choices=choices)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""benchmarks/sampler_quality.py: the choice rule on hand-made rows, and the script end to end on a tiny
+random checkpoint and a tiny data set (the numbers mean nothing there; the rows, caching and output do)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.checkpoint import save_checkpoint
+from diffusion.schedules import ScheduleConfig
+from diffusion.unet import UNet, UNetConfig
+from tests.fixtures import CIFAR10_CLASSES, make_images, write_tar
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_sampler_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def row(bench, name: str, guidance: float, fd: float, fidelity: float):
+    sampler, steps = name.split("-")
+    return bench.Row(sampler, int(steps), guidance, fd, fidelity)
+
+
+# ---- the choice rule -------------------------------------------------------------------------
+
+def test_fewest_calls_within_tolerance_of_ddpm1000(bench):
+    rows = [row(bench, "ddpm-1000", 1.0, 10.0, 0.50),
+            row(bench, "ddim-100", 1.0, 10.2, 0.52),
+            row(bench, "ddim-50", 1.0, 10.49, 0.46),   # FD +4.9%, fidelity -4 points: passes
+            row(bench, "dpmpp-20", 1.0, 10.3, 0.44),   # FD fine but fidelity -6 points (absolute): fails
+            row(bench, "dpmpp-10", 1.0, 10.6, 0.55)]   # FD +6%: fails
+    (c,) = bench.choose(rows, 0.05)
+    assert c.reference is rows[0] and c.reference_is_ddpm1000
+    assert c.chosen is rows[2]
+    assert [r.name for r in c.passing] == ["ddpm-1000", "ddim-100", "ddim-50"]
+    # a looser tolerance (7%: FD up to 10.7, fidelity down to 0.43) lets cheaper ones in; equal calls: lower FD
+    assert bench.choose(rows, 0.07)[0].chosen.name == "dpmpp-10"
+    rows.append(row(bench, "ddim-10", 1.0, 10.65, 0.50))
+    assert bench.choose(rows, 0.07)[0].chosen.name == "dpmpp-10"
+    rows[-1].frechet_distance = 10.55
+    assert bench.choose(rows, 0.07)[0].chosen.name == "ddim-10"
+
+
+def test_reference_is_the_slowest_setting_without_ddpm1000_per_guidance(bench):
+    rows = [row(bench, "ddpm-1000", 1.0, 10.0, 0.5), row(bench, "dpmpp-20", 1.0, 10.1, 0.5),
+            # guided: no DDPM-1000, DDIM-100 (200 calls) is the slowest; ddpm-50 (100 calls) is not the reference
+            row(bench, "ddpm-50", 1.5, 9.0, 0.6), row(bench, "ddim-100", 1.5, 8.0, 0.6),
+            row(bench, "dpmpp-15", 1.5, 8.3, 0.6), row(bench, "dpmpp-10", 1.5, 8.5, 0.6)]
+    unguided, guided = bench.choose(rows, 0.05)
+    assert (unguided.guidance, unguided.reference.name, unguided.chosen.name) == (1.0, "ddpm-1000", "dpmpp-20")
+    assert (guided.guidance, guided.reference.name, guided.chosen.name) == (1.5, "ddim-100", "dpmpp-15")
+    assert unguided.reference_is_ddpm1000 and not guided.reference_is_ddpm1000
+    assert [r.calls for r in rows] == [1000, 20, 100, 200, 30, 20]
+
+
+def test_only_the_reference_within_tolerance(bench):
+    rows = [row(bench, "dpmpp-10", 1.5, 20.0, 0.5), row(bench, "ddpm-1000", 1.5, 10.0, 0.5),
+            row(bench, "ddim-50", 1.5, 10.0, 0.40)]  # same FD, fidelity 10 points lower
+    (c,) = bench.choose(rows, 0.05)
+    assert c.chosen is c.reference is rows[1] and c.passing == [rows[1]]
+
+
+def test_settings_parsing(bench):
+    assert bench.parse_settings("ddpm:1000, DDIM:50,dpmpp:10,dpmpp:10") == [("ddpm", 1000), ("ddim", 50),
+                                                                            ("dpmpp", 10)]
+    for bad in ("dpmpp", "foo:10", "dpmpp:500", "ddim:x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_settings(bad)
+    assert bench.parse_guidances("1,1.5,1.0") == [1.0, 1.5]
+    a = bench.parse_args(["--data", "d", "--skip-ddpm"])
+    assert a.settings == [("ddim", 50), ("ddim", 100), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 20)]
+    assert a.guidances == [1.0, 1.5] and a.n_per_class == 100 and a.tolerance == 0.05
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny(tmp_path):
+    data = write_tar(tmp_path / "tiny.tar.gz", make_images(CIFAR10_CLASSES, 3),
+                     make_images(CIFAR10_CLASSES, 3, offset=3), ext=".png")
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES,
+                           {"note": "random weights, for tests"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield data, ckpt
+    torch.set_num_threads(threads)
+
+
+def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
+    data, ckpt = tiny
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings",
+            "ddpm:3,ddim:3,dpmpp:2", "--skip-ddpm", "--guidances", "1,1.5", "--k", "2", "--feature-classifier",
+            "mlp", "--feature-width", "8", "--feature-epochs", "1", "--device", "cpu", "--threads", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out.json")]
+    first = bench.main(argv)
+    out = capsys.readouterr().out
+    rows = first["rows"]
+    assert sorted((r.sampler, r.steps, r.guidance, r.calls) for r in rows) == [
+        ("ddim", 3, 1.0, 3), ("ddim", 3, 1.5, 6), ("dpmpp", 2, 1.0, 2), ("dpmpp", 2, 1.5, 4)]
+    assert [r.calls for r in rows] == sorted(r.calls for r in rows)  # cheapest first
+    for r in rows:
+        assert r.images == 20 and r.frechet_distance >= 0 and 0 <= r.class_fidelity <= 1
+        assert 0 <= r.recall <= 1 and 0 <= r.coverage <= 1
+        assert r.seconds_per_image > 0 and r.timing == "this run"
+    # the chosen rows are the rule's answer on these rows, per guidance; the reference is DDIM-3, not DDPM-1000
+    choices = first["choices"]
+    assert [(c.guidance, c.reference.name) for c in choices] == [(1.0, "ddim-3"), (1.5, "ddim-3")]
+    assert [c.chosen for c in choices] == [c.chosen for c in bench.choose(rows, 0.05)]
+    assert not any(c.reference_is_ddpm1000 for c in choices)
+
+    lines = out.splitlines()
+    assert len([line for line in lines if line.startswith("real_train ")]) == 1
+    table = [line for line in lines if line.split()[:1] in (["ddim"], ["dpmpp"])]
+    assert len(table) == 4 and sum("reference" in line for line in table) == 2
+    assert sum("<- chosen" in line for line in table) == 2
+    assert all("+0.0%" in line for line in table if "reference" in line)
+    assert "percentage points below the reference's (absolute)" in out
+    assert out.count("NOT DDPM-1000") == 2 and "service default now" in out
+
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["sampler"], r["steps"], r["guidance"], r["model_calls_per_image"]) for r in saved["rows"]] == \
+        [(r.sampler, r.steps, r.guidance, r.calls) for r in rows]
+    assert saved["real_train"]["images"] == 20 and saved["choices"][0]["reference_is_ddpm1000"] is False
+    assert saved["choices"][0]["chosen"] == choices[0].chosen.name
+
+    # a rerun takes the feature classifier and every setting's images from the cache: same numbers
+    second = bench.main(argv[:-2])
+    for a, b in zip(rows, second["rows"]):
+        assert (a.name, a.guidance) == (b.name, b.guidance)
+        assert math.isclose(a.frechet_distance, b.frechet_distance, rel_tol=1e-6, abs_tol=1e-9)
+        assert a.class_fidelity == b.class_fidelity and b.timing.startswith("cached") and b.seconds_per_image > 0
+    assert "cached timing" in capsys.readouterr().out
+
+    # an interrupted run (batches of 10: the first batch's PNGs on disk, no images.pt) samples only the rest
+    entry = Path(rows[0].cache_dir)
+    (entry / "images.pt").unlink()
+    for png in sorted((entry / "images").glob("*.png"))[10:]:
+        png.unlink()
+    third = bench.main(argv[:-2] + ["--batch-size", "10", "--settings", f"{rows[0].sampler}:{rows[0].steps}",
+                                    "--guidances", str(rows[0].guidance)])
+    (resumed,) = third["rows"]
+    assert resumed.timing == "this run, resumed: 10 images were on disk" and resumed.seconds_per_image > 0
+    assert math.isclose(resumed.frechet_distance, rows[0].frechet_distance, rel_tol=1e-6, abs_tol=1e-9)
