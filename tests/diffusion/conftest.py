@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffusion.schedules import NoiseSchedule, ScheduleConfig
 from diffusion.unet import UNet
@@ -29,14 +28,3 @@ def linear_schedule() -> NoiseSchedule:
 @pytest.fixture(scope="session")
 def mixture_eps(linear_schedule) -> GaussianMixtureEps:
     return GaussianMixtureEps(linear_schedule, **MIXTURE)
-
-
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    """These tests push tiny tensors through many small ops; on a busy 2-core machine torch's
-    intra-op thread pool costs far more than it saves (measured 10-20x slower per op).  Restored after
-    each test so that nothing leaks into other test packages."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

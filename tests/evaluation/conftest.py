@@ -68,12 +68,3 @@ def separable():
     rng = np.random.default_rng(1)
     x = np.concatenate([patterned(c, 10, rng) for c in range(10)])
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.arange(10).repeat_interleave(10)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tests are tiny, and on a shared 2-core machine more threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

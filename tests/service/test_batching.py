@@ -31,14 +31,6 @@ def schedule():
     return NoiseSchedule(ScheduleConfig("linear", 1000))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class CountingSample:
     """diffusion.samplers.sample, counting the merged calls and their sizes."""
 

@@ -25,16 +25,6 @@ def data_cache(tmp_path, monkeypatch):
     return d
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    """The test machine is small and busy: keep torch to one thread, restore afterwards."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def three_class_train():
     return make_images(THREE_CLASSES, TRAIN_PER_CLASS)

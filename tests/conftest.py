@@ -1,0 +1,17 @@
+"""Fixtures for every test package."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread per test, restored afterwards. The tests push small tensors through many small
+    ops, and on a busy 2-core machine torch's intra-op thread pool costs far more than it saves
+    (measured 10-20x slower per op). Tests that measure or need threads set their own."""
+    import torch  # here, not at module level: the torch-free checks run in their own processes anyway
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
