@@ -62,10 +62,10 @@ from tqdm import tqdm
 
 from diffusion.checkpoint import WEIGHTS_FILE, file_sha256, read_config
 from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings
-from training.classifiers import CLASSIFIERS, DEFAULT_WIDTH
 from training.data import default_cache_dir
 from training.generate import default_checkpoint, plan
 from training.generator_metrics import MetricsSettings, measure_generator
+from training.metrics_cli import add_feature_args
 from training.synthetic_cache import cache_path
 
 log = logging.getLogger("sampler_quality")
@@ -195,13 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="image i of every setting gets seed S+i (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--k", type=int, default=5, help="neighbours for recall and coverage (default 5)")
-    p.add_argument("--feature-classifier", choices=CLASSIFIERS, default="cnn", help="default cnn")
-    p.add_argument("--feature-width", type=int, default=None,
-                   help=f"feature classifier width (default cnn {DEFAULT_WIDTH['cnn']}, mlp {DEFAULT_WIDTH['mlp']})")
-    p.add_argument("--feature-epochs", type=int, default=10, help="feature classifier epochs (default 10)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--cache-dir", default=None, help="cache folder (default $DREAMDATA_CACHE or ~/.cache/dreamdata)")
+    add_feature_args(p)
     p.add_argument("--out", default=None, help="also write every row, the floor and the choice as JSON to this file")
     a = p.parse_args(argv)
     if a.skip_ddpm:

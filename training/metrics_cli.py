@@ -21,6 +21,17 @@ from .generator_metrics import MetricsSettings, measure_generator
 from .sample_cli import add_sampler_args
 
 
+def add_feature_args(p: argparse.ArgumentParser) -> None:
+    """The feature classifier and where it runs: shared by `dreamdata metrics` and benchmarks/sampler_quality.py."""
+    p.add_argument("--feature-classifier", choices=CLASSIFIERS, default="cnn", help="default cnn")
+    p.add_argument("--feature-width", type=int, default=None,
+                   help=f"feature classifier width (default cnn {DEFAULT_WIDTH['cnn']}, mlp {DEFAULT_WIDTH['mlp']})")
+    p.add_argument("--feature-epochs", type=int, default=10, help="feature classifier epochs (default 10)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default $DREAMDATA_CACHE or ~/.cache/dreamdata)")
+
+
 def add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
     p.add_argument("--data", required=True, help="data set with train and test splits")
@@ -29,15 +40,9 @@ def add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="generated image i gets seed S+i (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--k", type=int, default=5, help="neighbours for precision/recall, density/coverage (default 5)")
-    p.add_argument("--feature-classifier", choices=CLASSIFIERS, default="cnn", help="default cnn")
-    p.add_argument("--feature-width", type=int, default=None,
-                   help=f"feature classifier width (default cnn {DEFAULT_WIDTH['cnn']}, mlp {DEFAULT_WIDTH['mlp']})")
-    p.add_argument("--feature-epochs", type=int, default=10, help="feature classifier epochs (default 10)")
     p.add_argument("--inception-weights", default=None,
                    help="local torchvision inception_v3 state dict: adds an Inception-space Frechet distance")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--cache-dir", default=None, help="cache folder (default $DREAMDATA_CACHE or ~/.cache/dreamdata)")
+    add_feature_args(p)
     p.add_argument("--out", default=None, help="also write the JSON to this file")
 
 
