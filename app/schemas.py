@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, SamplerName
+from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, SamplerName, request_defaults
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 _ID = "3f2b8c9d0e1f4a5b8c7d6e5f4a3b2c1d"
@@ -15,7 +15,7 @@ _ID = "3f2b8c9d0e1f4a5b8c7d6e5f4a3b2c1d"
 class GenerateBody(BaseModel):
     """Several classes at once; every setting but ``classes`` may be left out."""
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"classes": {"cat": 50, "dog": 50}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "seed": 0}]})
+        {"classes": {"cat": 50, "dog": 50}, **request_defaults(), "seed": 0}]})
 
     classes: dict[str, int] = Field(min_length=1, description="class name (any case) or index 0-9 -> images",
                                     examples=[{"cat": 50, "dog": 50}])
@@ -80,7 +80,7 @@ class GenerationJob(JobBase):
         "id": _ID, "url": f"/jobs/{_ID}", "type": "generation", "status": "running", "progress": 0.42,
         "message": None, "queue_position": None, "cancel_requested": False, "attempts": 1, "timings": _TIMINGS,
         "error": None, "images_done": 40, "images_total": 100, "step": 4, "steps": 20,
-        "input": {"classes": {"cat": 100}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "seed": 0,
+        "input": {"classes": {"cat": 100}, **request_defaults(), "seed": 0,
                   "seed_drawn": False},
         "output": None}]})
 
@@ -96,7 +96,7 @@ class GenerationJob(JobBase):
 ClassifierName = Literal["mlp", "cnn"]  # training.classifiers.CLASSIFIERS (imports torch; a test keeps them equal)
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 _EVAL_EXAMPLE = {"classifier": "mlp", "synthetic_per_class": 500, "real_fraction": 0.1, "epochs": 10,
-                 "seeds": [0, 1, 2], "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "synthetic_seed": 0}
+                 "seeds": [0, 1, 2], **request_defaults(), "synthetic_seed": 0}
 
 
 class EvaluationBody(BaseModel):
@@ -189,7 +189,7 @@ class ModelOut(BaseModel):
     provenance: dict = Field(description="what produced the checkpoint: steps, images seen, data set ...")
     format_version: int | None
     samplers: dict[str, SamplerInfo]
-    defaults: dict = Field(examples=[{"sampler": "dpmpp", "steps": 20, "guidance": 1.5}])
+    defaults: dict = Field(examples=[{**request_defaults()}])
 
 
 class ModelList(BaseModel):

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from diffusion.spec import DEFAULT_SETTINGS
 from service import run_job, running_service, tiny_checkpoint
 from training.generate import default_checkpoint
 
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10, help="images per small job")
     p.add_argument("--sampler", default="dpmpp")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
     p.add_argument("--batch-size", type=int, default=100, help="the worker's batch size (most images merged)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each measurement (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in the worker")

@@ -16,6 +16,7 @@ import torch
 
 from diffusion.checkpoint import load_checkpoint
 from diffusion.samplers import sample
+from diffusion.spec import DEFAULT_SETTINGS
 from training.generate import default_checkpoint
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per DPM-Solver++ row (median reported)")
     p.add_argument("--slow-repeats", type=int, default=3, help="runs per DDPM and DDIM row")
     p.add_argument("--skip-ddim-guided", action="store_true", help="leave out DDIM 50 with guidance (the slowest row)")
-    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model calls")
     p.add_argument("--ddpm-probe-steps", type=int, default=50,
                    help="time this many DDPM steps and scale to 1000 (0 = run all 1000)")

@@ -49,6 +49,11 @@ class SamplerSettings:
 DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=1.5)
 
 
+def request_defaults() -> dict:
+    """The defaults as a request spells them (GET /models, the API examples)."""
+    return {"sampler": DEFAULT_SETTINGS.sampler, "steps": DEFAULT_SETTINGS.steps, "guidance": DEFAULT_SETTINGS.guidance}
+
+
 def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:
     """A class name (any case) or an index 0..K-1 -> index.  Raises ValueError listing the valid ones."""
     s = str(spec).strip()

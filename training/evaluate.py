@@ -35,6 +35,7 @@ import torch
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
+from diffusion.spec import DEFAULT_SETTINGS
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
                           default_train_settings, predict, train_classifier)
@@ -61,9 +62,9 @@ class EvaluationSettings:
     real_fraction: float = 0.1                  # f, class-balanced
     epochs: int = 10
     seeds: tuple[int, ...] = (0, 1, 2)
-    sampler: SamplerName = "dpmpp"
-    steps: int = 20
-    guidance: float = 1.5
+    sampler: SamplerName = DEFAULT_SETTINGS.sampler
+    steps: int = DEFAULT_SETTINGS.steps
+    guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
     synthetic_seed: int = 0                     # synthetic image i gets sampler seed synthetic_seed + i
     sample_batch_size: int = 100

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion.checkpoint import Checkpoint, file_sha256
 from diffusion.samplers import SamplerName, SamplerSettings
+from diffusion.spec import DEFAULT_SETTINGS
 
 from .classifiers import (DEFAULT_WIDTH, ClassifierKind, build_classifier, default_train_settings, extract_features,
                           predict, train_classifier)
@@ -107,9 +108,9 @@ class MetricsSettings:
     data: str                                   # data set path (training.data.load_dataset)
     checkpoint: str | None = None               # None: $DREAMDATA_CHECKPOINT or the shipped one
     n_per_class: int = 100                      # generated (and reference) images per class
-    sampler: SamplerName = "dpmpp"
-    steps: int = 20
-    guidance: float = 1.5
+    sampler: SamplerName = DEFAULT_SETTINGS.sampler
+    steps: int = DEFAULT_SETTINGS.steps
+    guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
     seed: int = 0                               # generated image i gets sampler seed seed + i
     batch_size: int = 100                       # images per sampling batch

@@ -14,6 +14,8 @@ from fastapi import APIRouter, Body, HTTPException, Response
 from worker.celery_app import TASK_EVALUATE
 from worker.jobs import EVALUATION, SUCCEEDED, new_job_id, new_record
 
+from diffusion.spec import request_defaults
+
 from ..catalog import model_info
 from ..deps import CeleryDep, JobDep, SettingsDep, StoreDep
 from ..job_view import evaluation_url, job_view
@@ -32,7 +34,7 @@ _BODY_EXAMPLES = {
                         "seeds": [0, 1, 2]}},
     "full": {"summary": "every setting", "value": {
         "classifier": "cnn", "synthetic_per_class": 1000, "real_fraction": 0.2, "epochs": 20, "seeds": [0, 1, 2, 3, 4],
-        "sampler": "dpmpp", "steps": 20, "guidance": 1.5, "synthetic_seed": 0}},
+        **request_defaults(), "synthetic_seed": 0}},
     "defaults": {"summary": "every setting at its default (cnn, k=500, f=0.1, 10 epochs, seeds 0-2)", "value": {}},
 }
 

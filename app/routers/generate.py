@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response
 
-from diffusion.spec import SamplerName
+from diffusion.spec import DEFAULT_SETTINGS, SamplerName, request_defaults
 from worker.celery_app import TASK_GENERATE
 from worker.jobs import new_job_id, new_record
 
@@ -20,8 +20,7 @@ router = APIRouter(tags=["generate"])
 
 _BODY_EXAMPLES = {
     "two classes": {"summary": "50 cats and 50 dogs, fixed seed",
-                    "value": {"classes": {"cat": 50, "dog": 50}, "sampler": "dpmpp", "steps": 20, "guidance": 1.5,
-                              "seed": 0}},
+                    "value": {"classes": {"cat": 50, "dog": 50}, **request_defaults(), "seed": 0}},
     "by index": {"summary": "classes by index, other settings default", "value": {"classes": {"0": 10, "9": 10}}},
 }
 
@@ -38,12 +37,13 @@ def generate(
                                         openapi_examples={"cat": {"value": "cat"}, "index": {"value": "3"}})] = None,
     n: Annotated[int | None, Query(description="images per class (default 10)",
                                    openapi_examples={"hundred": {"value": 100}})] = None,
-    sampler: Annotated[SamplerName | None, Query(description="ddpm, ddim or dpmpp (default dpmpp)",
-                                                 openapi_examples={"dpmpp": {"value": "dpmpp"}})] = None,
-    steps: Annotated[int | None, Query(description="ddpm/ddim 1-1000, dpmpp 1-100 (default 20)",
-                                       openapi_examples={"twenty": {"value": 20}})] = None,
-    guidance: Annotated[float | None, Query(description="guidance scale 0-20 (default 1.5)",
-                                            openapi_examples={"default": {"value": 1.5}})] = None,
+    sampler: Annotated[SamplerName | None, Query(
+        description=f"ddpm, ddim or dpmpp (default {DEFAULT_SETTINGS.sampler})",
+        openapi_examples={"default": {"value": DEFAULT_SETTINGS.sampler}})] = None,
+    steps: Annotated[int | None, Query(description=f"ddpm/ddim 1-1000, dpmpp 1-100 (default {DEFAULT_SETTINGS.steps})",
+                                       openapi_examples={"default": {"value": DEFAULT_SETTINGS.steps}})] = None,
+    guidance: Annotated[float | None, Query(description=f"guidance scale 0-20 (default {DEFAULT_SETTINGS.guidance:g})",
+                                            openapi_examples={"default": {"value": DEFAULT_SETTINGS.guidance}})] = None,
     seed: Annotated[int | None, Query(description="base seed 0..2^31-1; image i gets seed + i (default: drawn)",
                                       openapi_examples={"zero": {"value": 0}})] = None,
     body: Annotated[GenerateBody | None, Body(openapi_examples=_BODY_EXAMPLES)] = None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from diffusion.spec import DEFAULT_SETTINGS, STEP_RANGES
+from diffusion.spec import STEP_RANGES, request_defaults
 
 from ..catalog import model_info
 from ..deps import SettingsDep
@@ -26,8 +26,7 @@ def models(settings: SettingsDep) -> ModelList:
     cfg = info.config
     samplers = {s: SamplerInfo(min_steps=lo, max_steps=min(hi, info.num_timesteps))
                 for s, (lo, hi) in STEP_RANGES.items()}
-    defaults = {"sampler": DEFAULT_SETTINGS.sampler, "steps": DEFAULT_SETTINGS.steps,
-                "guidance": DEFAULT_SETTINGS.guidance}
+    defaults = request_defaults()
     return ModelList(models=[ModelOut(
         name=info.path.name, sha256=info.sha256, class_names=list(info.class_names), unet=cfg.get("unet", {}),
         schedule=cfg.get("schedule", {}), provenance=cfg.get("provenance", {}),
