@@ -11,6 +11,11 @@ update is row-wise, so an image is the same whichever batch it lands in (tested)
 The callers' progress callbacks run on the engine thread after each step. One that raises
 (a canceled job) or a caller that stops waiting (a soft time limit) drops out: its caller gets
 the exception, the batch goes on for the others, and stops early only when nobody is left.
+
+With ``pad=True`` (the worker does this when the model is compiled) every merged batch is padded
+to a power of two, capped at ``max_batch``, by repeating its last image's label and seed; the
+extra rows are dropped. A compiled model (or a CUDA graph) then sees at most
+ceil(log2(max_batch)) + 1 batch shapes, each compiled once, instead of one per job size.
 """
 from __future__ import annotations
 
@@ -67,6 +72,15 @@ class BatchStats:
     requests: int = 0
     images: int = 0
     largest: int = 0
+    padded: int = 0   # rows added by padding (computed, then dropped)
+
+
+def padded_size(n: int, max_batch: int) -> int:
+    """The batch size ``n`` images are padded to: the next power of two, capped at ``max_batch``
+    (never below ``n``: a single request larger than ``max_batch`` runs unpadded)."""
+    if n >= max_batch:
+        return n
+    return min(1 << (n - 1).bit_length(), max_batch)
 
 
 class BatchingSampler:
@@ -75,12 +89,14 @@ class BatchingSampler:
     ``max_batch``: most images in one merged call (a single larger request still runs, alone).
     ``window``: seconds the engine waits after the first request of a batch for others to join;
     requests that arrive while a batch runs join the next one, so under load no time is lost.
+    ``pad``: pad each model batch to :func:`padded_size` (few distinct shapes, for a compiled model).
     """
 
-    def __init__(self, *, max_batch: int = 100, window: float = 0.02, sample_fn: Callable = sample):
+    def __init__(self, *, max_batch: int = 100, window: float = 0.02, sample_fn: Callable = sample,
+                 pad: bool = False):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.max_batch, self.window, self.sample_fn = max_batch, window, sample_fn
+        self.max_batch, self.window, self.sample_fn, self.pad = max_batch, window, sample_fn, pad
         self.stats = BatchStats()
         self._queue: deque[_Request] = deque()
         self._cv = threading.Condition()
@@ -161,6 +177,11 @@ class BatchingSampler:
         self.stats.largest = max(self.stats.largest, len(seeds))
         if len(batch) > 1:
             log.info("batching %d requests, %d images", len(batch), len(seeds))
+        extra = padded_size(len(seeds), self.max_batch) - len(seeds) if self.pad else 0
+        if extra:
+            labels = torch.cat([labels, labels[-1:].expand(extra)])
+            seeds = seeds + [seeds[-1]] * extra
+            self.stats.padded += extra
         try:
             x = self.sample_fn(first.model, first.schedule, labels, seeds, progress=progress, **first.options)
         except _Abandoned:

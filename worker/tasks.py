@@ -64,9 +64,8 @@ def evaluate(self: Task, job_id: str, request: dict) -> dict:
 def _warm_up(**_: object) -> None:
     """Load the model in every new pool process, before its first job."""
     try:
-        from .generation import model_for
+        from .generation import worker_model
 
-        settings = get_settings()
-        model_for(settings.checkpoint, settings.torch_threads)
+        worker_model(get_settings())
     except Exception:  # the job will fail with the same, clearer error; keep the worker up
         log.exception("could not load the checkpoint at start-up")

@@ -10,7 +10,7 @@ import torch
 from diffusion.samplers import sample
 from diffusion.schedules import NoiseSchedule, ScheduleConfig
 from diffusion.unet import UNet, UNetConfig
-from worker.batching import BatchingSampler
+from worker.batching import BatchingSampler, padded_size
 
 TINY = UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                   dropout=0.0, num_classes=3)
@@ -167,3 +167,23 @@ def test_requests_arriving_during_a_batch_join_the_next_one(model, schedule):
 def test_mismatched_labels_and_seeds_are_rejected(model, schedule):
     with pytest.raises(ValueError, match="2 labels but 3 seeds"):
         BatchingSampler()(model, schedule, torch.tensor([0, 1]), [1, 2, 3], **KW)
+
+
+@pytest.mark.parametrize("n,max_batch,expected", [
+    (1, 100, 1), (2, 100, 2), (3, 100, 4), (5, 100, 8), (64, 100, 64), (65, 100, 100), (100, 100, 100),
+    (150, 100, 150), (7, 6, 7), (5, 6, 6)])
+def test_padded_size_is_the_next_power_of_two_capped_at_max_batch(n, max_batch, expected):
+    assert padded_size(n, max_batch) == expected
+
+
+def test_padding_gives_the_model_few_shapes_and_callers_only_their_rows(model, schedule):
+    counting = CountingSample()
+    batcher = BatchingSampler(max_batch=12, window=0.0, sample_fn=counting, pad=True)
+    for per_job in (1, 3, 5, 6, 7, 12):
+        lb, sd = requests(1, per_job)[0]
+        x = batcher(model, schedule, lb, sd, **KW)
+        assert x.shape[0] == per_job
+        if per_job in (3, 5):  # padded with copies of the last image: its own rows are unchanged
+            torch.testing.assert_close(x, sample(model, schedule, lb, sd, **KW), atol=ATOL, rtol=0)
+    assert counting.sizes == [1, 4, 8, 8, 8, 12]
+    assert batcher.stats.padded == (4 - 3) + (8 - 5) + (8 - 6) + (8 - 7)

@@ -83,3 +83,26 @@ def test_public_host_needs_an_api_key(monkeypatch, tmp_path, tiny_checkpoint, ca
 def test_missing_checkpoint_is_a_clear_error(monkeypatch, tmp_path, capsys):
     e = _cli(monkeypatch, "worker", "--data-dir", str(tmp_path), "--checkpoint", str(tmp_path / "none"))
     assert e.code == 2 and "no checkpoint at" in capsys.readouterr().err
+
+
+def test_worker_options_reach_the_settings_through_the_environment(tmp_path, monkeypatch):
+    import argparse
+
+    from worker.serve import _apply, add_worker_args
+    from worker.settings import get_settings
+
+    for var in ("DREAMDATA_POOL", "DREAMDATA_CONCURRENCY", "DREAMDATA_COMPILE", "DREAMDATA_DATA_DIR"):
+        monkeypatch.setenv(var, "")  # recorded, so monkeypatch also undoes what _apply writes
+        monkeypatch.delenv(var)
+    p = argparse.ArgumentParser()
+    add_worker_args(p)
+    try:
+        s = _apply(p.parse_args(["--pool", "threads", "--concurrency", "4", "--compile", "reduce-overhead",
+                                 "--data-dir", str(tmp_path / "d")]))
+        assert (s.pool, s.concurrency, s.compile, s.batching) == ("threads", 4, "reduce-overhead", True)
+        assert os.environ["DREAMDATA_COMPILE"] == "reduce-overhead"  # what a child worker process inherits
+        assert s.data_dir == (tmp_path / "d").resolve() and s.data_dir.is_dir()
+        with pytest.raises(SystemExit):
+            p.parse_args(["--compile", "fast"])
+    finally:
+        get_settings.cache_clear()
