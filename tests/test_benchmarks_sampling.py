@@ -42,7 +42,8 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 
 def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys):
-    rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--threads", "1"])
+    rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--threads", "1",
+                       "--guidance", "1.5"])
     out = capsys.readouterr().out
 
     expected = {("ours", p, layout, "1.5") for p in ("fp32", "bf16") for layout in ("NCHW", "channels_last")}
