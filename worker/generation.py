@@ -42,6 +42,9 @@ def _load(path: str, compile_mode: str = "off") -> Checkpoint:
     log.info("loaded %s on %s in %.1f s (sha256 %s)", path, device, time.perf_counter() - t0, ckpt.sha256[:12])
     if compile_mode != "off":
         # Compiles lazily, on the first call of each batch shape; job_sampler pads batches to few shapes.
+        # Guided and unguided calls differ in batch (2n vs n), so allow twice the padded sizes before
+        # dynamo's recompile limit (8 by default) would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         ckpt = replace(ckpt, model=torch.compile(ckpt.model, mode=compile_mode, dynamic=False))
         log.info("model wrapped in torch.compile(mode=%s); each new batch shape compiles on first use", compile_mode)
     return ckpt

@@ -37,6 +37,7 @@ def test_a_compiled_worker_model_pads_batches_and_gives_the_eager_images(tiny_ch
     assert compiled.model is not eager.model and compiled.sha256 == eager.sha256
     assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule) and modes == [("default", False)]
     assert compiled.config == eager.config  # the wrapper still answers for the UNet's config
+    assert torch._dynamo.config.recompile_limit >= 2 * 8  # guided + unguided padded shapes stay compiled
 
     batcher = job_sampler(compiled_settings)
     assert batcher.pad
