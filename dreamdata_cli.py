@@ -1,7 +1,7 @@
 """The ``dreamdata`` command.
 
     dreamdata train   --config cifar10-cpu --data ../shared/data/cifar10-jpeg.tar.gz --out runs/cpu [--resume]
-    dreamdata sample  [--checkpoint DIR] --class cat --n 100 --sampler dpmpp --steps 20 --guidance 1.5 --seed 0 --out OUT
+    dreamdata sample  [--checkpoint DIR] --class cat --n 100 --sampler dpmpp --steps 20 --guidance 4 --seed 0 --out OUT
     dreamdata serve   [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR]
     dreamdata worker | dreamdata api
 

@@ -46,7 +46,7 @@ class SamplerSettings:
 
 
 # What ``dreamdata sample`` and the service use when a request leaves a setting out.
-DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=1.5)
+DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=4.0)
 
 
 def request_defaults() -> dict:

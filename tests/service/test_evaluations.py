@@ -12,6 +12,7 @@ from typing import get_args
 import pytest
 
 from app.schemas import ClassifierName
+from diffusion.spec import DEFAULT_SETTINGS
 from worker.celery_app import TASK_EVALUATE, celery_for
 from worker.evaluation import run_evaluation_job
 from worker.jobs import JobStore, connect, new_job_id, new_record
@@ -74,7 +75,7 @@ def test_queued_evaluation_is_a_job_like_any_other(idle):
     job = r.json()
     assert r.headers["location"] == f"/evaluations/{job['id']}" == job["url"]
     assert (job["type"], job["status"], job["output"], job["report"]) == ("evaluation", "queued", None, None)
-    assert job["input"] == dict(QUICK, guidance=1.5, synthetic_seed=0) and job["queue_position"] >= 1
+    assert job["input"] == dict(QUICK, guidance=DEFAULT_SETTINGS.guidance, synthetic_seed=0) and job["queue_position"] >= 1
     assert idle.get(f"/jobs/{job['id']}").json()["input"] == job["input"]
     gen = idle.post("/generate?class=cat&n=1").json()
     listed = {j["id"]: j["type"] for j in idle.get("/jobs?limit=5").json()["jobs"]}
