@@ -127,7 +127,8 @@ def summarize(class_names: Sequence[str], per_seed: dict[str, list[dict]]) -> di
                      "per_class_accuracy": dict(zip(class_names, per_class)),
                      "confusion_matrix": cm.tolist(),
                      "confusion_matrix_per_seed": [torch.as_tensor(r["confusion"]).tolist() for r in runs],
-                     "train_images": runs[0]["train_images"], "train_seconds": [r["seconds"] for r in runs]}
+                     "train_images": runs[0]["train_images"], "train_steps": runs[0].get("steps"),
+                     "train_seconds": [r["seconds"] for r in runs]}
     return arms
 
 
@@ -187,7 +188,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         pred = predict(model, test.images, device)
         per_seed[arm].append({"accuracy": (pred == test.labels).double().mean().item(),
                               "confusion": confusion_matrix(test.labels, pred, len(names)),
-                              "train_images": len(y), "seconds": info["seconds"]})
+                              "train_images": len(y), "steps": info["steps"], "seconds": info["seconds"]})
         done_cost += size
         log.info("%s seed %d: test accuracy %.4f", arm, seed, per_seed[arm][-1]["accuracy"])
 
@@ -215,6 +216,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
             "delta": "real+synthetic minus real, paired by seed; ci95 = mean +- t(0.975, n-1) * sd / sqrt(n); "
                      "null with one seed",
             "synthetic": "one synthetic set shared by all seeds: the interval does not cover the draw of synthetic images",
+            "train_steps": "optimizer steps per run: every arm trains the same epochs, so a larger arm also takes "
+                           "more steps (drop-last batches); compare arms at equal steps with a longer real-only run",
         },
         "seconds": round(time.perf_counter() - t_start, 2),
     }

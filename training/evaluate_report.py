@@ -107,9 +107,10 @@ def markdown(report: dict) -> str:
         f"- seeds: {', '.join(map(str, s['seeds']))}; tested on the real test split "
         f"({report['data']['test_images']} images)", "",
         "## Test accuracy (%)", "",
-        "| arm | train images | mean | std | per seed |", "|---|---:|---:|---:|---|"]
+        "| arm | train images | optimizer steps | mean | std | per seed |", "|---|---:|---:|---:|---:|---|"]
     for arm, a in arms.items():
-        lines.append(f"| {arm} | {a['train_images']} | {_pct(a['accuracy_mean'])} | {_pct(a['accuracy_std'])} | "
+        lines.append(f"| {arm} | {a['train_images']} | {a.get('train_steps', 'n/a')} | {_pct(a['accuracy_mean'])} | "
+                     f"{_pct(a['accuracy_std'])} | "
                      + ", ".join(_pct(v) for v in a["accuracies"]) + " |")
     lines += ["", "## Effect of the synthetic images", ""]
     if d["ci95"] is None:

@@ -88,6 +88,10 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
         assert len(a["confusion_matrix_per_seed"]) == 2
     train_images = {arm: a["train_images"] for arm, a in on_disk["arms"].items()}
     assert train_images == {"real": 40, "real+synthetic": 60, "synthetic": 20}
+    # batch 8, 2 epochs, last partial batch dropped: the bigger arm also takes more steps (reported)
+    assert {arm: a["train_steps"] for arm, a in on_disk["arms"].items()} == {
+        "real": 40 // 8 * 2, "real+synthetic": 60 // 8 * 2, "synthetic": 20 // 8 * 2}
+    assert "| real+synthetic | 60 | 14 |" in (tmp_path / "run1" / "report.md").read_text()
     d = on_disk["delta"]
     diffs = [b - a for a, b in zip(on_disk["arms"]["real"]["accuracies"], on_disk["arms"]["real+synthetic"]["accuracies"])]
     assert d["per_seed"] == pytest.approx(diffs) and len(d["ci95"]) == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
