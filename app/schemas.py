@@ -109,7 +109,10 @@ class EvaluationBody(BaseModel):
     classifier: ClassifierName = Field("cnn", description="mlp (fast) or cnn (ResNet-9)")
     synthetic_per_class: int = Field(500, ge=1, le=5000, description="k: synthetic images added per class")
     real_fraction: float = Field(0.1, gt=0, le=1, description="f: class-balanced share of the real training set")
-    epochs: int = Field(10, ge=1, le=200, description="passes over each arm's training set")
+    epochs: int = Field(10, ge=1, le=200, description="passes over the real arm's training set")
+    budget: Literal["steps", "epochs"] = Field(
+        "steps", description="what every arm shares: steps (the real arm's optimizer steps: equal compute) or "
+                             "epochs (each arm makes `epochs` passes over its own set, so bigger arms train longer)")
     seeds: list[Seed] = Field([0, 1, 2], min_length=1, max_length=10,
                               description="distinct seeds, one run of every arm each (3+ for a confidence interval)")
     sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description="ddpm, ddim or dpmpp")

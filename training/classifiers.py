@@ -136,6 +136,7 @@ def count_parameters(model: nn.Module) -> int:
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int = 10
+    steps: int | None = None     # optimizer steps; None: epochs x full batches per epoch (else epochs is ignored)
     batch_size: int = 512
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.4              # peak of the one-cycle schedule (linear up, linear down to 0)
@@ -210,7 +211,9 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     n = len(x_all)
     bs = min(settings.batch_size, n)
     per_epoch = n // bs  # drop the last partial batch (reshuffled each epoch, so nothing is lost for long)
-    total = per_epoch * settings.epochs
+    total = settings.steps if settings.steps is not None else per_epoch * settings.epochs
+    if total < 1:
+        raise ValueError(f"steps must be at least 1, got {total}")
     if settings.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
                               weight_decay=settings.weight_decay)
@@ -224,9 +227,10 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(seed)  # dropout
-        for epoch in range(settings.epochs):
+        epoch = 0
+        while step < total:  # whole epochs, the last one cut short when a step budget ends mid-epoch
             perm = torch.randperm(n, generator=g).to(device)
-            for b in range(per_epoch):
+            for b in range(min(per_epoch, total - step)):
                 idx = perm[b * bs:(b + 1) * bs]
                 x = augment(to_model_range(x_all[idx]), g, settings.crop, settings.flip)
                 for group in opt.param_groups:
@@ -244,9 +248,11 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss_ema:.3f}")
                     if progress:
                         progress(step / total)
+            epoch += 1
     bar.close()
     model.eval()
-    return {"steps": total, "final_loss": loss_ema, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"steps": total, "epochs": round(total / per_epoch, 2), "final_loss": loss_ema,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
-from .evaluate import EvaluationSettings, run_evaluation
+from .evaluate import BUDGETS, EvaluationSettings, run_evaluation
 from .sample_cli import add_sampler_args
 
 
@@ -43,7 +43,11 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-per-class", type=int, default=500, help="k synthetic images per class (default 500)")
     p.add_argument("--real-fraction", type=float, default=0.1,
                    help="class-balanced share of the real training set, 0 < f <= 1 (default 0.1)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per arm (default 10)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="epochs of the real arm; see --budget for the other arms (default 10)")
+    p.add_argument("--budget", choices=BUDGETS, default="steps",
+                   help="what every arm shares: steps (default; the real arm's optimizer steps, equal compute) or "
+                        "epochs (each arm makes --epochs passes over its own set, so bigger arms train longer)")
     p.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
     add_sampler_args(p)
     p.add_argument("--synthetic-seed", type=int, default=0, help="synthetic image i gets seed S+i (default 0)")
@@ -62,6 +66,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     settings = EvaluationSettings(
         data=args.data, checkpoint=args.checkpoint, classifier=args.classifier, width=args.width,
         synthetic_per_class=args.synthetic_per_class, real_fraction=args.real_fraction, epochs=args.epochs,
+        budget=args.budget,
         seeds=args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
         synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
         train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir)

@@ -98,7 +98,9 @@ def markdown(report: dict) -> str:
     s, arms, d, c = report["settings"], report["arms"], report["delta"], report["classifier"]
     lines = [
         "# Augmentation experiment", "",
-        f"- classifier: {c['kind']} (width {c['width']}, {c['parameters']:,} parameters), {s['epochs']} epochs per arm",
+        f"- classifier: {c['kind']} (width {c['width']}, {c['parameters']:,} parameters), " + (
+            f"{c['train_settings']['steps']} optimizer steps per arm (= {s['epochs']} epochs of the real arm)"
+            if s.get("budget", "epochs") == "steps" else f"{s['epochs']} epochs per arm"),
         f"- real data: {s['real_fraction']:g} of the training set, class-balanced "
         f"({report['data']['real_train_images_per_seed']} images; {s['data']})",
         f"- synthetic data: {s['synthetic_per_class']} images per class from checkpoint "

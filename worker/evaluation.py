@@ -24,8 +24,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 # The request keys the worker takes from the API (EvaluationBody); everything else is the server's.
-REQUEST_KEYS = ("classifier", "synthetic_per_class", "real_fraction", "epochs", "seeds", "sampler", "steps",
-                "guidance", "synthetic_seed")
+REQUEST_KEYS = ("classifier", "synthetic_per_class", "real_fraction", "epochs", "budget", "seeds", "sampler",
+                "steps", "guidance", "synthetic_seed")
 
 
 def evaluation_settings(request: dict, settings: Settings) -> EvaluationSettings:

@@ -33,7 +33,8 @@ _BODY_EXAMPLES = {
               "value": {"classifier": "mlp", "synthetic_per_class": 500, "real_fraction": 0.1, "epochs": 10,
                         "seeds": [0, 1, 2]}},
     "full": {"summary": "every setting", "value": {
-        "classifier": "cnn", "synthetic_per_class": 1000, "real_fraction": 0.2, "epochs": 20, "seeds": [0, 1, 2, 3, 4],
+        "classifier": "cnn", "synthetic_per_class": 1000, "real_fraction": 0.2, "epochs": 20, "budget": "steps",
+        "seeds": [0, 1, 2, 3, 4],
         **request_defaults(), "synthetic_seed": 0}},
     "defaults": {"summary": "every setting at its default (cnn, k=500, f=0.1, 10 epochs, seeds 0-2)", "value": {}},
 }

@@ -67,3 +67,15 @@ def test_random_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
 def test_confusion_matrix_counts_rows_true_columns_predicted():
     cm = confusion_matrix(torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 1, 1, 2, 0]), 3)
     assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+
+
+def test_a_step_budget_overrides_epochs_and_may_end_mid_epoch(separable):
+    x, y = separable  # 100 images: 4 full batches of 25 per epoch
+    seen = []
+    info = train_classifier(build_classifier("mlp", 10, 16), x, y, default_train_settings("mlp", 99, batch_size=25,
+                                                                                          steps=10),
+                            progress=seen.append, show_bar=False)
+    assert (info["steps"], info["epochs"]) == (10, 2.5) and seen[-1] == 1.0
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        train_classifier(build_classifier("mlp", 10, 16), x, y, default_train_settings("mlp", 1, steps=0),
+                         show_bar=False)

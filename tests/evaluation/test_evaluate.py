@@ -88,10 +88,10 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
         assert len(a["confusion_matrix_per_seed"]) == 2
     train_images = {arm: a["train_images"] for arm, a in on_disk["arms"].items()}
     assert train_images == {"real": 40, "real+synthetic": 60, "synthetic": 20}
-    # batch 8, 2 epochs, last partial batch dropped: the bigger arm also takes more steps (reported)
+    # budget "steps" (the default): every arm takes the real arm's 40 // 8 batches x 2 epochs
     assert {arm: a["train_steps"] for arm, a in on_disk["arms"].items()} == {
-        "real": 40 // 8 * 2, "real+synthetic": 60 // 8 * 2, "synthetic": 20 // 8 * 2}
-    assert "| real+synthetic | 60 | 14 |" in (tmp_path / "run1" / "report.md").read_text()
+        "real": 10, "real+synthetic": 10, "synthetic": 10}
+    assert "| real+synthetic | 60 | 10 |" in (tmp_path / "run1" / "report.md").read_text()
     d = on_disk["delta"]
     diffs = [b - a for a, b in zip(on_disk["arms"]["real"]["accuracies"], on_disk["arms"]["real+synthetic"]["accuracies"])]
     assert d["per_seed"] == pytest.approx(diffs) and len(d["ci95"]) == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
@@ -106,7 +106,7 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
     # second run, through the CLI, with another classifier and one seed: same synthetic settings -> cache hit
     dreamdata_cli.main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data_tar),
                         "--classifier", "cnn", "--width", "4", "--synthetic-per-class", "2", "--real-fraction", "0.5",
-                        "--epochs", "1", "--seeds", "3", "--steps", "2", "--guidance", "1.5",
+                        "--epochs", "1", "--budget", "epochs", "--seeds", "3", "--steps", "2", "--guidance", "1.5",
                         "--train-batch-size", "8", "--device", "cpu", "--cache-dir", str(cache_dir),
                         "--out", str(tmp_path / "run2")])
     assert len(calls) == 1  # nothing was sampled again
@@ -116,4 +116,8 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
     assert second["synthetic"]["reused"] is True
     assert second["synthetic"]["cache_dir"] == on_disk["synthetic"]["cache_dir"]
     assert second["arms"]["real"]["accuracy_std"] is None and second["delta"]["ci95"] is None
+    # budget "epochs": one pass over each arm's own set, last partial batch of 8 dropped
+    assert {arm: a["train_steps"] for arm, a in second["arms"].items()} == {
+        "real": 40 // 8, "real+synthetic": 60 // 8, "synthetic": 20 // 8}
+    assert "1 epochs per arm" in (tmp_path / "run2" / "report.md").read_text()
     assert "undefined" in (tmp_path / "run2" / "report.md").read_text()
