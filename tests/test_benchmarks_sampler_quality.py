@@ -14,6 +14,7 @@ import torch
 
 from diffusion.checkpoint import save_checkpoint
 from diffusion.schedules import ScheduleConfig
+from diffusion.spec import DEFAULT_SETTINGS
 from diffusion.unet import UNet, UNetConfig
 from tests.fixtures import CIFAR10_CLASSES, make_images, write_tar
 
@@ -84,7 +85,7 @@ def test_settings_parsing(bench):
     assert bench.parse_guidances("1,1.5,1.0") == [1.0, 1.5]
     a = bench.parse_args(["--data", "d", "--skip-ddpm"])
     assert a.settings == [("ddim", 50), ("ddim", 100), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 20)]
-    assert a.guidances == [1.0, 1.5] and a.n_per_class == 100 and a.tolerance == 0.05
+    assert a.guidances == [1.0, DEFAULT_SETTINGS.guidance] and a.n_per_class == 100 and a.tolerance == 0.05
 
 
 # ---- end to end ------------------------------------------------------------------------------
