@@ -94,6 +94,7 @@ class GenerationJob(JobBase):
 
 
 ClassifierName = Literal["mlp", "cnn"]  # training.classifiers.CLASSIFIERS (imports torch; a test keeps them equal)
+BudgetName = Literal["steps", "epochs"]  # training.evaluate.BUDGETS (likewise)
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 _EVAL_EXAMPLE = {"classifier": "mlp", "synthetic_per_class": 500, "real_fraction": 0.1, "epochs": 10,
                  "seeds": [0, 1, 2], **request_defaults(), "synthetic_seed": 0}
@@ -110,7 +111,7 @@ class EvaluationBody(BaseModel):
     synthetic_per_class: int = Field(500, ge=1, le=5000, description="k: synthetic images added per class")
     real_fraction: float = Field(0.1, gt=0, le=1, description="f: class-balanced share of the real training set")
     epochs: int = Field(10, ge=1, le=200, description="passes over the real arm's training set")
-    budget: Literal["steps", "epochs"] = Field(
+    budget: BudgetName = Field(
         "steps", description="what every arm shares: steps (the real arm's optimizer steps: equal compute) or "
                              "epochs (each arm makes `epochs` passes over its own set, so bigger arms train longer)")
     seeds: list[Seed] = Field([0, 1, 2], min_length=1, max_length=10,

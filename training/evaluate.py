@@ -36,7 +36,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic")
 Budget = Literal["steps", "epochs"]
-BUDGETS: tuple[str, ...] = ("steps", "epochs")
+BUDGETS: tuple[str, ...] = get_args(Budget)
 ProgressFn = Callable[[float, str], None]  # (fraction done 0..1, message); may raise to cancel the run
 
 

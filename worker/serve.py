@@ -27,10 +27,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 from .celery_app import SOFT_SHUTDOWN_S, celery_for
 from .redis_server import RedisServer, die_with_parent
-from .settings import Settings, get_settings
+from .settings import CompileMode, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _add_pool(p: argparse.ArgumentParser) -> None:
                         "shared model batches")
     p.add_argument("--concurrency", type=int, default=None,
                    help="jobs the worker runs at once (default: $DREAMDATA_CONCURRENCY or 1)")
-    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default=None,
+    p.add_argument("--compile", choices=get_args(CompileMode), default=None,
                    help="torch.compile the model in this mode (default: $DREAMDATA_COMPILE or off); batches are "
                         "padded to power-of-two sizes so that few shapes compile")
 

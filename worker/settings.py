@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from diffusion.spec import SHIPPED_CHECKPOINT
 
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]  # "off" or a torch.compile mode
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMDATA_", frozen=True, validate_by_name=True,
@@ -40,7 +42,7 @@ class Settings(BaseSettings):
                                                   "own model; threads: threads sharing one model and its batches)")
     batch_window: float = Field(0.02, ge=0.0, description="seconds a batch waits for other jobs' images to join "
                                                           "(threads pool with concurrency > 1 only)")
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+    compile: CompileMode = Field(
         "off", description="torch.compile the UNet in this mode (reduce-overhead adds CUDA graphs on a GPU); "
                            "model batches are then padded to power-of-two sizes up to batch_size, so each shape "
                            "compiles once (at most ceil(log2(batch_size))+1 shapes; the first use of each waits "

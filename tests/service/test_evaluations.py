@@ -11,7 +11,7 @@ from typing import get_args
 
 import pytest
 
-from app.schemas import ClassifierName
+from app.schemas import BudgetName, ClassifierName
 from diffusion.spec import DEFAULT_SETTINGS
 from worker.celery_app import TASK_EVALUATE, celery_for
 from worker.evaluation import run_evaluation_job
@@ -75,7 +75,8 @@ def test_queued_evaluation_is_a_job_like_any_other(idle):
     job = r.json()
     assert r.headers["location"] == f"/evaluations/{job['id']}" == job["url"]
     assert (job["type"], job["status"], job["output"], job["report"]) == ("evaluation", "queued", None, None)
-    assert job["input"] == dict(QUICK, guidance=DEFAULT_SETTINGS.guidance, synthetic_seed=0, budget="steps") and job["queue_position"] >= 1
+    assert job["input"] == dict(QUICK, guidance=DEFAULT_SETTINGS.guidance, synthetic_seed=0, budget="steps")
+    assert job["queue_position"] >= 1
     assert idle.get(f"/jobs/{job['id']}").json()["input"] == job["input"]
     gen = idle.post("/generate?class=cat&n=1").json()
     listed = {j["id"]: j["type"] for j in idle.get("/jobs?limit=5").json()["jobs"]}
@@ -169,8 +170,10 @@ def test_stage_progress_throttles_and_cancels():
 def test_classifiers_and_time_limits_agree_with_the_worker(settings):
     import worker.tasks  # noqa: F401  (registers the tasks)
     from training.classifiers import CLASSIFIERS
+    from training.evaluate import BUDGETS
 
     assert set(get_args(ClassifierName)) == set(CLASSIFIERS)
+    assert set(get_args(BudgetName)) == set(BUDGETS)
     task = celery_for(settings).tasks[TASK_EVALUATE]
     assert (task.soft_time_limit, task.time_limit) == (settings.eval_time_limit, settings.eval_hard_time_limit)
     assert settings.effective_visibility_timeout > settings.eval_hard_time_limit
