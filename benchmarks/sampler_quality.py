@@ -2,15 +2,17 @@
 service use by default?  Answer: "the fastest setting within a few percent of the 1000-step quality".
 
 For every setting of the grid (default: DDPM ancestral at 1000 steps, the report's method; DDIM
-at 50 and 100; DPM-Solver++ at 10, 15 and 20; each unguided, guidance 1.0, and guided, default
-1.5) it measures the checkpoint's images through ``training.generator_metrics.measure_generator``
-(the same metrics as ``dreamdata metrics``), with the same image seeds for every setting, so the
+at 50 and 100; DPM-Solver++ at 10, 15 and 20; each unguided, guidance 1.0, and guided at the
+service default, ``DEFAULT_SETTINGS.guidance``) it measures the checkpoint's images through
+``training.generator_metrics.measure_generator`` (the same metrics as ``dreamdata metrics``), with
+the same image seeds for every setting, so the
 differences come from the sampler.  A row: model calls per image (steps, twice that when guided),
 sampling seconds per image, Frechet distance in the project classifier's feature space, class
 fidelity, recall, coverage, and the FD relative to the reference row of the same guidance: DDPM
 at 1000 steps when it is in the grid, else the slowest setting (most model calls) of the grid at
-that guidance, which the output says.  The ``real_train`` row is the floor: real training images,
-same count.
+that guidance, which the output says.  Beside each difference from the reference: a 95% interval from
+a paired bootstrap over the images (--bootstrap resamples), so that a difference the sample size
+cannot resolve reads as one.  The ``real_train`` row is the floor: real training images, same count.
 
 The choice rule, per guidance value: among the settings whose FD is at most --tolerance (default
 5%) above the reference's, and whose class fidelity is at most --tolerance x 100 percentage
@@ -35,7 +37,7 @@ unguided, 0.75 s guided; DDPM 1000 steps: ~17 s per image unguided, ~35 s guided
 
     feature classifier (cnn, 10 epochs), trained once and cached         ~25 min
     DDIM 50/100 + DPM-Solver++ 10/15/20, unguided (195 calls/image)      ~50 min
-    the same, guided at 1.5 (390 calls/image)                            ~2 h
+    the same, guided (390 calls/image)                                   ~2 h
     DDPM 1000, unguided                                                  ~5 h
     DDPM 1000, guided                                                    ~10 h
     total                                                                ~18 h (--skip-ddpm: ~3.3 h)
@@ -45,7 +47,7 @@ same command without it (adds the two DDPM rows, about 15 h; the other rows come
 The seconds per image are those of the run that sampled the images (batch --batch-size): on a
 machine that is busy with something else they are only indicative.  A smaller grid, guided only:
 
-    python benchmarks/sampler_quality.py --data DATA --settings ddim:50,dpmpp:10,dpmpp:20 --guidances 1.5
+    python benchmarks/sampler_quality.py --data DATA --settings ddim:50,dpmpp:10,dpmpp:20 --guidances 4
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ from diffusion.checkpoint import WEIGHTS_FILE, file_sha256, read_config
 from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings
 from training.data import default_cache_dir
 from training.generate import default_checkpoint, plan
+from training.features_metrics import paired_bootstrap
 from training.generator_metrics import MetricsSettings, measure_generator
 from training.metrics_cli import add_feature_args
 from training.synthetic_cache import cache_path
@@ -95,6 +98,7 @@ class Row:
     seconds_per_image: float | None = None
     timing: str = ""                  # where seconds_per_image comes from
     cache_dir: str = ""
+    vs_reference: dict | None = None  # paired bootstrap intervals of this row minus the reference (compare)
 
     @property
     def calls(self) -> int:
@@ -118,6 +122,7 @@ class Choice:
     reference: Row
     chosen: Row
     passing: list[Row]                # every row within tolerance of the reference (the reference included)
+    rows: list[Row]                   # every row at this guidance
 
     @property
     def reference_is_ddpm1000(self) -> bool:
@@ -144,8 +149,22 @@ def choose(rows: list[Row], tolerance: float) -> list[Choice]:
         ref = reference_row(group)
         passing = [r for r in group if r is ref or within_tolerance(r, ref, tolerance)]
         chosen = min(passing, key=lambda r: (r.calls, r.frechet_distance))
-        choices.append(Choice(g, ref, chosen, passing))
+        choices.append(Choice(g, ref, chosen, passing, group))
     return choices
+
+
+def compare(choices: list[Choice], per_image: dict, n_boot: int, seed: int = 0) -> None:
+    """Sets ``vs_reference`` on every non-reference row: 95% intervals of its FD (absolute and relative)
+    and class fidelity minus the reference's, by a paired bootstrap over the images (image i has the
+    same seed and class in every setting).  ``per_image``: (sampler, steps, guidance) -> measure_generator's
+    ``per_image``."""
+    for c in choices:
+        ref = per_image[c.reference.sampler, c.reference.steps, c.reference.guidance]
+        for r in c.rows:
+            if r is not c.reference:
+                mine = per_image[r.sampler, r.steps, r.guidance]
+                r.vs_reference = paired_bootstrap(mine["features"], mine["correct"], ref["features"],
+                                                  ref["correct"], ref["test_stats"], n_boot=n_boot, seed=seed)
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -195,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="image i of every setting gets seed S+i (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--k", type=int, default=5, help="neighbours for recall and coverage (default 5)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples for the paired 95%% intervals against the reference (default 1000; 0: none)")
     add_feature_args(p)
     p.add_argument("--out", default=None, help="also write every row, the floor and the choice as JSON to this file")
     a = p.parse_args(argv)
@@ -204,6 +225,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--skip-ddpm leaves no settings")
     if a.tolerance < 0:
         p.error("--tolerance must be >= 0")
+    if a.bootstrap < 0:
+        p.error("--bootstrap must be >= 0")
     return a
 
 
@@ -230,13 +253,14 @@ def _timing(gen_info: dict, images: int, sampled: int | None) -> tuple[float | N
     return m["seconds"] / len(m["images"]), "cached: the run that made them (only its own part if it was resumed)"
 
 
-def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict]:
-    """Every setting of the grid at every guidance, cheapest first; returns the rows and the last raw result."""
+def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, dict]:
+    """Every setting of the grid at every guidance, cheapest first; returns the rows, the last raw result and
+    every setting's per-image features and fidelity ((sampler, steps, guidance) -> per_image, for compare)."""
     cfg = read_config(checkpoint)
     sha, num_classes = file_sha256(checkpoint / WEIGHTS_FILE), len(cfg["class_names"])
     cache_dir = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
     grid = sorted(((s, k, g) for s, k in a.settings for g in a.guidances), key=lambda x: model_calls(x[1], x[2]))
-    rows, result = [], {}
+    rows, result, per_image = [], {}, {}
     for i, (sampler, steps, g) in enumerate(grid, 1):
         folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g), a.seed, a.n_per_class, num_classes)
         total = a.n_per_class * num_classes
@@ -256,7 +280,8 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict]:
                 if done > bar.n:
                     bar.update(done - bar.n)
 
-            result = measure_generator(s, progress=progress)
+            result = measure_generator(s, progress=progress, keep_features=True)
+        per_image[sampler, steps, g] = result.pop("per_image")
         gen = result["rows"]["generated"]
         spi, timing = _timing(result["synthetic"], gen["images"], to_sample)
         rows.append(Row(sampler, steps, g, gen["frechet_distance"], gen["class_fidelity"]["overall"], gen["recall"],
@@ -264,7 +289,7 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict]:
                         result["synthetic"]["cache_dir"]))
         log.info("[%d/%d] %s-%d guidance %g: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps, g,
                  gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
-    return rows, result
+    return rows, result, per_image
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -284,11 +309,12 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
     print("FD: Frechet distance to all real test images (lower is better); fidelity: share classified as the "
           "requested class; recall, coverage: k-NN against real test images (higher is better)")
     head = (f"{'sampler':<8} {'steps':>5} {'guidance':>8} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
-            f"{'FD vs ref':>9} {'fidelity':>8} {'vs ref':>7} {'recall':>6} {'coverage':>8}  note")
+            f"{'FD vs ref':>9} {'95% interval':>16} {'fidelity':>8} {'vs ref':>7} {'95% interval':>14} "
+            f"{'recall':>6} {'coverage':>8}  note")
     print(head)
-    print(f"{'real_train':<14} {'-':>8} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} "
-          f"{floor['class_fidelity']['overall']:>8.3f} {'-':>7} {floor['recall']:>6.3f} {floor['coverage']:>8.3f}  "
-          f"floor: {floor['images']} real training images")
+    print(f"{'real_train':<14} {'-':>8} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} {'':>16} "
+          f"{floor['class_fidelity']['overall']:>8.3f} {'-':>7} {'':>14} {floor['recall']:>6.3f} "
+          f"{floor['coverage']:>8.3f}  floor: {floor['images']} real training images")
     default = (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps, DEFAULT_SETTINGS.guidance)
     for c in choices:
         ref = c.reference
@@ -297,12 +323,19 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
             notes = (["reference"] if r is ref else []) + (["<- chosen"] if r is c.chosen else [])
             notes += ["service default"] if (r.sampler, r.steps, r.guidance) == default else []
             notes += ["cached timing"] if r.timing.startswith("cached") else []
+            v = r.vs_reference
+            fd_ci = f"[{v['frechet_distance_relative'][1]:+.1%}, {v['frechet_distance_relative'][2]:+.1%}]" if v else ""
+            fid_ci = (f"[{100 * v['class_fidelity'][1]:+.1f}, {100 * v['class_fidelity'][2]:+.1f}]pp" if v else "")
             print(f"{r.sampler:<8} {r.steps:>5} {r.guidance:>8.1f} {r.calls:>9} {_fmt(r.seconds_per_image, '.3f'):>7} "
-                  f"{r.frechet_distance:>9.3f} {rel:>+9.1%} {r.class_fidelity:>8.3f} "
-                  f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {r.recall:>6.3f} {r.coverage:>8.3f}  "
-                  f"{', '.join(notes)}".rstrip())
+                  f"{r.frechet_distance:>9.3f} {rel:>+9.1%} {fd_ci:>16} {r.class_fidelity:>8.3f} "
+                  f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {fid_ci:>14} {r.recall:>6.3f} "
+                  f"{r.coverage:>8.3f}  {', '.join(notes)}".rstrip())
     print("s/img: sampling wall time per image of the run that made the images (batch "
           f"{a.batch_size}); 'cached timing': from the cache entry's manifest")
+    if any(r.vs_reference for r in rows):
+        print(f"95% interval: of the row minus its reference, paired bootstrap over the {n} images "
+              f"({a.bootstrap} resamples; image i has the same seed and class in every row). An interval that "
+              "holds 0 means this many images cannot tell the two settings apart")
     print()
     print(f"choice rule: per guidance, the setting with the fewest model calls per image whose FD is at most "
           f"{a.tolerance:.0%} above the reference's (relative) and whose class fidelity is at most "
@@ -330,9 +363,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(a.threads)
     checkpoint = Path(a.checkpoint) if a.checkpoint else default_checkpoint()
     t0 = time.perf_counter()
-    rows, result = measure(a, checkpoint)
+    rows, result, per_image = measure(a, checkpoint)
     floor = result["rows"]["real_train"]  # the same in every call: same seed, same real images
     choices = choose(rows, a.tolerance)
+    if a.bootstrap:
+        compare(choices, per_image, a.bootstrap, a.seed)
     print_report(rows, choices, floor, result, checkpoint, a)
     log.info("done in %.0f s", time.perf_counter() - t0)
     report = {

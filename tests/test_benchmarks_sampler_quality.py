@@ -86,6 +86,10 @@ def test_settings_parsing(bench):
     a = bench.parse_args(["--data", "d", "--skip-ddpm"])
     assert a.settings == [("ddim", 50), ("ddim", 100), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 20)]
     assert a.guidances == [1.0, DEFAULT_SETTINGS.guidance] and a.n_per_class == 100 and a.tolerance == 0.05
+    assert a.bootstrap == 1000
+    for bad in (["--tolerance", "-0.1"], ["--bootstrap", "-1"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--data", "d", *bad])
 
 
 # ---- end to end ------------------------------------------------------------------------------
@@ -125,6 +129,17 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     assert [(c.guidance, c.reference.name) for c in choices] == [(1.0, "ddim-3"), (1.5, "ddim-3")]
     assert [c.chosen for c in choices] == [c.chosen for c in bench.choose(rows, 0.05)]
     assert not any(c.reference_is_ddpm1000 for c in choices)
+    # paired intervals against the reference: none on the reference, estimate inside its interval elsewhere
+    for c in choices:
+        for r in c.rows:
+            if r is c.reference:
+                assert r.vs_reference is None
+                continue
+            est, lo, hi = r.vs_reference["class_fidelity"]
+            assert lo <= est <= hi and est == pytest.approx(r.class_fidelity - c.reference.class_fidelity)
+            est, lo, hi = r.vs_reference["frechet_distance_relative"]
+            assert lo <= est <= hi
+            assert est == pytest.approx(r.frechet_distance / c.reference.frechet_distance - 1, rel=1e-6)
 
     lines = out.splitlines()
     assert len([line for line in lines if line.startswith("real_train ")]) == 1
@@ -133,6 +148,7 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     assert sum("<- chosen" in line for line in table) == 2
     assert all("+0.0%" in line for line in table if "reference" in line)
     assert "percentage points below the reference's (absolute)" in out
+    assert "paired bootstrap over the 20 images" in out and sum("]pp" in line for line in table) == 2
     assert out.count("NOT DDPM-1000") == 2 and "service default now" in out
 
     saved = json.loads((tmp_path / "out.json").read_text())
@@ -140,6 +156,7 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
         [(r.sampler, r.steps, r.guidance, r.calls) for r in rows]
     assert saved["real_train"]["images"] == 20 and saved["choices"][0]["reference_is_ddpm1000"] is False
     assert saved["choices"][0]["chosen"] == choices[0].chosen.name
+    assert sum(r["vs_reference"] is not None for r in saved["rows"]) == 2
 
     # a rerun takes the feature classifier and every setting's images from the cache: same numbers
     second = bench.main(argv[:-2])

@@ -132,8 +132,12 @@ def _row(feats: torch.Tensor, fidelity_pred: torch.Tensor, fidelity_labels: torc
 
 
 def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Checkpoint | None = None,
-                      progress: ProgressFn | None = None) -> dict:
+                      progress: ProgressFn | None = None, keep_features: bool = False) -> dict:
     """Rows ``generated`` and ``real_train`` (module docstring) plus the feature classifier's details.
+
+    ``keep_features`` adds ``per_image`` (tensors, not JSON): the generated images' ``features`` [N, D],
+    ``correct`` [N] (classified as requested) and the real test images' ``test_stats`` (mu, Sigma), for
+    paired comparisons of two settings (:func:`training.features_metrics.paired_bootstrap`).
 
     ``progress`` is called with the fraction of the generated images sampled (0..1), as in
     :func:`training.synthetic_cache.synthetic_images` (once with 1.0 when they come from the cache).
@@ -196,7 +200,7 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
     if s.inception_weights:
         notes["frechet_distance_inception"] = ("torchvision Inception v3 pool3 (2048-d, 299x299 bilinear), "
                                                "not the TF-FID graph: close to, not equal to, published FIDs")
-    return {
+    out = {
         "rows": rows,
         "feature_classifier": clf_info,
         "synthetic": dict(gen_info, images=len(gen)),
@@ -204,3 +208,6 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
         "notes": notes,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if keep_features:
+        out["per_image"] = {"features": gen_feats, "correct": gen_pred == gen.labels, "test_stats": test_stats}
+    return out

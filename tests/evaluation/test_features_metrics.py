@@ -4,7 +4,7 @@ import torch
 
 from training.features_metrics import (class_fidelity, density_coverage, feature_stats, frechet_distance,
                                        frechet_distance_from_stats, inception_features, knn_radii, load_inception,
-                                       precision_recall)
+                                       paired_bootstrap, precision_recall)
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():
@@ -106,3 +106,40 @@ def test_inception_loads_a_user_state_dict_and_gives_pool3_features(tmp_path):
         load_inception(bad)
     with pytest.raises(FileNotFoundError):
         load_inception(tmp_path / "missing.pth")
+
+
+def test_paired_bootstrap_of_a_set_against_itself_is_exactly_zero():
+    g = torch.Generator().manual_seed(0)
+    f, ref = torch.randn(60, 4, generator=g), torch.randn(300, 4, generator=g)
+    correct = torch.rand(60, generator=g) < 0.5
+    out = paired_bootstrap(f, correct, f, correct, feature_stats(ref), n_boot=50)
+    assert out["frechet_distance"] == pytest.approx([0, 0, 0], abs=1e-9)
+    assert out["class_fidelity"] == [0, 0, 0] and out["images"] == 60 and out["n_boot"] == 50
+
+
+def test_paired_bootstrap_intervals_hold_the_estimates_and_see_a_real_difference():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    a = b + torch.tensor([1.5, 0.0, 0.0], dtype=torch.float64)  # the same images, shifted: a is worse
+    ca, cb = torch.ones(200, dtype=torch.bool), torch.arange(200) % 4 == 0  # fidelity 1.0 vs 0.25
+    out = paired_bootstrap(a, ca, b, cb, feature_stats(ref), n_boot=200)
+    est, lo, hi = out["frechet_distance"]
+    assert est == pytest.approx(frechet_distance(ref, a) - frechet_distance(ref, b), rel=1e-6)
+    assert 0 < lo <= est <= hi
+    rel = out["frechet_distance_relative"]
+    assert rel[0] == pytest.approx(frechet_distance(ref, a) / frechet_distance(ref, b) - 1, rel=1e-6)
+    assert rel[1] > 0
+    fid = out["class_fidelity"]
+    assert fid[0] == pytest.approx(0.75) and 0.6 < fid[1] <= 0.75 <= fid[2] < 0.9
+    # the same seed gives the same intervals
+    assert paired_bootstrap(a, ca, b, cb, feature_stats(ref), n_boot=200) == out
+
+
+def test_paired_bootstrap_validates_its_inputs():
+    f, c = torch.randn(5, 2), torch.ones(5, dtype=torch.bool)
+    stats = feature_stats(torch.randn(20, 2))
+    with pytest.raises(ValueError, match="same size"):
+        paired_bootstrap(f, c, f[:4], c[:4], stats)
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_bootstrap(f, c, f, c, stats, n_boot=0)
