@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, SamplerName, request_defaults
+from diffusion.spec import DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, SamplerName, request_defaults
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 _ID = "3f2b8c9d0e1f4a5b8c7d6e5f4a3b2c1d"
@@ -19,7 +19,7 @@ class GenerateBody(BaseModel):
 
     classes: dict[str, int] = Field(min_length=1, description="class name (any case) or index 0-9 -> images",
                                     examples=[{"cat": 50, "dog": 50}])
-    sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description="ddpm, ddim or dpmpp")
+    sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description=SAMPLER_LIST)
     steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
     guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                             description="classifier-free guidance scale w (1 = none)")
@@ -116,7 +116,7 @@ class EvaluationBody(BaseModel):
                              "epochs (each arm makes `epochs` passes over its own set, so bigger arms train longer)")
     seeds: list[Seed] = Field([0, 1, 2], min_length=1, max_length=10,
                               description="distinct seeds, one run of every arm each (3+ for a confidence interval)")
-    sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description="ddpm, ddim or dpmpp")
+    sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description=SAMPLER_LIST)
     steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
     guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                             description="classifier-free guidance scale w (1 = none)")

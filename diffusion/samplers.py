@@ -88,7 +88,7 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
         device = labels.device
     labels = labels.to(device)
     noise = _Noise(seeds, image_shape, device)
-    step_fn = {"ddpm": _ddpm, "ddim": _ddim, "dpmpp": _dpmpp_2m}[sampler]
+    step_fn = {"ddpm": _ddpm, "ddim": _ddim, "dpmpp": _dpmpp_2m, "dpmpp_sde": _dpmpp_2m_sde}[sampler]
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
         return guided_eps(model, x, t, labels, guidance, null_class, autocast)
@@ -159,13 +159,18 @@ def _ddim(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress):
     return x
 
 
-def _dpmpp_2m(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress):
+def _dpmpp_2m(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress, sde: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, with a first-order final step to sigma=0.
 
     alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), h = lambda_next - lambda_t
     x_next = (sigma_next / sigma_t) x - alpha_next (e^{-h} - 1) D,
     D = x0_t (first order) or (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h (second order).
     The first step, the step into index 0 and the final step to sigma=0 are first order.
+
+    ``sde=True``: SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5; diffusers' "sde-dpmsolver++", midpoint),
+    the same D, with fresh noise z at every step but the last:
+    x_next = (sigma_next / sigma_t) e^{-h} x - alpha_next (e^{-2h} - 1) D + sigma_next sqrt(1 - e^{-2h}) z.
+    The noise corrects part of the model's error at every step, as ancestral sampling does.
     """
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
@@ -187,7 +192,17 @@ def _dpmpp_2m(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress):
             else:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma_n / sigma) * x - alpha_n * math.expm1(-h) * d
+            if sde:
+                z = noise.next()
+                x = ((sigma_n / sigma) * math.exp(-h) * x - alpha_n * math.expm1(-2 * h) * d
+                     + sigma_n * math.sqrt(-math.expm1(-2 * h)) * z)
+            else:
+                x = (sigma_n / sigma) * x - alpha_n * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
         _report(progress, i + 1, len(ts))
     return x
+
+
+def _dpmpp_2m_sde(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress):
+    """SDE-DPM-Solver++(2M): see :func:`_dpmpp_2m` (``sde=True``)."""
+    return _dpmpp_2m(eps_fn, schedule, x, ts, noise, eta=eta, clip_x0=clip_x0, progress=progress, sde=True)

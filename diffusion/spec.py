@@ -8,12 +8,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
+# ddpm: ancestral (Ho et al.); ddim: DDIM (Song et al.; eta > 0 adds noise); dpmpp: DPM-Solver++(2M),
+# deterministic; dpmpp_sde: its stochastic variant, SDE-DPM-Solver++(2M) (Lu et al. 2022).
+SamplerName = Literal["ddpm", "ddim", "dpmpp", "dpmpp_sde"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+SAMPLER_LIST = ", ".join(SAMPLERS[:-1]) + " or " + SAMPLERS[-1]  # for help texts: "ddpm, ddim, dpmpp or dpmpp_sde"
 # Allowed step counts per sampler (inclusive); the service validates against these.
-STEP_RANGES: dict[str, tuple[int, int]] = {"ddpm": (1, 1000), "ddim": (1, 1000), "dpmpp": (1, 100)}
+STEP_RANGES: dict[str, tuple[int, int]] = {"ddpm": (1, 1000), "ddim": (1, 1000), "dpmpp": (1, 100),
+                                           "dpmpp_sde": (1, 100)}
 GUIDANCE_RANGE: tuple[float, float] = (0.0, 20.0)  # classifier-free guidance scale w
 # The checkpoint that ships in the repo (the default of `dreamdata sample`, the worker and the API).
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response
 
-from diffusion.spec import DEFAULT_SETTINGS, SamplerName, request_defaults
+from diffusion.spec import DEFAULT_SETTINGS, SAMPLER_LIST, SamplerName, request_defaults
 from worker.celery_app import TASK_GENERATE
 from worker.jobs import new_job_id, new_record
 
@@ -38,7 +38,7 @@ def generate(
     n: Annotated[int | None, Query(description="images per class (default 10)",
                                    openapi_examples={"hundred": {"value": 100}})] = None,
     sampler: Annotated[SamplerName | None, Query(
-        description=f"ddpm, ddim or dpmpp (default {DEFAULT_SETTINGS.sampler})",
+        description=f"{SAMPLER_LIST} (default {DEFAULT_SETTINGS.sampler})",
         openapi_examples={"default": {"value": DEFAULT_SETTINGS.sampler}})] = None,
     steps: Annotated[int | None, Query(description=f"ddpm/ddim 1-1000, dpmpp 1-100 (default {DEFAULT_SETTINGS.steps})",
                                        openapi_examples={"default": {"value": DEFAULT_SETTINGS.steps}})] = None,

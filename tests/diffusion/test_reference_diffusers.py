@@ -207,6 +207,43 @@ def test_dpmpp_2m_matches_diffusers(fake_eps, schedule, steps):
     assert_close(x, out, f"free-running DPM-Solver++(2M), {steps} steps")
 
 
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_dpmpp_sde_matches_diffusers(fake_eps, schedule, steps):
+    """SDE-DPM-Solver++(2M): diffusers' "sde-dpmsolver++" (midpoint), fed our per-step normals."""
+    out, calls = run_ours(fake_eps, schedule, "dpmpp_sde", steps)
+    ts = timesteps_for(T, steps)
+    x_T, noises = our_noise(steps)
+    torch.testing.assert_close(calls[0][0], x_T)
+
+    def scheduler():
+        sc = diffusers.DPMSolverMultistepScheduler(
+            num_train_timesteps=T, trained_betas=schedule.betas.numpy(), algorithm_type="sde-dpmsolver++",
+            solver_order=2, solver_type="midpoint", prediction_type="epsilon", thresholding=False,
+            final_sigmas_type="zero", lower_order_final=True, euler_at_final=False, use_karras_sigmas=False)
+        sc.set_timesteps(timesteps=ts)
+        return sc
+
+    sc = scheduler()  # teacher-forced
+    for i, (x, t) in enumerate(calls):
+        if i == steps - 2:
+            sc.lower_order_nums = 0
+        ref = sc.step(model_eps(fake_eps, x, t), sc.timesteps[i], x, variance_noise=noises[i]).prev_sample
+        if i + 1 < steps:
+            torch.testing.assert_close(ref, calls[i + 1][0], atol=ATOL, rtol=0, msg=lambda m: f"step {t}: {m}")
+        else:
+            assert_close(ref, out, f"last step {t} -> x0")
+    sc = scheduler()  # free-running
+    x = x_T
+    for i, t in enumerate(sc.timesteps):
+        if i == steps - 2:
+            sc.lower_order_nums = 0
+        x = sc.step(model_eps(fake_eps, x, t), t, x, variance_noise=noises[i]).prev_sample
+    assert_close(x, out, f"free-running SDE-DPM-Solver++(2M), {steps} steps")
+    # the noise matters: the deterministic solver ends elsewhere
+    assert (sample(fake_eps, schedule, LABELS, SEEDS, sampler="dpmpp", steps=steps, image_shape=SHAPE,
+                   null_class=None, clip_x0=False) - out).abs().max() > 1e-2
+
+
 # ----------------------------------------------------------------------------------------------- DDPM
 
 @pytest.mark.parametrize("steps", [1000, 100, 9])

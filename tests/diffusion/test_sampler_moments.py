@@ -9,7 +9,7 @@ reproduce the data's mean and covariance up to Monte Carlo error plus its own di
 Sample size: 8,000 pixel draws per case.  The ddpm runs draw one normal per image per step through a
 Python-level generator per image (~5 us each), so ddpm uses fewer, larger images (e.g. 250 images of
 4x8 pixels): the pixels are independent draws because the noise is i.i.d. per element and the model
-acts per pixel.  ddim/dpmpp use 4,000 images (one per seed) of 1x2 pixels.
+acts per pixel.  ddim/dpmpp/dpmpp_sde use 4,000 images (one per seed) of 1x2 pixels.
 
 Tolerances are absolute, on the max over entries.  Monte Carlo standard errors at n = 8000: mean
 <= sqrt(.16/n) = .0045, covariance entries <= ~.0025 (fixed seeds: the tests are deterministic; the
@@ -48,6 +48,8 @@ CASES = [
     # t=0 (grid ...105, 53, 0; logSNR jump 2.9, r = .23); that step is first order now (bias ~.019).
     # NB moments cannot pin DPM-Solver++'s second-order arithmetic: test_reference_diffusers.py does.
     ("dpmpp", 20, 4000, (2, 1, 2), 0.02, 0.04),
+    ("dpmpp_sde", 20, 4000, (2, 1, 2), 0.02, 0.04),  # .019-.020
+    ("dpmpp_sde", 50, 4000, (2, 1, 2), 0.02, 0.02),  # .005
 ]
 
 

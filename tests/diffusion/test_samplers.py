@@ -154,7 +154,7 @@ def test_defaults_come_from_the_unet():
 # ---------------------------------------------------------------------------------- batch independence
 
 CASES = [("ddpm", 10, 1.0, 0.0), ("ddim", 10, 1.0, 0.0), ("ddim", 10, 1.0, 1.0), ("dpmpp", 8, 1.0, 0.0),
-         ("dpmpp", 8, 2.5, 0.0)]
+         ("dpmpp", 8, 2.5, 0.0), ("dpmpp_sde", 8, 2.5, 0.0)]
 
 
 @pytest.fixture(scope="module")
