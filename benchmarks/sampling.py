@@ -196,8 +196,9 @@ def diffusers_scheduler(schedule: NoiseSchedule, sampler: str):
 
     common = dict(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.numpy(),
                   prediction_type="epsilon")
-    if sampler == "dpmpp":
-        return diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+    if sampler in ("dpmpp", "dpmpp_sde"):
+        algorithm = "sde-dpmsolver++" if sampler == "dpmpp_sde" else "dpmsolver++"
+        return diffusers.DPMSolverMultistepScheduler(**common, algorithm_type=algorithm, solver_order=2,
                                                      final_sigmas_type="zero", lower_order_final=True)
     if sampler == "ddim":
         return diffusers.DDIMScheduler(**common, set_alpha_to_one=True)

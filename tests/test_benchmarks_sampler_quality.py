@@ -138,7 +138,7 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
             est, lo, hi = r.vs_reference["class_fidelity"]
             assert lo <= est <= hi and est == pytest.approx(r.class_fidelity - c.reference.class_fidelity)
             est, lo, hi = r.vs_reference["frechet_distance_relative"]
-            assert lo <= est <= hi
+            assert lo <= hi  # a percentile interval of a biased statistic need not hold the estimate
             assert est == pytest.approx(r.frechet_distance / c.reference.frechet_distance - 1, rel=1e-6)
 
     lines = out.splitlines()

@@ -80,3 +80,18 @@ def test_unguided_settings_need_no_extra_row(bench, tiny_checkpoint, capsys):
     assert all(r.guidance == "1.0" and r.calls == r.steps for r in rows)
     assert len([r for r in rows if r.name == "ours"]) == 4 * 2  # no separate unguided row
     assert "the same unguided" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not installed")
+def test_diffusers_scheduler_takes_the_same_kind_of_step_for_every_sampler(bench):
+    from diffusion.samplers import SAMPLERS
+    from diffusion.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule(ScheduleConfig("linear", 1000))
+    expected = {"ddpm": ("DDPMScheduler", None), "ddim": ("DDIMScheduler", None),
+                "dpmpp": ("DPMSolverMultistepScheduler", "dpmsolver++"),
+                "dpmpp_sde": ("DPMSolverMultistepScheduler", "sde-dpmsolver++")}
+    assert set(expected) == set(SAMPLERS)
+    for sampler, (cls, algorithm) in expected.items():
+        sc = bench.diffusers_scheduler(schedule, sampler)
+        assert type(sc).__name__ == cls and getattr(sc.config, "algorithm_type", None) == algorithm, sampler
