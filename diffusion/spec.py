@@ -50,7 +50,7 @@ class SamplerSettings:
 
 
 # What ``dreamdata sample`` and the service use when a request leaves a setting out.
-DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp", steps=20, guidance=4.0)
+DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp_sde", steps=20, guidance=4.0)
 
 
 def request_defaults() -> dict:

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import dreamdata_cli
+from diffusion.spec import DEFAULT_SETTINGS
 import training.synthetic_cache as synthetic_cache
 from training.data import LabelledImages
 from training.evaluate import ARMS, EvaluationSettings, run_evaluation
@@ -66,8 +67,8 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
 
     monkeypatch.setattr(synthetic_cache, "generate_to_dir", counting_generate)
     settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
-                                  synthetic_per_class=2, real_fraction=0.5, epochs=2, seeds=(0, 1), sampler="dpmpp",
-                                  steps=2, guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
+                                  synthetic_per_class=2, real_fraction=0.5, epochs=2, seeds=(0, 1),
+                                  sampler=DEFAULT_SETTINGS.sampler, steps=2, guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
     seen = []
     report = run_evaluation(settings, tmp_path / "run1", progress=lambda f, m: seen.append((f, m)), show_bars=False)
     assert len(calls) == 1
@@ -103,7 +104,8 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
     md = (tmp_path / "run1" / "report.md").read_text()
     assert "95% CI" in md and "real+synthetic" in md and "accuracy.png" in md
 
-    # second run, through the CLI, with another classifier and one seed: same synthetic settings -> cache hit
+    # second run, through the CLI (its default sampler), with another classifier and one seed: same synthetic
+    # settings -> cache hit
     dreamdata_cli.main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data_tar),
                         "--classifier", "cnn", "--width", "4", "--synthetic-per-class", "2", "--real-fraction", "0.5",
                         "--epochs", "1", "--budget", "epochs", "--seeds", "3", "--steps", "2", "--guidance", "1.5",
