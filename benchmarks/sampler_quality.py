@@ -335,7 +335,8 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
     if any(r.vs_reference for r in rows):
         print(f"95% interval: of the row minus its reference, paired bootstrap over the {n} images "
               f"({a.bootstrap} resamples; image i has the same seed and class in every row). An interval that "
-              "holds 0 means this many images cannot tell the two settings apart")
+              "holds 0 means this many images cannot tell the two settings apart. FD intervals are percentiles "
+              "over resampled sets, whose repeated images bias FD: they show the spread and may sit off the estimate")
     print()
     print(f"choice rule: per guidance, the setting with the fewest model calls per image whose FD is at most "
           f"{a.tolerance:.0%} above the reference's (relative) and whose class fidelity is at most "
