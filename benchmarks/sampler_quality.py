@@ -2,7 +2,8 @@
 service use by default?  Answer: "the fastest setting within a few percent of the 1000-step quality".
 
 For every setting of the grid (default: DDPM ancestral at 1000 steps, the report's method; DDIM
-at 50 and 100; DPM-Solver++ at 10, 15 and 20; each unguided, guidance 1.0, and guided at the
+at 50 and 100; DPM-Solver++ at 10, 15 and 20, deterministic (dpmpp) and stochastic (dpmpp_sde, the
+service default); each unguided, guidance 1.0, and guided at the
 service default, ``DEFAULT_SETTINGS.guidance``) it measures the checkpoint's images through
 ``training.generator_metrics.measure_generator`` (the same metrics as ``dreamdata metrics``), with
 the same image seeds for every setting, so the
@@ -31,19 +32,18 @@ The real measurement (shipped checkpoint, 100 images per class = 1,000 per setti
     python benchmarks/sampler_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --threads 2 \\
         --n-per-class 100 --out out/sampler_quality.json
 
-Its cost on the 2-core development CPU, estimated from benchmarks/README.md (one model call on one
-image takes about 15 ms, ~19 ms per image-call when guided; DPM-Solver++ 20 steps: 0.3 s per image
-unguided, 0.75 s guided; DDPM 1000 steps: ~17 s per image unguided, ~35 s guided):
+Its cost on the 2-core development CPU, from the 100-per-class run recorded in benchmarks/README.md
+(one model call on one image takes about 17 ms, ~20-24 ms per image-call when guided):
 
-    feature classifier (cnn, 10 epochs), trained once and cached         ~25 min
-    DDIM 50/100 + DPM-Solver++ 10/15/20, unguided (195 calls/image)      ~50 min
-    the same, guided (390 calls/image)                                   ~2 h
-    DDPM 1000, unguided                                                  ~5 h
-    DDPM 1000, guided                                                    ~10 h
-    total                                                                ~18 h (--skip-ddpm: ~3.3 h)
+    feature classifier (cnn, 10 epochs), trained once and cached         ~10 min
+    DDIM 50/100 + the two DPM-Solver++ at 10/15/20, unguided (285 calls) ~1.3 h
+    the same, guided (570 calls/image)                                   ~3.5 h
+    DDPM 1000, unguided                                                  ~4.6 h
+    DDPM 1000, guided                                                    ~13 h
+    total                                                                ~22 h (--skip-ddpm: ~5 h)
 
-so run it in two parts: first with --skip-ddpm (about 3.3 h, a DDIM-100 reference), then the
-same command without it (adds the two DDPM rows, about 15 h; the other rows come from the cache).
+so run it in parts (--skip-ddpm first: DDIM-100 is then the reference; the other rows come from the
+cache later), or at --n-per-class 10 (about 2 h 15 min, what benchmarks/README.md records).
 The seconds per image are those of the run that sampled the images (batch --batch-size): on a
 machine that is busy with something else they are only indicative.  A smaller grid, guided only:
 
@@ -73,7 +73,7 @@ from training.synthetic_cache import cache_path
 
 log = logging.getLogger("sampler_quality")
 
-DEFAULT_GRID = "ddpm:1000,ddim:50,ddim:100,dpmpp:10,dpmpp:15,dpmpp:20"
+DEFAULT_GRID = "ddpm:1000,ddim:50,ddim:100,dpmpp:10,dpmpp:15,dpmpp:20,dpmpp_sde:10,dpmpp_sde:15,dpmpp_sde:20"
 DEFAULT_GUIDANCES = f"1.0,{DEFAULT_SETTINGS.guidance:g}"
 REPORT_STEPS = 1000  # the report's method: DDPM ancestral sampling over all 1000 timesteps
 

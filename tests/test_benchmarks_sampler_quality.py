@@ -84,7 +84,9 @@ def test_settings_parsing(bench):
             bench.parse_settings(bad)
     assert bench.parse_guidances("1,1.5,1.0") == [1.0, 1.5]
     a = bench.parse_args(["--data", "d", "--skip-ddpm"])
-    assert a.settings == [("ddim", 50), ("ddim", 100), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 20)]
+    assert a.settings == [("ddim", 50), ("ddim", 100), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 20),
+                          ("dpmpp_sde", 10), ("dpmpp_sde", 15), ("dpmpp_sde", 20)]
+    assert (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps) in a.settings  # the service default is measured
     assert a.guidances == [1.0, DEFAULT_SETTINGS.guidance] and a.n_per_class == 100 and a.tolerance == 0.05
     assert a.bootstrap == 1000
     for bad in (["--tolerance", "-0.1"], ["--bootstrap", "-1"]):
