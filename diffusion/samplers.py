@@ -13,6 +13,7 @@ Timestep index i in [0, T) stands for the paper's t = i + 1 (see ``schedules.Noi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -88,7 +89,8 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
         device = labels.device
     labels = labels.to(device)
     noise = _Noise(seeds, image_shape, device)
-    step_fn = {"ddpm": _ddpm, "ddim": _ddim, "dpmpp": _dpmpp_2m, "dpmpp_sde": _dpmpp_2m_sde}[sampler]
+    step_fn = {"ddpm": _ddpm, "ddim": _ddim, "dpmpp": _dpmpp_2m,
+               "dpmpp_sde": functools.partial(_dpmpp_2m, sde=True)}[sampler]
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
         return guided_eps(model, x, t, labels, guidance, null_class, autocast)
@@ -201,8 +203,3 @@ def _dpmpp_2m(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress, sde: bo
             x0_prev, h_prev = x0, h
         _report(progress, i + 1, len(ts))
     return x
-
-
-def _dpmpp_2m_sde(eps_fn, schedule, x, ts, noise, *, eta, clip_x0, progress):
-    """SDE-DPM-Solver++(2M): see :func:`_dpmpp_2m` (``sde=True``)."""
-    return _dpmpp_2m(eps_fn, schedule, x, ts, noise, eta=eta, clip_x0=clip_x0, progress=progress, sde=True)

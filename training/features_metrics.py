@@ -46,13 +46,19 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 
+def _frechet_to(mu1: torch.Tensor, s1: torch.Tensor, sqrt_s1: torch.Tensor, mu2: torch.Tensor,
+                s2: torch.Tensor) -> torch.Tensor:
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2), clipped at 0, for one (mu1, S1)
+    with its square root given, against mu2 [..., D], S2 [..., D, D] (batched over the leading dims)."""
+    cross = torch.linalg.eigvalsh(sqrt_s1 @ s2 @ sqrt_s1).clamp(min=0).sqrt().sum(-1)  # Tr((S1 S2)^1/2)
+    tr2 = s2.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return ((mu1 - mu2).pow(2).sum(-1) + s1.trace() + tr2 - 2 * cross).clamp(min=0)
+
+
 def frechet_distance_from_stats(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
     """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2)  (float64)."""
     mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
-    r = _sqrt_psd(s1)
-    cross = torch.linalg.eigvalsh(r @ s2 @ r).clamp(min=0).sqrt().sum()  # Tr((S1 S2)^1/2)
-    d2 = (mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * cross
-    return max(0.0, float(d2))
+    return float(_frechet_to(mu1, s1, _sqrt_psd(s1), mu2, s2))
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -80,16 +86,13 @@ def paired_bootstrap(feats_a: torch.Tensor, correct_a: torch.Tensor, feats_b: to
     if n_boot < 1 or not 0 < level < 1:
         raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
     mu_r, s_r = (t.double() for t in ref_stats)
-    r = _sqrt_psd(s_r)  # Tr((S S_r)^1/2) = Tr((S_r^1/2 S S_r^1/2)^1/2): one square root for all resamples
+    r = _sqrt_psd(s_r)  # one square root of the reference for all resamples
 
     def fd(f: torch.Tensor) -> torch.Tensor:
-        """f: [B, n, D] -> [B] Frechet distances of each set to the reference, batched (no Python loop)."""
+        """f: [B, n, D] -> [B] Frechet distances of each set to the reference (one batched eigvalsh)."""
         mu = f.mean(1)
         c = f - mu[:, None]
-        s = c.transpose(1, 2) @ c / (f.shape[1] - 1)
-        cross = torch.linalg.eigvalsh(r @ s @ r).clamp(min=0).sqrt().sum(-1)
-        tr = s.diagonal(dim1=-2, dim2=-1).sum(-1)
-        return ((mu - mu_r).pow(2).sum(-1) + tr + s_r.trace() - 2 * cross).clamp(min=0)
+        return _frechet_to(mu_r, s_r, r, mu, c.transpose(1, 2) @ c / (f.shape[1] - 1))
 
     fa, fb = feats_a.double(), feats_b.double()
     ca, cb = correct_a.double(), correct_b.double()
@@ -98,12 +101,12 @@ def paired_bootstrap(feats_a: torch.Tensor, correct_a: torch.Tensor, feats_b: to
     chunk = max(1, 2_000_000 // (n * fa.shape[1]))  # resamples per batch: ~16 MB of features each side
     x = torch.cat([fd(fa[idx[i:i + chunk]]) for i in range(0, n_boot, chunk)])
     y = torch.cat([fd(fb[idx[i:i + chunk]]) for i in range(0, n_boot, chunk)])
-    d_fd, d_rel = (x - y).tolist(), torch.where(y > 0, x / y - 1, float("nan")).tolist()
-    d_fid = (ca[idx].mean(1) - cb[idx].mean(1)).tolist()
+    d_fd, d_rel = x - y, torch.where(y > 0, x / y - 1, float("nan"))
+    d_fid = ca[idx].mean(1) - cb[idx].mean(1)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
 
-    def interval(v: list[float]) -> list[float]:
-        return [float(x) for x in torch.quantile(torch.tensor(v, dtype=torch.float64), q)]
+    def interval(v: torch.Tensor) -> list[float]:
+        return torch.quantile(v, q).tolist()
 
     a0, b0 = float(fd(fa[None])), float(fd(fb[None]))
     return {"frechet_distance": [a0 - b0, *interval(d_fd)],
