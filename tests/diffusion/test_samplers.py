@@ -172,8 +172,10 @@ def test_batch_independence(sampler, steps, guidance, eta, unet, linear_schedule
                         sample(unet, linear_schedule, labels[2:], seeds[2:], **kw)])
     perm = [3, 1, 0, 2]
     shuffled = sample(unet, linear_schedule, labels[perm], [seeds[i] for i in perm], **kw)
-    torch.testing.assert_close(halves, full, atol=1e-5, rtol=0)
-    torch.testing.assert_close(shuffled, full[perm], atol=1e-5, rtol=0)
+    # up to float rounding: convolution kernels may sum in another order at another batch size (seen: 3e-5
+    # after 10 steps on an AMD EPYC; images are in [-1, 1], so 1e-4 is under a hundredth of a uint8 level)
+    torch.testing.assert_close(halves, full, atol=1e-4, rtol=0)
+    torch.testing.assert_close(shuffled, full[perm], atol=1e-4, rtol=0)
     # and the images are not trivially equal to each other (the comparison above means something)
     assert (full[0] - full[1]).abs().max() > 1e-2
 
