@@ -121,7 +121,8 @@ class EvaluationBody(BaseModel):
     guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                             description="classifier-free guidance scale w (1 = none)")
     synthetic_seed: int = Field(0, ge=0, le=MAX_SEED,
-                                description="synthetic image i gets sampler seed synthetic_seed + i")
+                                description="seed base: synthetic image j of class c gets sampler seed "
+                                            "synthetic_seed + c * 1,000,000 + j")
 
     @field_validator("seeds")
     @classmethod

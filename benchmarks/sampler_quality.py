@@ -65,11 +65,11 @@ from tqdm import tqdm
 from diffusion.checkpoint import WEIGHTS_FILE, file_sha256, read_config
 from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings
 from training.data import default_cache_dir
-from training.generate import default_checkpoint, plan
+from training.generate import default_checkpoint
 from training.features_metrics import paired_bootstrap
 from training.generator_metrics import MetricsSettings, measure_generator
 from training.metrics_cli import add_feature_args
-from training.synthetic_cache import cache_path
+from training.synthetic_cache import cache_path, missing, sampling_time
 
 log = logging.getLogger("sampler_quality")
 
@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="choice rule: FD up to this much above the reference's (relative) and class fidelity up "
                         "to this x 100 percentage points below it (absolute) (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="image i of every setting gets seed S+i (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed base: image j of class c gets seed S + c x 1,000,000 + j in every setting (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
     p.add_argument("--k", type=int, default=5, help="neighbours for recall and coverage (default 5)")
     p.add_argument("--bootstrap", type=int, default=1000,
@@ -230,27 +230,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def _to_sample(folder: Path, num_classes: int, n_per_class: int, seed: int, batch_size: int) -> int | None:
-    """Images a synthetic cache entry still needs sampled; None when it is complete.  generate_to_dir skips
-    the batches whose PNGs are all on disk (an interrupted run), and samples every other batch whole."""
-    if (folder / "images.pt").exists():
-        return None
-    specs = plan([(c, n_per_class) for c in range(num_classes)], seed)
-    batches = [specs[i: i + batch_size] for i in range(0, len(specs), batch_size)]
-    return sum(len(b) for b in batches if not all((folder / s.file).exists() for s in b))
-
-
-def _timing(gen_info: dict, images: int, sampled: int | None) -> tuple[float | None, str]:
+def _timing(gen_info: dict) -> tuple[float | None, str]:
     """Sampling seconds per image of this setting's images, and where the number comes from."""
     if not gen_info["reused"]:
-        sampled = images if sampled is None else sampled  # None: another process was filling the entry
-        note = "this run" + (f", resumed: {images - sampled} images were on disk" if sampled != images else "")
-        return (gen_info["seconds"] / sampled if sampled else None), note
-    manifest = Path(gen_info["cache_dir"]) / "manifest.json"
-    if not manifest.exists():
-        return None, "cached, no manifest"
-    m = json.loads(manifest.read_text())
-    return m["seconds"] / len(m["images"]), "cached: the run that made them (only its own part if it was resumed)"
+        return gen_info["seconds"] / gen_info["sampled"], "this run"
+    t = sampling_time(Path(gen_info["cache_dir"]))
+    if not t.get("images"):
+        return None, "cached, no timing"
+    return t["seconds"] / t["images"], f"cached: the runs that sampled the entry's {t['images']} images"
 
 
 def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, dict]:
@@ -262,10 +249,10 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
     grid = sorted(((s, k, g) for s, k in a.settings for g in a.guidances), key=lambda x: model_calls(x[1], x[2]))
     rows, result, per_image = [], {}, {}
     for i, (sampler, steps, g) in enumerate(grid, 1):
-        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g), a.seed, a.n_per_class, num_classes)
+        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g), a.seed, num_classes)
         total = a.n_per_class * num_classes
-        to_sample = _to_sample(folder, num_classes, a.n_per_class, a.seed, a.batch_size)
-        state = ("cached" if to_sample is None else f"sampling {to_sample}"
+        to_sample = missing(folder, a.n_per_class, num_classes, a.seed)
+        state = ("cached" if not to_sample else f"sampling {to_sample}"
                  + (f" ({total - to_sample} on disk)" if to_sample < total else ""))
         log.info("[%d/%d] %s-%d guidance %g: %d model calls per image, %s", i, len(grid), sampler, steps, g,
                  model_calls(steps, g), state)
@@ -274,7 +261,7 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
                             feature_classifier=a.feature_classifier, feature_width=a.feature_width,
                             feature_epochs=a.feature_epochs, device=a.device, cache_dir=a.cache_dir)
         with tqdm(total=total, desc=f"{sampler}-{steps} g{g:g}", unit="img", dynamic_ncols=True, leave=False,
-                  file=sys.stderr, disable=to_sample is None) as bar:
+                  file=sys.stderr, disable=not to_sample) as bar:
             def progress(fraction: float) -> None:  # in whole images (tqdm limits the redraws)
                 done = int(fraction * total)
                 if done > bar.n:
@@ -283,7 +270,7 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
             result = measure_generator(s, progress=progress, keep_features=True)
         per_image[sampler, steps, g] = result.pop("per_image")
         gen = result["rows"]["generated"]
-        spi, timing = _timing(result["synthetic"], gen["images"], to_sample)
+        spi, timing = _timing(result["synthetic"])
         rows.append(Row(sampler, steps, g, gen["frechet_distance"], gen["class_fidelity"]["overall"], gen["recall"],
                         gen["coverage"], gen["precision"], gen["density"], gen["images"], spi, timing,
                         result["synthetic"]["cache_dir"]))
@@ -331,7 +318,7 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
                   f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {fid_ci:>14} {r.recall:>6.3f} "
                   f"{r.coverage:>8.3f}  {', '.join(notes)}".rstrip())
     print("s/img: sampling wall time per image of the run that made the images (batch "
-          f"{a.batch_size}); 'cached timing': from the cache entry's manifest")
+          f"{a.batch_size}); 'cached timing': from the cache entry's timing.json")
     if any(r.vs_reference for r in rows):
         print(f"95% interval: of the row minus its reference, paired bootstrap over the {n} images "
               f"({a.bootstrap} resamples; image i has the same seed and class in every row). An interval that "

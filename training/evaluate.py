@@ -16,8 +16,9 @@ Three arms, each trained once per seed and tested on the real test split:
 Seed s picks the real subset (``LabelledImages.subset(f, seed=s)``) and the classifier's
 initial weights, shuffling and augmentation, identically in every arm, so ``real`` and
 ``real+synthetic`` are paired per seed.  The synthetic set is one set shared by all seeds
-(image i has sampler seed ``synthetic_seed + i``); the confidence interval therefore covers
-the real-subset and training randomness, not the draw of synthetic images.
+(image j of class c has sampler seed ``synthetic_seed + c * 1,000,000 + j``, so a smaller
+set is the start of a larger one: ``training.synthetic_cache``); the confidence interval
+therefore covers the real-subset and training randomness, not the draw of synthetic images.
 
 ``budget`` fixes what the arms share.  ``steps`` (the default): every arm takes the optimizer
 steps that the ``real`` arm takes in ``epochs`` epochs, so all arms get the same compute and
@@ -76,7 +77,7 @@ class EvaluationSettings:
     steps: int = DEFAULT_SETTINGS.steps
     guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
-    synthetic_seed: int = 0                     # synthetic image i gets sampler seed synthetic_seed + i
+    synthetic_seed: int = 0                     # image j of class c: seed synthetic_seed + c * 1e6 + j
     sample_batch_size: int = 100
     train_batch_size: int | None = None         # None: the classifier's default
     device: str = "auto"                        # auto, cpu, cuda, cuda:1 ...

@@ -8,8 +8,8 @@
 
 Image i of a request gets seed ``base_seed + i``; images are produced in batches and written as
 they come, so memory holds at most one batch. Images already on disk (a previous attempt that
-crashed) are skipped: the same seed gives the same image, so a retried job completes with the
-same files.
+crashed) are skipped one by one: the same seed gives the same image whichever batch it lands in,
+so a retried job completes with the same files.
 """
 from __future__ import annotations
 
@@ -53,13 +53,14 @@ def resolve_classes(specs: Sequence[str], class_names: Sequence[str]) -> list[in
 
 @dataclass(frozen=True)
 class ImageSpec:
-    index: int       # position in the request; file images/{index:05d}.png
+    index: int       # position in the request; file images/{index:05d}.png unless ``name`` says otherwise
     class_index: int
     seed: int
+    name: str = ""   # a path relative to the output directory, for layouts other than the request's
 
     @property
     def file(self) -> str:
-        return f"images/{self.index:05d}.png"
+        return self.name or f"images/{self.index:05d}.png"
 
 
 def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageSpec]:
@@ -82,37 +83,37 @@ def _write_png(path: Path, img: torch.Tensor, meta: dict) -> None:
     tmp.replace(path)
 
 
-def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], out_dir: str | os.PathLike, *,
-                    settings: SamplerSettings = DEFAULT_SETTINGS,
-                    base_seed: int = 0,
-                    batch_size: int = 100,
-                    autocast: bool | None = None,    # bf16 autocast; default: on CUDA only
-                    make_zip: bool = False,
-                    progress: ProgressFn | None = None,
-                    sample_fn: Callable = sample,    # the worker passes a batching sampler here
-                    ) -> dict:
-    """Sample every requested image into ``out_dir`` (layout in the module docstring); returns the manifest."""
+def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os.PathLike, *,
+                 settings: SamplerSettings = DEFAULT_SETTINGS,
+                 batch_size: int = 100,
+                 autocast: bool | None = None,    # bf16 autocast; default: on CUDA only
+                 progress: ProgressFn | None = None,
+                 sample_fn: Callable = sample,    # the worker passes a batching sampler here
+                 ) -> int:
+    """Sample the images of ``specs`` whose files are not yet under ``out_dir``, in batches of ``batch_size``
+    (in the order given), writing each PNG with its metadata; returns how many were sampled.
+
+    Images already on disk (an earlier attempt, or a smaller set being grown) are skipped one by one: the
+    same seed gives the same image whichever batch it lands in.  ``progress`` counts the skipped ones as done.
+    """
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     settings.validate(ckpt.schedule.num_timesteps)
     names = ckpt.class_names
-    specs = plan(class_counts, base_seed)
     total = len(specs)
     if total == 0:
         raise ValueError("nothing to generate: every class count is 0")
+    missing = [s for s in specs if not (out / s.file).exists()]
+    for d in {(out / s.file).parent for s in missing}:
+        d.mkdir(parents=True, exist_ok=True)
     device = next(ckpt.model.parameters()).device
     if autocast is None:
         autocast = device.type == "cuda"
     common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance}
-    t0 = time.perf_counter()
-    done = 0
-    for start in range(0, total, batch_size):
-        batch = specs[start: start + batch_size]
-        if all((out / s.file).exists() for s in batch):  # written by an earlier attempt
-            done += len(batch)
-            if progress:
-                progress(done, total, settings.steps, settings.steps)
-            continue
+    done = total - len(missing)
+    if progress and done:
+        progress(done, total, settings.steps, settings.steps)
+    for start in range(0, len(missing), batch_size):
+        batch = missing[start: start + batch_size]
 
         def on_step(step: int, steps: int, _done=done) -> None:
             if progress:
@@ -129,7 +130,27 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
         done += len(batch)
         if progress:
             progress(done, total, settings.steps, settings.steps)
+    return len(missing)
 
+
+def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], out_dir: str | os.PathLike, *,
+                    settings: SamplerSettings = DEFAULT_SETTINGS,
+                    base_seed: int = 0,
+                    batch_size: int = 100,
+                    autocast: bool | None = None,    # bf16 autocast; default: on CUDA only
+                    make_zip: bool = False,
+                    progress: ProgressFn | None = None,
+                    sample_fn: Callable = sample,    # the worker passes a batching sampler here
+                    ) -> dict:
+    """Sample every requested image into ``out_dir`` (layout in the module docstring); returns the manifest."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    names = ckpt.class_names
+    specs = plan(class_counts, base_seed)
+    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance}
+    t0 = time.perf_counter()
+    sample_specs(ckpt, specs, out, settings=settings, batch_size=batch_size, autocast=autocast, progress=progress,
+                 sample_fn=sample_fn)
     manifest = {
         "checkpoint": {"path": str(ckpt.path) if ckpt.path else None, "sha256": ckpt.sha256},
         "settings": asdict(settings),

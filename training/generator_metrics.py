@@ -112,7 +112,7 @@ class MetricsSettings:
     steps: int = DEFAULT_SETTINGS.steps
     guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
-    seed: int = 0                               # generated image i gets sampler seed seed + i
+    seed: int = 0                               # image j of class c: sampler seed seed + c * 1e6 + j
     batch_size: int = 100                       # images per sampling batch
     k: int = 5                                  # neighbours for precision/recall and density/coverage
     feature_classifier: ClassifierKind = "cnn"

@@ -1,16 +1,22 @@
-"""Synthetic training sets, sampled once through ``training.generate.generate_to_dir`` and cached.
+"""Synthetic training sets, sampled through the worker's sampling code (``training.generate``) and cached.
 
-A set is ``per_class`` images of every checkpoint class; image i gets seed ``base_seed + i``
-(classes in checkpoint order, as ``training.generate.plan`` assigns them).  It lives in::
+A set is ``per_class`` images of every checkpoint class.  Image j of class c gets seed
+``base_seed + c * CLASS_SEED_STRIDE + j``, so the first k images of a class are the same whatever
+``per_class`` a caller asks for: a set of 100 per class is the first 100 of a set of 5,000, and one
+entry grows across runs (and sessions) instead of being sampled again.  It lives in::
 
-    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>-seed<base_seed>-k<per_class>-<key>/
-        images/NNNNN.png, grid.png, manifest.json    the generate_to_dir layout (same as the worker's)
-        images.pt                                    the PNGs decoded: uint8 [N, 3, H, W] + labels
+    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>-seed<base_seed>-<key>/
+        images/<class index>/<j>.png    one PNG per image, with its metadata (class, seed, sampler, ...)
+        grid.png                        the first 10 images of every class (rewritten when the set grows)
+        timing.json                     images sampled into the entry and the seconds they took, summed
 
-keyed by the checkpoint weights' sha256, the sampler settings, the seed range and ``per_class``.
-``images.pt`` is written last, so its presence means "complete"; an interrupted run resumes
-(generate_to_dir skips PNGs already on disk).  ``CACHE`` defaults to
-``training.data.default_cache_dir()`` (``$DREAMDATA_CACHE`` or ``~/.cache/dreamdata``).
+keyed by the checkpoint weights' sha256, the sampler settings and the seed base.  A PNG is written
+atomically as soon as its batch is done, so an interrupted run keeps its images; a set is complete when
+all of its PNGs exist.  Missing images are sampled j-major (every class's image j before any class's
+j + 1), so an interrupted run toward a large set leaves the largest possible complete smaller set.
+``CACHE`` defaults to ``training.data.default_cache_dir()`` (``$DREAMDATA_CACHE`` or ``~/.cache/dreamdata``).
+Any single image can be reproduced through the service: ``POST /generate`` with its class, n=1 and its seed
+(recorded in the PNG's metadata) when that seed is within the service's range (up to 2**31 - 1).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -30,44 +37,72 @@ from diffusion.checkpoint import WEIGHTS_FILE, Checkpoint, file_sha256, load_che
 from diffusion.samplers import SamplerSettings, sample
 
 from .data import LabelledImages, default_cache_dir
-from .generate import generate_to_dir
+from .generate import ImageSpec, sample_specs, write_grid
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CLASS_SEED_STRIDE = 1_000_000  # image j of class c gets seed base_seed + c * CLASS_SEED_STRIDE + j
 ProgressFn = Callable[[float], None]  # fraction of the images sampled, 0..1; may raise to cancel
 
 
-def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_seed: int, per_class: int,
-               num_classes: int) -> Path:
+def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_seed: int, num_classes: int) -> Path:
     key = json.dumps({"v": CACHE_VERSION, "sha256": sha256, "settings": asdict(settings), "base_seed": base_seed,
-                      "per_class": per_class, "num_classes": num_classes}, sort_keys=True)
+                      "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}, sort_keys=True)
     h = hashlib.sha256(key.encode()).hexdigest()[:10]
-    name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}-seed{base_seed}"
-            f"-k{per_class}-{h}")
+    name = f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}-seed{base_seed}-{h}"
     return Path(cache_dir) / "synthetic" / name
 
 
-def load_pngs(folder: Path, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images listed in a generate_to_dir manifest -> (uint8 [N, 3, H, W], int64 [N])."""
-    arrays = [np.asarray(Image.open(folder / im["file"]).convert("RGB"), dtype=np.uint8) for im in manifest["images"]]
+def image_specs(per_class: int, num_classes: int, base_seed: int) -> list[ImageSpec]:
+    """Every image of a set, j-major (image j of every class, then j + 1); ``index`` is the position in the
+    returned set, which is class-major (all of class 0, then class 1, ...), the order the images load in."""
+    if per_class > CLASS_SEED_STRIDE:
+        raise ValueError(f"per_class must be at most {CLASS_SEED_STRIDE}, got {per_class}")
+    return [ImageSpec(c * per_class + j, c, base_seed + c * CLASS_SEED_STRIDE + j, f"images/{c}/{j:06d}.png")
+            for j in range(per_class) for c in range(num_classes)]
+
+
+def missing(folder: Path, per_class: int, num_classes: int, base_seed: int) -> int:
+    """How many images of the set are not on disk yet (0: complete)."""
+    return sum(not (folder / s.file).exists() for s in image_specs(per_class, num_classes, base_seed))
+
+
+def sampling_time(folder: Path) -> dict:
+    """``{"images", "seconds"}`` summed over every run that sampled into the entry ({} if none recorded)."""
+    f = folder / "timing.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _add_time(folder: Path, images: int, seconds: float) -> None:
+    t = sampling_time(folder)
+    t = {"images": t.get("images", 0) + images, "seconds": round(t.get("seconds", 0.0) + seconds, 3)}
+    tmp = folder / f"timing.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(t) + "\n")
+    tmp.replace(folder / "timing.json")
+
+
+def load_pngs(folder: Path, specs: list[ImageSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PNGs of ``specs`` (in that order) -> (uint8 [N, 3, H, W], int64 [N])."""
+    arrays = [np.asarray(Image.open(folder / s.file).convert("RGB"), dtype=np.uint8) for s in specs]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor([im["class_index"] for im in manifest["images"]], dtype=torch.int64)
+    return x, torch.tensor([s.class_index for s in specs], dtype=torch.int64)
 
 
 def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int, settings: SamplerSettings, *,
-                     base_seed: int = 0,                      # image i gets seed base_seed + i
+                     base_seed: int = 0,                      # image j of class c: seed base_seed + c * stride + j
                      cache_dir: str | os.PathLike | None = None,
                      device: str | torch.device = "cpu",      # used only when sampling is needed
                      batch_size: int = 100,                   # images per model batch
                      sample_fn: Callable = sample,            # the worker may pass its batching sampler
                      progress: ProgressFn | None = None,
                      ) -> tuple[LabelledImages, dict]:
-    """``per_class`` synthetic images of every class, from the cache or sampled into it.
+    """``per_class`` synthetic images of every class (class-major), from the cache or sampled into it.
 
     ``checkpoint`` is a checkpoint directory (the model is loaded only if sampling is needed) or
     an already loaded :class:`Checkpoint`.  Returns the images and ``{"cache_dir", "reused",
-    "checkpoint_sha256", "seconds"}`` (seconds of sampling in this call; 0 when reused).
+    "checkpoint_sha256", "seconds", "sampled", "seed_rule"}``: ``seconds`` of sampling in this call (0 when
+    reused) for ``sampled`` images; ``reused`` is true when nothing had to be sampled.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
@@ -80,35 +115,37 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
         num_timesteps = int(cfg["schedule"]["timesteps"])
     settings.validate(num_timesteps)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache_path(cache_dir, sha, settings, base_seed, per_class, len(names))
-    done_file = folder / "images.pt"
-    info = {"cache_dir": str(folder), "reused": True, "checkpoint_sha256": sha, "seconds": 0.0}
-    if done_file.exists():
-        d = torch.load(done_file, weights_only=True)
-        log.info("reusing %d synthetic images from %s", len(d["labels"]), folder)
-        if progress:
-            progress(1.0)
-        return LabelledImages(d["images"], d["labels"], tuple(d["class_names"]), str(folder)), info
+    folder = cache_path(cache_dir, sha, settings, base_seed, len(names))
+    specs = image_specs(per_class, len(names), base_seed)
+    todo = [s for s in specs if not (folder / s.file).exists()]
+    info = {"cache_dir": str(folder), "reused": not todo, "checkpoint_sha256": sha, "seconds": 0.0,
+            "sampled": len(todo), "seed_rule": f"base_seed + class_index * {CLASS_SEED_STRIDE} + j"}
+    if todo:
+        if ckpt is None:
+            ckpt = load_checkpoint(checkpoint, device=device)
+            if torch.device(device).type == "cpu":
+                ckpt.model.to(memory_format=torch.channels_last)
 
-    if ckpt is None:
-        ckpt = load_checkpoint(checkpoint, device=device)
-        if torch.device(device).type == "cpu":
-            ckpt.model.to(memory_format=torch.channels_last)
-    total = per_class * len(names)
+        on_disk = len(specs) - len(todo)
 
-    def on_progress(done: int, total_: int, step: int, steps: int) -> None:
-        if progress:
-            in_batch = min(batch_size, total_ - done) if done < total_ else 0
-            progress(min(1.0, (done + in_batch * step / max(1, steps)) / total_))
+        def on_progress(done: int, total: int, step: int, steps: int) -> None:  # done, total: of ``todo``
+            if progress:
+                in_batch = min(batch_size, total - done) if done < total else 0
+                progress(min(1.0, (on_disk + done + in_batch * step / max(1, steps)) / len(specs)))
 
-    log.info("sampling %d synthetic images into %s", total, folder)
-    manifest = generate_to_dir(ckpt, [(c, per_class) for c in range(len(names))], folder, settings=settings,
-                               base_seed=base_seed, batch_size=batch_size, progress=on_progress, sample_fn=sample_fn)
-    images, labels = load_pngs(folder, manifest)
-    tmp = folder / f"images.pt.{os.getpid()}.tmp"  # several processes may fill the same cache entry
-    torch.save({"images": images, "labels": labels, "class_names": list(names)}, tmp)
-    tmp.replace(done_file)
-    info.update(reused=False, seconds=manifest["seconds"])
+        log.info("sampling %d synthetic images into %s (%d on disk)", len(todo), folder, on_disk)
+        t0 = time.perf_counter()
+        # only the missing ones, so a concurrent filler's images written meanwhile are not sampled twice
+        sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, progress=on_progress,
+                     sample_fn=sample_fn)
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        _add_time(folder, len(todo), info["seconds"])
+        write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
+    elif progress:
+        progress(1.0)
+    ordered = sorted(specs, key=lambda s: s.index)
+    images, labels = load_pngs(folder, ordered)
+    log.info("%d synthetic images from %s (%d sampled now)", len(labels), folder, len(todo))
     return LabelledImages(images, labels, tuple(names), str(folder)), info
 
 
