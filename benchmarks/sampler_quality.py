@@ -69,7 +69,7 @@ from training.generate import default_checkpoint
 from training.features_metrics import paired_bootstrap
 from training.generator_metrics import MetricsSettings, measure_generator
 from training.metrics_cli import add_feature_args
-from training.synthetic_cache import cache_path, missing, sampling_time
+from training.synthetic_cache import cache_path, image_specs, load_pngs, missing, sampling_time
 
 log = logging.getLogger("sampler_quality")
 
@@ -218,6 +218,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="resamples for the paired 95%% intervals against the reference (default 1000; 0: none)")
     add_feature_args(p)
     p.add_argument("--out", default=None, help="also write every row, the floor and the choice as JSON to this file")
+    p.add_argument("--figure", default=None,
+                   help="also write a PNG of every row's first images (up to 4 per class, one class per column, "
+                        "the same seeds in every row), titled with its FD and class fidelity")
     a = p.parse_args(argv)
     if a.skip_ddpm:
         a.settings = [s for s in a.settings if s[0] != "ddpm"]
@@ -344,6 +347,37 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
           f"{DEFAULT_SETTINGS.steps} guidance {DEFAULT_SETTINGS.guidance:g}")
 
 
+FIGURE_PER_CLASS = 4
+
+
+def write_figure(rows: list[Row], class_names: list[str], seed: int, n_per_class: int, path: Path) -> None:
+    """One panel per row (by guidance, then model calls): its first images of every class, read back from
+    the row's cache entry; image j of a class has the same seed in every panel, so panels compare samplers
+    and guidance scales on the same noise."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.plots import image_grid
+
+    per = min(FIGURE_PER_CLASS, n_per_class)
+    ordered = sorted(rows, key=lambda r: (r.guidance, r.calls))
+    fig, axes = plt.subplots(len(ordered), 1, figsize=(7.5, 1.55 * per / 2 * len(ordered) + 0.6), squeeze=False)
+    for ax, r in zip(axes[:, 0], ordered):
+        folder = Path(r.cache_dir)
+        specs = image_specs(per, len(class_names), seed)  # j-major: grid row j holds image j of every class
+        imgs, _ = load_pngs(folder, specs)
+        ax.imshow(image_grid(imgs, nrow=len(class_names)))
+        ax.set_title(f"{r.name}, guidance {r.guidance:g}: FD {r.frechet_distance:.1f}, "
+                     f"class fidelity {r.class_fidelity:.0%}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("one class per column: " + ", ".join(class_names), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
@@ -377,6 +411,9 @@ def main(argv: list[str] | None = None) -> dict:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    if a.figure:
+        write_figure(rows, read_config(checkpoint)["class_names"], a.seed, a.n_per_class, Path(a.figure))
+        log.info("wrote %s", a.figure)
     return dict(report, rows=rows, choices=choices)
 
 

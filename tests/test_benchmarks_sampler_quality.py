@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from diffusion.checkpoint import save_checkpoint
 from diffusion.schedules import ScheduleConfig
@@ -160,8 +161,10 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     assert saved["choices"][0]["chosen"] == choices[0].chosen.name
     assert sum(r["vs_reference"] is not None for r in saved["rows"]) == 2
 
-    # a rerun takes the feature classifier and every setting's images from the cache: same numbers
-    second = bench.main(argv[:-2])
+    # a rerun takes the feature classifier and every setting's images from the cache: same numbers; with a figure
+    second = bench.main(argv[:-2] + ["--figure", str(tmp_path / "fig.png")])
+    with Image.open(tmp_path / "fig.png") as im:
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 4 * 60  # four panels
     for a, b in zip(rows, second["rows"]):
         assert (a.name, a.guidance) == (b.name, b.guidance)
         assert math.isclose(a.frechet_distance, b.frechet_distance, rel_tol=1e-6, abs_tol=1e-9)
