@@ -62,13 +62,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffusion.checkpoint import WEIGHTS_FILE, file_sha256, read_config
-from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings
+from diffusion.checkpoint import WEIGHTS_FILE, file_sha256, load_for_sampling, read_config
+from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings, requested_precision
 from training.data import default_cache_dir
 from training.generate import default_checkpoint
 from training.features_metrics import paired_bootstrap
 from training.generator_metrics import MetricsSettings, measure_generator
 from training.metrics_cli import add_feature_args
+from training.sample_cli import pick_device
 from training.synthetic_cache import cache_path, image_specs, load_pngs, missing, sampling_time
 
 log = logging.getLogger("sampler_quality")
@@ -98,6 +99,7 @@ class Row:
     seconds_per_image: float | None = None
     timing: str = ""                  # where seconds_per_image comes from
     cache_dir: str = ""
+    dtype: str = "fp32"               # of the model calls: fp32 or bf16 (autocast); diffusion.precision
     vs_reference: dict | None = None  # paired bootstrap intervals of this row minus the reference (compare)
 
     @property
@@ -106,7 +108,11 @@ class Row:
 
     @property
     def name(self) -> str:
-        return f"{self.sampler}-{self.steps}"
+        return f"{self.sampler}-{self.steps}" + ("-bf16" if self.dtype == "bf16" else "")
+
+    @property
+    def key(self) -> tuple:
+        return self.sampler, self.steps, self.guidance, self.dtype
 
     @property
     def is_report_method(self) -> bool:
@@ -130,7 +136,9 @@ class Choice:
 
 
 def reference_row(rows: list[Row]) -> Row:
-    """DDPM-1000 if among ``rows`` (one guidance value), else the slowest: most model calls, first listed on ties."""
+    """DDPM-1000 if among ``rows`` (one guidance value), else the slowest: most model calls, first listed on
+    ties; fp32 before bf16 either way (the reference is the exact arithmetic)."""
+    rows = sorted(rows, key=lambda r: r.dtype != "fp32")  # stable: fp32 rows first, order kept otherwise
     return next((r for r in rows if r.is_report_method), None) or max(rows, key=lambda r: r.calls)
 
 
@@ -156,13 +164,12 @@ def choose(rows: list[Row], tolerance: float) -> list[Choice]:
 def compare(choices: list[Choice], per_image: dict, n_boot: int, seed: int = 0) -> None:
     """Sets ``vs_reference`` on every non-reference row: 95% intervals of its FD (absolute and relative)
     and class fidelity minus the reference's, by a paired bootstrap over the images (image i has the
-    same seed and class in every setting).  ``per_image``: (sampler, steps, guidance) -> measure_generator's
-    ``per_image``."""
+    same seed and class in every setting).  ``per_image``: ``Row.key`` -> measure_generator's ``per_image``."""
     for c in choices:
-        ref = per_image[c.reference.sampler, c.reference.steps, c.reference.guidance]
+        ref = per_image[c.reference.key]
         for r in c.rows:
             if r is not c.reference:
-                mine = per_image[r.sampler, r.steps, r.guidance]
+                mine = per_image[r.key]
                 r.vs_reference = paired_bootstrap(mine["features"], mine["correct"], ref["features"],
                                                   ref["correct"], ref["test_stats"], n_boot=n_boot, seed=seed)
 
@@ -207,6 +214,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"the grid, SAMPLER:STEPS,... (default {DEFAULT_GRID}); samplers: {', '.join(SAMPLERS)}")
     p.add_argument("--guidances", type=parse_guidances, default=parse_guidances(DEFAULT_GUIDANCES),
                    help=f"guidance scales, each setting at each (default {DEFAULT_GUIDANCES}; 1.0 = no guidance)")
+    p.add_argument("--precisions", default=None,
+                   help="precisions of the model calls, each setting at each: fp32, bf16, auto (default: "
+                        "$DREAMDATA_PRECISION or auto, as the service decides; diffusion.precision). fp32,bf16 "
+                        "measures what bf16 costs in quality: the bf16 row of a setting is paired with its fp32 row")
     p.add_argument("--skip-ddpm", action="store_true", help="leave the DDPM settings out (the slow ones)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="choice rule: FD up to this much above the reference's (relative) and class fidelity up "
@@ -226,6 +237,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.settings = [s for s in a.settings if s[0] != "ddpm"]
         if not a.settings:
             p.error("--skip-ddpm leaves no settings")
+    try:
+        a.precisions = list(dict.fromkeys(requested_precision(x) for x in (a.precisions or "").split(",") if x.strip())
+                            or [requested_precision()])
+    except ValueError as e:
+        p.error(f"--precisions: {e}")
     if a.tolerance < 0:
         p.error("--tolerance must be >= 0")
     if a.bootstrap < 0:
@@ -249,16 +265,23 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
     cfg = read_config(checkpoint)
     sha, num_classes = file_sha256(checkpoint / WEIGHTS_FILE), len(cfg["class_names"])
     cache_dir = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
-    grid = sorted(((s, k, g) for s, k in a.settings for g in a.guidances), key=lambda x: model_calls(x[1], x[2]))
+    device = pick_device(a.device)
+    models = {}  # one load per distinct precision that the requested ones resolve to (auto -> fp32 or bf16)
+    for p in a.precisions:
+        ckpt = load_for_sampling(checkpoint, device, p)
+        models.setdefault(ckpt.precision.name, ckpt)
+        log.info("precision %s: %s", p, ckpt.precision.reason)
+    grid = sorted(((s, k, g, d) for s, k in a.settings for g in a.guidances for d in models),
+                  key=lambda x: model_calls(x[1], x[2]))
     rows, result, per_image = [], {}, {}
-    for i, (sampler, steps, g) in enumerate(grid, 1):
-        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g), a.seed, num_classes)
+    for i, (sampler, steps, g, dtype) in enumerate(grid, 1):
+        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g), a.seed, num_classes, dtype == "bf16")
         total = a.n_per_class * num_classes
         to_sample = missing(folder, a.n_per_class, num_classes, a.seed)
         state = ("cached" if not to_sample else f"sampling {to_sample}"
                  + (f" ({total - to_sample} on disk)" if to_sample < total else ""))
-        log.info("[%d/%d] %s-%d guidance %g: %d model calls per image, %s", i, len(grid), sampler, steps, g,
-                 model_calls(steps, g), state)
+        log.info("[%d/%d] %s-%d guidance %g %s: %d model calls per image, %s", i, len(grid), sampler, steps, g,
+                 dtype, model_calls(steps, g), state)
         s = MetricsSettings(data=a.data, checkpoint=str(checkpoint), n_per_class=a.n_per_class, sampler=sampler,
                             steps=steps, guidance=g, seed=a.seed, batch_size=a.batch_size, k=a.k,
                             feature_classifier=a.feature_classifier, feature_width=a.feature_width,
@@ -270,13 +293,13 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
                 if done > bar.n:
                     bar.update(done - bar.n)
 
-            result = measure_generator(s, progress=progress, keep_features=True)
-        per_image[sampler, steps, g] = result.pop("per_image")
+            result = measure_generator(s, checkpoint=models[dtype], progress=progress, keep_features=True)
+        per_image[sampler, steps, g, dtype] = result.pop("per_image")
         gen = result["rows"]["generated"]
         spi, timing = _timing(result["synthetic"])
         rows.append(Row(sampler, steps, g, gen["frechet_distance"], gen["class_fidelity"]["overall"], gen["recall"],
                         gen["coverage"], gen["precision"], gen["density"], gen["images"], spi, timing,
-                        result["synthetic"]["cache_dir"]))
+                        result["synthetic"]["cache_dir"], dtype))
         log.info("[%d/%d] %s-%d guidance %g: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps, g,
                  gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
     return rows, result, per_image
@@ -298,11 +321,11 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
           f"trained on the real training split, test accuracy {_fmt(clf.get('test_accuracy'), '.3f')}")
     print("FD: Frechet distance to all real test images (lower is better); fidelity: share classified as the "
           "requested class; recall, coverage: k-NN against real test images (higher is better)")
-    head = (f"{'sampler':<8} {'steps':>5} {'guidance':>8} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
+    head = (f"{'sampler':<8} {'steps':>5} {'guidance':>8} {'prec':>4} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
             f"{'FD vs ref':>9} {'95% interval':>16} {'fidelity':>8} {'vs ref':>7} {'95% interval':>14} "
             f"{'recall':>6} {'coverage':>8}  note")
     print(head)
-    print(f"{'real_train':<14} {'-':>8} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} {'':>16} "
+    print(f"{'real_train':<14} {'-':>8} {'':>4} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} {'':>16} "
           f"{floor['class_fidelity']['overall']:>8.3f} {'-':>7} {'':>14} {floor['recall']:>6.3f} "
           f"{floor['coverage']:>8.3f}  floor: {floor['images']} real training images")
     default = (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps, DEFAULT_SETTINGS.guidance)
@@ -316,7 +339,7 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
             v = r.vs_reference
             fd_ci = f"[{v['frechet_distance_relative'][1]:+.1%}, {v['frechet_distance_relative'][2]:+.1%}]" if v else ""
             fid_ci = (f"[{100 * v['class_fidelity'][1]:+.1f}, {100 * v['class_fidelity'][2]:+.1f}]pp" if v else "")
-            print(f"{r.sampler:<8} {r.steps:>5} {r.guidance:>8.1f} {r.calls:>9} {_fmt(r.seconds_per_image, '.3f'):>7} "
+            print(f"{r.sampler:<8} {r.steps:>5} {r.guidance:>8.1f} {r.dtype:>4} {r.calls:>9} {_fmt(r.seconds_per_image, '.3f'):>7} "
                   f"{r.frechet_distance:>9.3f} {rel:>+9.1%} {fd_ci:>16} {r.class_fidelity:>8.3f} "
                   f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {fid_ci:>14} {r.recall:>6.3f} "
                   f"{r.coverage:>8.3f}  {', '.join(notes)}".rstrip())

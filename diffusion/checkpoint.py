@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .precision import PrecisionChoice, choose_precision
 from .schedules import NoiseSchedule, ScheduleConfig
 from .unet import UNet, UNetConfig
 
@@ -42,6 +43,7 @@ class Checkpoint:
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
     sha256: str = ""  # of model.safetensors; identifies the weights in image metadata
+    precision: PrecisionChoice | None = None  # of sampling calls, set by load_for_sampling (None: bf16 on CUDA only)
 
     @property
     def config(self) -> dict:
@@ -111,6 +113,15 @@ def read_config(directory: str | os.PathLike) -> dict:
         if key not in cfg:
             raise CheckpointError(f"{cfg_path}: missing key {key!r}")
     return cfg
+
+
+def load_for_sampling(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                      precision: str | None = None) -> Checkpoint:
+    """:func:`load_checkpoint`, then the precision and weight layout of its sampling calls decided
+    (:func:`diffusion.precision.choose_precision`; ``precision`` None: ``$DREAMDATA_PRECISION`` or auto)."""
+    ckpt = load_checkpoint(directory, device)
+    ckpt.precision = choose_precision(ckpt.model, precision)
+    return ckpt
 
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:

@@ -5,6 +5,7 @@ samplers in :mod:`diffusion.samplers` import them back, so there is one definiti
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from dataclasses import dataclass
@@ -72,3 +73,17 @@ def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:
 def draw_seed() -> int:
     """A random base seed for a request that gave none (recorded with the results)."""
     return random.SystemRandom().randrange(0, MAX_SEED // 2)
+
+
+# Precision of the model calls of sampling (diffusion.precision decides "auto"; here without torch)
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+PRECISION_ENV = "DREAMDATA_PRECISION"
+
+
+def requested_precision(value: str | None = None) -> str:
+    """``value``, else ``$DREAMDATA_PRECISION``, else ``auto``; an unknown name is a ValueError."""
+    p = (value or os.environ.get(PRECISION_ENV) or "auto").strip().lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
+    return p

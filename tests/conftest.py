@@ -1,7 +1,14 @@
 """Fixtures for every test package."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Sampling precision "auto" times the model on this CPU and may pick bf16; tests (and the worker processes they
+# start, which inherit the environment) compare images across processes and runs, so they pin fp32. The tests
+# of the choice itself pass it explicitly (tests/diffusion/test_precision.py).
+os.environ["DREAMDATA_PRECISION"] = "fp32"
 
 
 @pytest.fixture(autouse=True)

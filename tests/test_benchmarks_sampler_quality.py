@@ -180,3 +180,18 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     (resumed,) = third["rows"]
     assert resumed.timing == "this run" and resumed.seconds_per_image > 0
     assert math.isclose(resumed.frechet_distance, rows[0].frechet_distance, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def test_precisions_pair_each_bf16_row_with_its_fp32_row(bench, tiny, tmp_path, capsys):
+    data, ckpt = tiny
+    result = bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings", "ddim:2",
+                         "--guidances", "1.5", "--precisions", "bf16,fp32", "--k", "2", "--feature-classifier", "mlp",
+                         "--feature-width", "8", "--feature-epochs", "1", "--device", "cpu", "--threads", "1",
+                         "--cache-dir", str(tmp_path / "cache")])
+    rows = result["rows"]
+    assert sorted((r.name, r.dtype) for r in rows) == [("ddim-2", "fp32"), ("ddim-2-bf16", "bf16")]
+    (choice,) = result["choices"]
+    assert choice.reference.dtype == "fp32"  # the exact arithmetic is the reference, whatever the order asked
+    bf16 = next(r for r in rows if r.dtype == "bf16")
+    assert bf16.vs_reference is not None and bf16.cache_dir != choice.reference.cache_dir
+    assert " bf16 " in capsys.readouterr().out

@@ -43,7 +43,7 @@ import torch
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
-from diffusion.spec import DEFAULT_SETTINGS
+from diffusion.spec import DEFAULT_SETTINGS, requested_precision
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
                           default_train_settings, predict, train_classifier)
@@ -82,6 +82,7 @@ class EvaluationSettings:
     train_batch_size: int | None = None         # None: the classifier's default
     device: str = "auto"                        # auto, cpu, cuda, cuda:1 ...
     cache_dir: str | None = None                # None: training.data.default_cache_dir()
+    precision: str | None = None                # of the sampling calls: auto, fp32, bf16 (None: $DREAMDATA_PRECISION)
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -114,6 +115,8 @@ class EvaluationSettings:
             raise ValueError(f"real_fraction must be in (0, 1], got {self.real_fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.precision is not None:
+            requested_precision(self.precision)
         if self.budget not in BUDGETS:
             raise ValueError(f"unknown budget {self.budget!r}; expected one of {', '.join(BUDGETS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -170,7 +173,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
     synth, synth_info = synthetic_images(
         checkpoint if checkpoint is not None else (settings.checkpoint or default_checkpoint()),
         settings.synthetic_per_class, settings.sampler_settings, base_seed=settings.synthetic_seed,
-        cache_dir=cache_dir, device=device, batch_size=settings.sample_batch_size, sample_fn=sample_fn,
+        cache_dir=cache_dir, device=device, precision=settings.precision, batch_size=settings.sample_batch_size,
+        sample_fn=sample_fn,
         progress=lambda f: report_progress(gen_share * f, f"sampling synthetic images ({f:.0%})"))
     synth = align_classes(synth, names)
     base = 0.0 if synth_info["reused"] else gen_share

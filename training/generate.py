@@ -63,6 +63,14 @@ class ImageSpec:
         return self.name or f"images/{self.index:05d}.png"
 
 
+def sampling_autocast(ckpt: Checkpoint) -> bool:
+    """bf16 autocast for ``ckpt``'s sampling calls: as decided when it was loaded for sampling
+    (``diffusion.checkpoint.load_for_sampling``), else on CUDA only."""
+    if ckpt.precision is not None:
+        return ckpt.precision.bf16
+    return next(ckpt.model.parameters()).device.type == "cuda"
+
+
 def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageSpec]:
     """[(class index, n), ...] -> one ImageSpec per image; image i gets seed base_seed + i."""
     specs, i = [], 0
@@ -86,7 +94,7 @@ def _write_png(path: Path, img: torch.Tensor, meta: dict) -> None:
 def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os.PathLike, *,
                  settings: SamplerSettings = DEFAULT_SETTINGS,
                  batch_size: int = 100,
-                 autocast: bool | None = None,    # bf16 autocast; default: on CUDA only
+                 autocast: bool | None = None,    # bf16 autocast; default: sampling_autocast(ckpt)
                  progress: ProgressFn | None = None,
                  sample_fn: Callable = sample,    # the worker passes a batching sampler here
                  ) -> int:
@@ -107,8 +115,9 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
         d.mkdir(parents=True, exist_ok=True)
     device = next(ckpt.model.parameters()).device
     if autocast is None:
-        autocast = device.type == "cuda"
-    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance}
+        autocast = sampling_autocast(ckpt)
+    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+              "precision": "bf16" if autocast else "fp32"}
     done = total - len(missing)
     if progress and done:
         progress(done, total, settings.steps, settings.steps)
@@ -137,7 +146,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
                     settings: SamplerSettings = DEFAULT_SETTINGS,
                     base_seed: int = 0,
                     batch_size: int = 100,
-                    autocast: bool | None = None,    # bf16 autocast; default: on CUDA only
+                    autocast: bool | None = None,    # bf16 autocast; default: sampling_autocast(ckpt)
                     make_zip: bool = False,
                     progress: ProgressFn | None = None,
                     sample_fn: Callable = sample,    # the worker passes a batching sampler here
@@ -147,7 +156,10 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
     (out / "images").mkdir(parents=True, exist_ok=True)
     names = ckpt.class_names
     specs = plan(class_counts, base_seed)
-    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance}
+    if autocast is None:
+        autocast = sampling_autocast(ckpt)
+    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+              "precision": "bf16" if autocast else "fp32"}
     t0 = time.perf_counter()
     sample_specs(ckpt, specs, out, settings=settings, batch_size=batch_size, autocast=autocast, progress=progress,
                  sample_fn=sample_fn)
@@ -155,6 +167,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
         "checkpoint": {"path": str(ckpt.path) if ckpt.path else None, "sha256": ckpt.sha256},
         "settings": asdict(settings),
         "base_seed": base_seed,
+        "precision": common["precision"],
         "counts": {names[c]: n for c, n in class_counts},
         "images": [dict(file=s.file, class_name=names[s.class_index], class_index=s.class_index, seed=s.seed, **common)
                    for s in specs],

@@ -121,6 +121,7 @@ class MetricsSettings:
     inception_weights: str | None = None        # local torchvision inception_v3 state dict
     device: str = "auto"
     cache_dir: str | None = None
+    precision: str | None = None                # of the sampling calls: auto, fp32, bf16 (None: $DREAMDATA_PRECISION)
 
 
 def _row(feats: torch.Tensor, fidelity_pred: torch.Tensor, fidelity_labels: torch.Tensor, ref_stats,
@@ -155,8 +156,8 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
                                          show_bar=show_bars)
     settings = SamplerSettings(s.sampler, s.steps, s.guidance, s.eta)
     gen, gen_info = synthetic_images(checkpoint or s.checkpoint or default_checkpoint(), s.n_per_class, settings,
-                                     base_seed=s.seed, cache_dir=cache_dir, device=device, batch_size=s.batch_size,
-                                     progress=progress)
+                                     base_seed=s.seed, cache_dir=cache_dir, device=device, precision=s.precision,
+                                     batch_size=s.batch_size, progress=progress)
     gen = align_classes(gen, names)
     ref_train = per_class(train, s.n_per_class, seed=s.seed)
     ref_test = per_class(test, s.n_per_class, seed=s.seed + 1)

@@ -54,7 +54,7 @@ def run_metrics(args: argparse.Namespace) -> None:
         steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size, k=args.k,
         feature_classifier=args.feature_classifier, feature_width=args.feature_width,
         feature_epochs=args.feature_epochs, inception_weights=args.inception_weights, device=args.device,
-        cache_dir=args.cache_dir)
+        cache_dir=args.cache_dir, precision=args.precision)
     result = measure_generator(s)
     text = json.dumps(result, indent=1)
     if args.out:

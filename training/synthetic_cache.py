@@ -5,12 +5,13 @@ A set is ``per_class`` images of every checkpoint class.  Image j of class c get
 ``per_class`` a caller asks for: a set of 100 per class is the first 100 of a set of 5,000, and one
 entry grows across runs (and sessions) instead of being sampled again.  It lives in::
 
-    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>-seed<base_seed>-<key>/
+    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>-seed<base_seed>[-bf16]-<key>/
         images/<class index>/<j>.png    one PNG per image, with its metadata (class, seed, sampler, ...)
         grid.png                        the first 10 images of every class (rewritten when the set grows)
         timing.json                     images sampled into the entry and the seconds they took, summed
 
-keyed by the checkpoint weights' sha256, the sampler settings and the seed base.  A PNG is written
+keyed by the checkpoint weights' sha256, the sampler settings, the seed base and the precision of the
+model calls (``diffusion.precision``: bf16 images differ from fp32 ones).  A PNG is written
 atomically as soon as its batch is done, so an interrupted run keeps its images; a set is complete when
 all of its PNGs exist.  Missing images are sampled j-major (every class's image j before any class's
 j + 1), so an interrupted run toward a large set leaves the largest possible complete smaller set.
@@ -33,11 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion.checkpoint import WEIGHTS_FILE, Checkpoint, file_sha256, load_checkpoint, read_config
+from diffusion.checkpoint import Checkpoint, load_for_sampling
 from diffusion.samplers import SamplerSettings, sample
 
 from .data import LabelledImages, default_cache_dir
-from .generate import ImageSpec, sample_specs, write_grid
+from .generate import ImageSpec, sample_specs, sampling_autocast, write_grid
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,15 @@ CLASS_SEED_STRIDE = 1_000_000  # image j of class c gets seed base_seed + c * CL
 ProgressFn = Callable[[float], None]  # fraction of the images sampled, 0..1; may raise to cancel
 
 
-def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_seed: int, num_classes: int) -> Path:
-    key = json.dumps({"v": CACHE_VERSION, "sha256": sha256, "settings": asdict(settings), "base_seed": base_seed,
-                      "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}, sort_keys=True)
-    h = hashlib.sha256(key.encode()).hexdigest()[:10]
-    name = f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}-seed{base_seed}-{h}"
+def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_seed: int, num_classes: int,
+               bf16: bool = False) -> Path:
+    key = {"v": CACHE_VERSION, "sha256": sha256, "settings": asdict(settings), "base_seed": base_seed,
+           "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}
+    if bf16:  # only then: fp32 entries keep the keys they had before precision was a choice
+        key["precision"] = "bf16"
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}-seed{base_seed}"
+            f"{'-bf16' if bf16 else ''}-{h}")
     return Path(cache_dir) / "synthetic" / name
 
 
@@ -92,40 +97,37 @@ def load_pngs(folder: Path, specs: list[ImageSpec]) -> tuple[torch.Tensor, torch
 def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int, settings: SamplerSettings, *,
                      base_seed: int = 0,                      # image j of class c: seed base_seed + c * stride + j
                      cache_dir: str | os.PathLike | None = None,
-                     device: str | torch.device = "cpu",      # used only when sampling is needed
+                     device: str | torch.device = "cpu",
+                     precision: str | None = None,            # auto, fp32, bf16 (diffusion.precision)
                      batch_size: int = 100,                   # images per model batch
                      sample_fn: Callable = sample,            # the worker may pass its batching sampler
                      progress: ProgressFn | None = None,
                      ) -> tuple[LabelledImages, dict]:
     """``per_class`` synthetic images of every class (class-major), from the cache or sampled into it.
 
-    ``checkpoint`` is a checkpoint directory (the model is loaded only if sampling is needed) or
-    an already loaded :class:`Checkpoint`.  Returns the images and ``{"cache_dir", "reused",
-    "checkpoint_sha256", "seconds", "sampled", "seed_rule"}``: ``seconds`` of sampling in this call (0 when
-    reused) for ``sampled`` images; ``reused`` is true when nothing had to be sampled.
+    ``checkpoint`` is a checkpoint directory, loaded with ``precision`` (the choice keys the cache, so
+    the model is loaded even when every image is cached), or an already loaded :class:`Checkpoint`, whose
+    own precision is used (``ckpt.precision``; ``precision`` is then ignored).  Returns the images and
+    ``{"cache_dir", "reused", "checkpoint_sha256", "seconds", "sampled", "seed_rule", "precision"}``:
+    ``seconds`` of sampling in this call (0 when reused) for ``sampled`` images; ``reused`` is true when
+    nothing had to be sampled.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
-    if isinstance(checkpoint, Checkpoint):
-        ckpt, sha, names = checkpoint, checkpoint.sha256, checkpoint.class_names
-        num_timesteps = ckpt.schedule.num_timesteps
-    else:
-        ckpt, cfg = None, read_config(checkpoint)
-        sha, names = file_sha256(Path(checkpoint) / WEIGHTS_FILE), tuple(cfg["class_names"])
-        num_timesteps = int(cfg["schedule"]["timesteps"])
-    settings.validate(num_timesteps)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_for_sampling(checkpoint, device, precision)
+    sha, names = ckpt.sha256, ckpt.class_names
+    settings.validate(ckpt.schedule.num_timesteps)
+    bf16 = sampling_autocast(ckpt)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache_path(cache_dir, sha, settings, base_seed, len(names))
+    folder = cache_path(cache_dir, sha, settings, base_seed, len(names), bf16)
     specs = image_specs(per_class, len(names), base_seed)
     todo = [s for s in specs if not (folder / s.file).exists()]
     info = {"cache_dir": str(folder), "reused": not todo, "checkpoint_sha256": sha, "seconds": 0.0,
-            "sampled": len(todo), "seed_rule": f"base_seed + class_index * {CLASS_SEED_STRIDE} + j"}
+            "sampled": len(todo), "seed_rule": f"base_seed + class_index * {CLASS_SEED_STRIDE} + j",
+            "precision": "bf16" if bf16 else "fp32"}
+    if ckpt.precision is not None:
+        info["precision_reason"] = ckpt.precision.reason
     if todo:
-        if ckpt is None:
-            ckpt = load_checkpoint(checkpoint, device=device)
-            if torch.device(device).type == "cpu":
-                ckpt.model.to(memory_format=torch.channels_last)
-
         on_disk = len(specs) - len(todo)
 
         def on_progress(done: int, total: int, step: int, steps: int) -> None:  # done, total: of ``todo``
@@ -136,8 +138,8 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
         log.info("sampling %d synthetic images into %s (%d on disk)", len(todo), folder, on_disk)
         t0 = time.perf_counter()
         # only the missing ones, so a concurrent filler's images written meanwhile are not sampled twice
-        sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, progress=on_progress,
-                     sample_fn=sample_fn)
+        sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, autocast=bf16,
+                     progress=on_progress, sample_fn=sample_fn)
         info["seconds"] = round(time.perf_counter() - t0, 3)
         _add_time(folder, len(todo), info["seconds"])
         write_grid(folder, specs, [(c, per_class) for c in range(len(names))])

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from diffusion.checkpoint import Checkpoint, load_checkpoint
-from diffusion.spec import SamplerSettings
+from diffusion.checkpoint import Checkpoint, load_for_sampling
+from diffusion.spec import SamplerSettings, requested_precision
 from training.generate import generate_to_dir, resolve_class
 
 from .batching import BatchingSampler
@@ -33,13 +33,12 @@ _load_lock = threading.Lock()  # the threads pool: concurrent first jobs load th
 
 
 @lru_cache(maxsize=2)
-def _load(path: str, compile_mode: str = "off") -> Checkpoint:
+def _load(path: str, compile_mode: str = "off", precision: str = "auto") -> Checkpoint:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(path, device=device)
-    if device.type == "cpu":
-        ckpt.model.to(memory_format=torch.channels_last)  # measured faster on CPU (bf16 only on CUDA)
-    log.info("loaded %s on %s in %.1f s (sha256 %s)", path, device, time.perf_counter() - t0, ckpt.sha256[:12])
+    ckpt = load_for_sampling(path, device=device, precision=precision)  # decides bf16 / fp32 and the layout
+    log.info("loaded %s on %s in %.1f s (sha256 %s); precision %s", path, device, time.perf_counter() - t0,
+             ckpt.sha256[:12], ckpt.precision.reason)
     if compile_mode != "off":
         # Compiles lazily, on the first call of each batch shape; job_sampler pads batches to few shapes.
         # Guided and unguided calls differ in batch (2n vs n), so allow twice the padded sizes before
@@ -50,11 +49,14 @@ def _load(path: str, compile_mode: str = "off") -> Checkpoint:
     return ckpt
 
 
-def model_for(path: str | Path, threads: int | None = None, compile_mode: str = "off") -> Checkpoint:
-    """The checkpoint at ``path``, loaded once per process (cached by resolved path and compile mode).
+def model_for(path: str | Path, threads: int | None = None, compile_mode: str = "off",
+              precision: str | None = None) -> Checkpoint:
+    """The checkpoint at ``path``, loaded once per process (cached by resolved path, compile mode and precision).
 
     ``threads``: torch CPU threads for this process (None: leave torch's default).
     ``compile_mode``: ``off`` or a ``torch.compile`` mode (``Settings.compile``).
+    ``precision``: ``auto``, ``fp32`` or ``bf16`` (``Settings.precision``, ``diffusion.precision``; None:
+    ``$DREAMDATA_PRECISION`` or auto).
     """
     if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -62,7 +64,7 @@ def model_for(path: str | Path, threads: int | None = None, compile_mode: str = 
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {p} (set DREAMDATA_CHECKPOINT or --checkpoint)")
     with _load_lock:
-        return _load(str(p.resolve()), compile_mode)
+        return _load(str(p.resolve()), compile_mode, requested_precision(precision))
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +80,7 @@ def job_sampler(settings: Settings) -> BatchingSampler:
 
 def worker_model(settings: Settings) -> Checkpoint:
     """The model this worker's jobs use, as its settings say (path, CPU threads, compile mode)."""
-    return model_for(settings.checkpoint, settings.torch_threads, settings.compile)
+    return model_for(settings.checkpoint, settings.torch_threads, settings.compile, settings.precision)
 
 
 def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:

@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+from diffusion.spec import PRECISIONS
+
 from .celery_app import SOFT_SHUTDOWN_S, celery_for
 from .redis_server import RedisServer, die_with_parent
 from .settings import CompileMode, Settings, get_settings
@@ -66,6 +68,9 @@ def _add_pool(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=get_args(CompileMode), default=None,
                    help="torch.compile the model in this mode (default: $DREAMDATA_COMPILE or off); batches are "
                         "padded to power-of-two sizes so that few shapes compile")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="model calls in fp32 or bf16 autocast (default: $DREAMDATA_PRECISION or auto: bf16 on a "
+                        "GPU; on a CPU whichever a timing at model load finds faster)")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +97,7 @@ def _apply(args: argparse.Namespace) -> Settings:
         if value is not None:
             os.environ[env] = str(Path(value).resolve())
     for opt, env in (("pool", "DREAMDATA_POOL"), ("concurrency", "DREAMDATA_CONCURRENCY"),
-                     ("compile", "DREAMDATA_COMPILE")):
+                     ("compile", "DREAMDATA_COMPILE"), ("precision", "DREAMDATA_PRECISION")):
         value = getattr(args, opt, None)
         if value is not None:
             os.environ[env] = str(value)

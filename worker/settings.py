@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from diffusion.spec import SHIPPED_CHECKPOINT
+from diffusion.spec import SHIPPED_CHECKPOINT, Precision
 
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]  # "off" or a torch.compile mode
 
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
                            "model batches are then padded to power-of-two sizes up to batch_size, so each shape "
                            "compiles once (at most ceil(log2(batch_size))+1 shapes; the first use of each waits "
                            "for its compile)")
+    precision: Precision = Field(
+        "auto", description="model calls of sampling in fp32 or bf16 autocast; auto: bf16 on a GPU, and on a CPU "
+                            "whichever a timing at model load finds faster (bf16 only if 1.2x; diffusion.precision)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process (default: torch's; "
                                                               "1 on a CPU shared with other work)")
     job_time_limit: int = Field(3600, ge=1, description="soft time limit of a job, seconds")

@@ -79,3 +79,17 @@ def test_an_interrupted_fill_keeps_its_images_and_images_do_not_depend_on_the_ba
     assert missing(folder, 2, 10, 0) == 0
     # sampled again in other batches (of 3, not 20), the images are the same up to float rounding
     assert (refilled.images.int() - full.images.int()).abs().max() <= 1
+
+
+def test_the_precision_keys_the_cache_and_a_loaded_checkpoint_brings_its_own(tiny_checkpoint, cache_dir, counted):
+    from diffusion.checkpoint import load_for_sampling
+
+    fp32, info32 = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir, precision="fp32")
+    bf16, info16 = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir, precision="bf16")
+    assert (info32["precision"], info16["precision"]) == ("fp32", "bf16")
+    assert info16["cache_dir"] != info32["cache_dir"] and info16["cache_dir"].split("-")[-2] == "bf16"
+    assert len(counted) == 2 and not torch.equal(fp32.images, bf16.images)
+    # a loaded checkpoint's precision wins over the argument
+    _, info = synthetic_images(load_for_sampling(tiny_checkpoint, precision="bf16"), 1, SETTINGS,
+                               cache_dir=cache_dir, precision="fp32")
+    assert info["cache_dir"] == info16["cache_dir"] and info["reused"] is True

@@ -1,0 +1,99 @@
+"""Which arithmetic the model calls of sampling use: fp32, or bf16 autocast, and the CPU weight layout.
+
+bf16 autocast is the obvious choice on a GPU.  On a CPU it depends on the chip: on one 2-core Xeon
+(AVX512-BF16) the UNet ran 0.7-0.8x as fast in bf16 as in fp32; on a 2-core AMD EPYC (also AVX512-BF16)
+2.0x as fast.  So ``auto`` (the default everywhere) measures: on a CPU it times one forward pass of the
+model at a small batch in each precision and layout and keeps the fastest, and bf16 only if it is at
+least ``BF16_MARGIN`` times as fast as fp32 (a small gain is not worth images that differ from fp32
+ones).  ``fp32`` and ``bf16`` force the choice; ``DREAMDATA_PRECISION`` sets the default.
+
+The choice changes the images a seed gives (bf16 rounds the model's output), so it is recorded in
+every PNG's metadata and manifest, and synthetic-set caches are keyed by it.  The sampler's own
+arithmetic stays fp32 either way (``diffusion.samplers.guided_eps`` casts the model output back).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .spec import PRECISIONS, Precision, requested_precision  # noqa: F401  (torch-free, for the API's imports)
+
+log = logging.getLogger(__name__)
+
+BF16_MARGIN = 1.2   # auto picks bf16 on a CPU only if it is at least this much faster than fp32
+PROBE_BATCH = 32    # images per timed forward pass
+PROBE_REPEATS = 3   # timed passes per variant (median), after one warm-up pass
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    bf16: bool                   # bf16 autocast around the model calls
+    channels_last: bool          # weights (and so activations) in channels_last (CPU)
+    reason: str                  # one line for logs and reports
+    timings: dict | None = None  # auto on a CPU: seconds per probe forward of each variant
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+
+def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, device: torch.device) -> float:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    cfg = model.config
+    x = torch.randn(PROBE_BATCH, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    x = x.contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (PROBE_BATCH,), device=device)
+    y = torch.randint(0, max(1, cfg.num_classes), (PROBE_BATCH,), device=device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    times = []
+    with torch.inference_mode(), ctx:
+        for i in range(PROBE_REPEATS + 1):
+            t0 = time.perf_counter()
+            model(x, t, y)
+            if i:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+_AUTO_CACHE: dict[tuple, PrecisionChoice] = {}
+
+
+def choose_precision(model: torch.nn.Module, precision: str | None = None) -> PrecisionChoice:
+    """Decide (and apply: the weight layout) the precision of ``model``'s sampling calls.
+
+    ``precision``: auto, fp32 or bf16 (None: ``$DREAMDATA_PRECISION`` or auto).  On a CPU the weights
+    end in the layout chosen; ``auto`` on a CPU times the four variants (about 5 s for the default
+    model on 2 cores; the result is cached per architecture and thread count for the process).
+    """
+    p = requested_precision(precision)
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        bf16 = p != "fp32"
+        return PrecisionChoice(bf16, False, f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type} ({p})")
+    if p != "auto":
+        # fp32: channels_last was measured faster on both CPUs above; bf16: NCHW on the EPYC
+        choice = PrecisionChoice(p == "bf16", p == "fp32", f"{p} (requested)")
+        model.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
+        return choice
+    key = (repr(model.config), torch.get_num_threads())
+    if key not in _AUTO_CACHE:
+        timings = {f"{'bf16' if b else 'fp32'} {'channels_last' if cl else 'NCHW'}": _time_forward(model, b, cl, device)
+                   for b in (False, True) for cl in (False, True)}
+        fp32 = min((v, k) for k, v in timings.items() if k.startswith("fp32"))
+        bf16 = min((v, k) for k, v in timings.items() if k.startswith("bf16"))
+        use_bf16 = bf16[0] * BF16_MARGIN <= fp32[0]
+        best = bf16 if use_bf16 else fp32
+        reason = (f"auto: {best[1]} on this CPU (bf16 {fp32[0] / bf16[0]:.2f}x the speed of fp32 in a timed "
+                  f"batch-{PROBE_BATCH} forward; bf16 needs {BF16_MARGIN}x)")
+        _AUTO_CACHE[key] = PrecisionChoice(use_bf16, best[1].endswith("channels_last"), reason,
+                                           {k: round(v, 4) for k, v in timings.items()})
+        log.info("precision %s; timings %s", reason, _AUTO_CACHE[key].timings)
+    choice = _AUTO_CACHE[key]
+    model.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
+    return choice
