@@ -13,11 +13,14 @@ every variant side by side in one process, against three references:
     throughput at the same thread count, so each row says which fraction of peak it reaches.
 
 Our variants: diffusion.samplers.sample at fp32 and bf16 autocast, NCHW and channels_last weights,
-and torch.compile (fp32 and bf16, channels_last), at each of --batch-sizes (one batch per timed run).
-A row is the median, min and max images/s over --repeats timed runs after a warm-up run of
+and torch.compile (fp32 and bf16, in the service's layout), at each of --batch-sizes (one batch per
+timed run). A row is the median, min and max images/s over --repeats timed runs after a warm-up run of
 --warmup-steps sampler steps on the same batch; for torch.compile that warm-up compiles, and its
-time is reported on its own (inductor caches on disk, so a rerun on the same machine compiles faster). The "default" row is the service's CPU path (worker/generation.py:
-fp32, channels_last, eager) at the largest batch (the worker's batch is 100).
+time is reported on its own (inductor caches on disk, so a rerun on the same machine compiles faster).
+The "default" row is the service's path on this CPU at the largest batch (the worker's batch is 100):
+eager, in the precision and layout that ``diffusion.precision`` picks here (auto: it times them at
+model load, as the worker does). diffusers runs fp32 (its default) and bf16 (its weights cast, the way
+diffusers users run bf16), and the summary sets the service's path against both.
 
 At the defaults, on the 2-core development machine, expect about an hour (estimated from the timings
 in README.md: one guided 100-image run of DPM-Solver++ 20 steps takes over a minute); --skip-compile
@@ -43,14 +46,13 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from diffusion.checkpoint import load_checkpoint
+from diffusion.checkpoint import load_for_sampling
 from diffusion.samplers import sample
 from diffusion.schedules import NoiseSchedule
-from diffusion.spec import DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, SamplerSettings
+from diffusion.spec import DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings, requested_precision
 from diffusion.unet import UNET_CONFIGS, UNet, UNetConfig, _groups, count_parameters
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
-DEFAULT_LAYOUT = "channels_last"  # what the worker does on CPU (worker/generation.py), in fp32, eager
 QUICK = dict(repeats=1, batch_sizes="2", steps=2, warmup_steps=1, ddpm_probe_steps=1, ddpm_batch=2,
              gemm_sizes="256", gemm_repeats=2)
 
@@ -235,11 +237,13 @@ def guided_pipeline(unet, scheduler):
 
 
 def run_diffusers(unet, flops: int, schedule: NoiseSchedule, s: SamplerSettings, batch: int, layout: str,
-                  a: argparse.Namespace) -> Row:
+                  a: argparse.Namespace, precision: str = "fp32") -> Row:
     """(b): a class-conditional ``unet`` through the guided pipeline, an unconditional one through
-    diffusers' DDPMPipeline; fp32, eager, its weights in ``layout``."""
+    diffusers' DDPMPipeline; eager, its weights in ``layout``; bf16 the diffusers way: the weights cast to
+    bfloat16 (``pipe.to(torch.bfloat16)``), so the noise, the model and the scheduler all run in bf16."""
     from diffusers import DDPMPipeline
 
+    unet.to(torch.bfloat16 if precision == "bf16" else torch.float32)
     set_layout(unet, layout)
     scheduler = diffusers_scheduler(schedule, s.sampler)
     conditional = unet.config.num_class_embeds is not None
@@ -257,7 +261,8 @@ def run_diffusers(unet, flops: int, schedule: NoiseSchedule, s: SamplerSettings,
             return pipe(batch_size=batch, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
                         output_type="pt")
     rates, _ = measure(run, batch, s.steps, a.warmup_steps, a.repeats)
-    return Row("(b) diffusers", "fp32", layout, batch, s.steps, f"{s.guidance:.1f}" if conditional else "uncond",
+    unet.to(torch.float32)
+    return Row("(b) diffusers", precision, layout, batch, s.steps, f"{s.guidance:.1f}" if conditional else "uncond",
                s.model_calls, flops, rates, f"{type(pipe).__name__} + {type(scheduler).__name__}")
 
 
@@ -279,6 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gemm-sizes", default="2048,4096",
                    help="square torch.mm sizes for the peak; the best median counts")
     p.add_argument("--gemm-repeats", type=int, default=5)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="what the service would use, which marks the default row (default: $DREAMDATA_PRECISION or "
+                        "auto: timed here, as the worker does at start)")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny settings to check that it runs: " +
@@ -301,7 +309,9 @@ def load_diffusers() -> bool:
 def main(argv: list[str] | None = None) -> list[Row]:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    ckpt = load_checkpoint(a.checkpoint)
+    ckpt = load_for_sampling(a.checkpoint, "cpu", a.precision)  # the service's choice of precision and layout
+    service = ckpt.precision
+    service_layout = "channels_last" if service.channels_last else "NCHW"
     model, schedule, cfg = ckpt.model, ckpt.schedule, ckpt.model.config
     s = SamplerSettings(a.sampler, a.steps, a.guidance)
     s.validate(schedule.num_timesteps)
@@ -341,6 +351,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                   f"({n / n_params - 1:+.2%} vs ours), {f / 1e9:.3f} GFLOP per image per call")
     elif not a.skip_diffusers:
         print("diffusers is not installed (pip install -e '.[test]'): the (b) rows are left out")
+    print(f"the service's precision here ({requested_precision(a.precision)}): {service.reason}")
     print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}: {s.model_calls} model calls per image"
           + (" (cond + uncond in one call of twice the batch)" if guided else ""))
     print("FLOPs: FlopCounterMode on one forward of one image (conv, matmul, attention; not norms or activations)")
@@ -382,20 +393,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for layout in LAYOUTS:
             set_layout(model, layout)
             for b in batches:
-                is_default = (precision, layout, b) == ("fp32", DEFAULT_LAYOUT, big)
-                ours(model, precision, layout, b, s, "default (the worker's CPU path)" if is_default else "")
+                is_default = (precision, layout, b) == (service.name, service_layout, big)
+                ours(model, precision, layout, b, s, "default (the service's path on this CPU)" if is_default else "")
     default = next(r for r in rows if r.note.startswith("default"))
 
-    # ---- 1b. ours, torch.compile, in the default layout; one compilation per batch size
+    # ---- 1b. ours, torch.compile, in the service's layout; one compilation per batch size
     if not a.skip_compile:
-        set_layout(model, DEFAULT_LAYOUT)
+        set_layout(model, service_layout)
         for precision in ("fp32", "bf16"):
             for b in batches:
                 torch._dynamo.reset()
                 try:
-                    ours(torch.compile(model, dynamic=False), precision, DEFAULT_LAYOUT, b, s, compiled=True)
+                    ours(torch.compile(model, dynamic=False), precision, service_layout, b, s, compiled=True)
                 except Exception as e:  # no C++ compiler, an unsupported op: say so and go on
-                    print(f"{'ours+compile':<14} {precision:<5} {DEFAULT_LAYOUT:<13} {b:>5}  failed: "
+                    print(f"{'ours+compile':<14} {precision:<5} {service_layout:<13} {b:>5}  failed: "
                           f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}", flush=True)
         torch._dynamo.reset()
 
@@ -411,22 +422,29 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     # ---- ours unguided (one model call per step), like with like for (a) and (b)
     if guided:
-        for layout in LAYOUTS:
-            set_layout(model, layout)
-            ours(model, "fp32", layout, big, unguided_s, "unguided, for (a) and (b)")
+        for precision in ("fp32", "bf16"):
+            for layout in LAYOUTS:
+                set_layout(model, layout)
+                ours(model, precision, layout, big, unguided_s, "unguided, for (a) and (b)")
 
-    # ---- 3. (b) diffusers: same sampler, steps and batch; fp32, eager, in both layouts
+    # ---- 3. (b) diffusers: same sampler, steps and batch; eager, fp32 and bf16, in both layouts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers' deprecation notes, numpy 2's __array__ copy warning
         for key, (unet, f) in theirs.items():
-            for layout in LAYOUTS:
-                progress(f"(b) diffusers, {key}, {layout}, batch {big}")
-                emit(run_diffusers(unet, f, schedule, s if key == "guided" else unguided_s, big, layout, a))
+            for precision in ("fp32", "bf16"):
+                for layout in LAYOUTS:
+                    progress(f"(b) diffusers, {key}, {precision}, {layout}, batch {big}")
+                    emit(run_diffusers(unet, f, schedule, s if key == "guided" else unguided_s, big, layout, a,
+                                       precision))
 
     # ---- summary
-    def find(name: str, layout: str, guidance: str) -> Row:
+    def find(name: str, layout: str, guidance: str, precision: str = "fp32") -> Row:
         return next(r for r in rows if (r.name, r.precision, r.layout, r.batch, r.guidance)
-                    == (name, "fp32", layout, big, guidance))
+                    == (name, precision, layout, big, guidance))
+
+    def fastest(name: str, guidance: str) -> Row:
+        return max((r for r in rows if r.name == name and r.batch == big and r.guidance == guidance),
+                   key=lambda r: r.median)
 
     g, g1 = f"{s.guidance:.1f}", f"{unguided_s.guidance:.1f}"
     print()
@@ -442,9 +460,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 ours_g, their_g = find("ours", layout, g), find("(b) diffusers", layout, g)
                 print(f"  {layout + ',':<14} guided w={s.guidance:g}, cond + uncond in one call of batch {2 * big}: "
                       f"{ours_g.median:.3f} / {their_g.median:.3f} = {ours_g.median / their_g.median:.2f}x")
-    unguided = find("ours", DEFAULT_LAYOUT, g1)
+        print(f"the service's path (eager, {service.name} {service_layout}) against diffusers, batch {big}:")
+        for gg, key in ([(g, g)] if guided else []) + [(g1, "uncond")]:
+            mine, fp32, best_t = (find("ours", service_layout, gg, service.name),
+                                  find("(b) diffusers", service_layout, key), fastest("(b) diffusers", key))
+            print(f"  guidance {gg}: vs diffusers fp32 (its default) in the same layout {mine.median:.3f} / "
+                  f"{fp32.median:.3f} = {mine.median / fp32.median:.2f}x; vs diffusers' fastest row "
+                  f"({best_t.precision} {best_t.layout}) {mine.median / best_t.median:.2f}x")
+    unguided = find("ours", service_layout, g1, service.name)
     print(f"speed-up vs (a), the report's method (DDPM {T} steps, batch {nb}, unguided; goal: 50x):")
-    print(f"  default row (ours fp32 {DEFAULT_LAYOUT} eager, batch {big}, {s.sampler} {s.steps} steps, "
+    print(f"  default row (ours {service.name} {service_layout} eager, batch {big}, {s.sampler} {s.steps} steps, "
           f"guidance {s.guidance:g}): {default.median / report.median:.1f}x")
     if guided:
         print(f"  the same unguided (guidance 1): {unguided.median / report.median:.1f}x")

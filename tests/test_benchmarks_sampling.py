@@ -47,10 +47,10 @@ def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys)
     out = capsys.readouterr().out
 
     expected = {("ours", p, layout, "1.5") for p in ("fp32", "bf16") for layout in ("NCHW", "channels_last")}
-    expected |= {("ours", "fp32", layout, "1.0") for layout in ("NCHW", "channels_last")}  # unguided
+    expected |= {("ours", p, layout, "1.0") for p in ("fp32", "bf16") for layout in ("NCHW", "channels_last")}
     expected |= {("(a) report", "fp32", "NCHW", "1.0")}
     if HAS_DIFFUSERS:
-        expected |= {("(b) diffusers", "fp32", layout, g)
+        expected |= {("(b) diffusers", p, layout, g) for p in ("fp32", "bf16")
                      for layout in ("NCHW", "channels_last") for g in ("uncond", "1.5")}
     assert sorted((r.name, r.precision, r.layout, r.guidance) for r in rows) == sorted(expected)
     assert all(r.batch == 2 and len(r.rates) == 1 and r.rates[0] > 0 and r.flops > 0 for r in rows)
@@ -58,7 +58,9 @@ def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys)
     report = next(r for r in rows if r.name == "(a) report")
     assert (report.steps, report.calls) == (1000, 1000) and "extrapolated from 1 of 1000 steps" in report.note
     (default,) = [r for r in rows if r.note.startswith("default")]
+    # the service's path: the tests pin DREAMDATA_PRECISION=fp32, for which the layout is channels_last
     assert (default.precision, default.layout, default.steps, default.calls) == ("fp32", "channels_last", 2, 4)
+    assert "the service's precision here (fp32): fp32 (requested)" in out
     for r in rows:  # a guided step is two model calls per image, an unguided one is one
         assert r.calls == r.steps * (2 if r.guidance == "1.5" else 1)
 
@@ -71,6 +73,8 @@ def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys)
         for layout in ("NCHW", "channels_last"):
             assert re.search(rf"{layout}, +guided w=1.5, .* = \d+\.\d\dx", out)
             assert re.search(rf"{layout}, +unguided, .* = \d+\.\d\dx", out)
+        assert re.search(r"guidance 1.5: vs diffusers fp32 \(its default\) in the same layout .* = \d+\.\d\dx; "
+                         r"vs diffusers' fastest row \((fp32|bf16) (NCHW|channels_last)\) \d+\.\d\dx", out)
 
 
 def test_unguided_settings_need_no_extra_row(bench, tiny_checkpoint, capsys):
