@@ -17,10 +17,10 @@ def evaluation_url(job_id: str) -> str:
     return f"/evaluations/{job_id}"
 
 
-def output_urls(job_id: str, count: int, sha256: str | None = None) -> JobOutput:
+def output_urls(job_id: str, count: int, sha256: str | None = None, precision: str | None = None) -> JobOutput:
     base = job_url(job_id)
     return JobOutput(grid=f"{base}/grid.png", zip=f"{base}/images.zip", manifest=f"{base}/manifest.json",
-                     images=f"{base}/images/{{i}}.png", count=count, checkpoint_sha256=sha256)
+                     images=f"{base}/images/{{i}}.png", count=count, checkpoint_sha256=sha256, precision=precision)
 
 
 def evaluation_output(job_id: str, out: dict) -> EvaluationOutput:
@@ -64,4 +64,4 @@ def job_view(rec: dict, store: JobStore, report: dict | None = None) -> Generati
     return GenerationJob(
         **common, url=job_url(job_id), images_done=rec.get("images_done", 0), images_total=rec["images_total"],
         step=rec.get("step", 0), steps=rec.get("steps", rec["request"]["steps"]), input=JobInput(**rec["request"]),
-        output=output_urls(job_id, out["images"], out.get("checkpoint_sha256")) if out else None)
+        output=output_urls(job_id, out["images"], out.get("checkpoint_sha256"), out.get("precision")) if out else None)

@@ -45,6 +45,9 @@ class JobOutput(BaseModel):
                         examples=[f"/jobs/{_ID}/images/{{i}}.png"])
     count: int
     checkpoint_sha256: str | None = None
+    precision: str | None = Field(None, description="of the model calls: fp32 or bf16 (the worker's choice, "
+                                                    "DREAMDATA_PRECISION); the same seed gives nearby, not equal, "
+                                                    "images in the other", examples=["fp32"])
 
 
 class Timings(BaseModel):

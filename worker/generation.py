@@ -153,7 +153,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     total = len(manifest["images"])
     result = {
         "id": job_id, "status": SUCCEEDED, "input": request, "images": total,
-        "checkpoint": manifest["checkpoint"], "seconds": manifest["seconds"],
+        "checkpoint": manifest["checkpoint"], "seconds": manifest["seconds"], "precision": manifest["precision"],
         "attempts": rec["attempts"], "worker": worker,
         "files": {"grid": "grid.png", "zip": "images.zip", "manifest": "manifest.json",
                   "images": "images/{i:05d}.png"},
@@ -162,7 +162,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     store.transition(job_id, (RUNNING,), {
         "status": SUCCEEDED, "finished_at": time.time(), "images_done": total, "step": sampler.steps,
         "progress": 1.0, "output": {"images": total, "seconds": manifest["seconds"],
-                                    "checkpoint_sha256": ckpt.sha256}})
+                                    "checkpoint_sha256": ckpt.sha256, "precision": manifest["precision"]}})
     log.info("job %s: %d images in %.1f s", job_id, total, manifest["seconds"])
     return result
 

@@ -41,6 +41,7 @@ def test_query_job_end_to_end(client, worker, settings):
     assert [m["seed"] for m in manifest["images"]] == list(range(7, 19))
     assert {m["class_name"] for m in manifest["images"]} == {"cat"}
     assert manifest["checkpoint"]["sha256"] == out["checkpoint_sha256"]
+    assert manifest["precision"] == out["precision"] == "fp32"  # the tests pin DREAMDATA_PRECISION
 
     one = client.get(out["images"].format(i=11))
     assert one.status_code == 200 and (png_pixels(one.content) == images["images/00011.png"]).all()
