@@ -395,7 +395,7 @@ def write_figure(rows: list[Row], class_names: list[str], seed: int, n_per_class
                      f"class fidelity {r.class_fidelity:.0%}", fontsize=9)
         ax.axis("off")
     fig.suptitle("one class per column: " + ", ".join(class_names), fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the top 0.3 inch for the suptitle
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
