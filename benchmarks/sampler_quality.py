@@ -390,7 +390,7 @@ def write_figure(rows: list[Row], class_names: list[str], seed: int, n_per_class
         folder = Path(r.cache_dir)
         specs = image_specs(per, len(class_names), seed)  # j-major: grid row j holds image j of every class
         imgs, _ = load_pngs(folder, specs)
-        ax.imshow(image_grid(imgs, nrow=len(class_names)))
+        ax.imshow(image_grid(imgs, nrow=len(class_names)), interpolation="nearest")  # pixel blocks: a small PNG
         ax.set_title(f"{r.name}, guidance {r.guidance:g}: FD {r.frechet_distance:.1f}, "
                      f"class fidelity {r.class_fidelity:.0%}", fontsize=9)
         ax.axis("off")
