@@ -7,7 +7,11 @@ loopback), measured three ways:
 3. worker memory: peak RSS of the worker's pool process during an M-image job (one batch in memory).
 
     python benchmarks/service.py [--checkpoint DIR | --tiny] [--n 100] [--memory-n 10000]
-                                 [--clients 50] [--requests 2000] [--threads 2]
+                                 [--clients 50] [--requests 2000] [--threads 2] [--compile default]
+
+The worker decides its precision as it always does (DREAMDATA_PRECISION, else auto: timed at start);
+the direct runs load the model the worker's way (``worker.generation.model_for``: the same precision,
+layout and --compile mode), so the overhead rows compare like with like.
     python benchmarks/service.py --tiny --n 100 --memory-n 1000 --requests 500   # a quick check
 """
 from __future__ import annotations
@@ -28,8 +32,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from diffusion.spec import SamplerSettings
-from training.generate import default_checkpoint, generate_to_dir, plan
+from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings, requested_precision
+from training.generate import default_checkpoint, generate_to_dir, plan, sampling_autocast
 from worker.redis_server import RedisServer, die_with_parent, free_port
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -71,18 +75,19 @@ def run_job(client: httpx.Client, params: dict, poll: float = 0.02) -> tuple[flo
     return time.perf_counter() - t0, job
 
 
-def direct(ckpt_dir: Path, n: int, s: SamplerSettings, batch: int, out: Path) -> tuple[float, float]:
+def direct(ckpt_dir: Path, n: int, s: SamplerSettings, batch: int, out: Path,
+           compile_mode: str = "off", threads: int | None = None) -> tuple[float, float]:
     """(seconds for the sampler alone, seconds for generate_to_dir with PNGs + zip) in this process."""
     from diffusion.samplers import sample
     from worker.generation import model_for
 
-    ckpt = model_for(ckpt_dir)  # the worker's own loading: device, channels_last on CPU
+    ckpt = model_for(ckpt_dir, threads, compile_mode)  # the worker's own loading: threads, precision, layout
     specs = plan([(3, n)], 0)
     t0 = time.perf_counter()
     for i in range(0, n, batch):
         b = specs[i:i + batch]
         sample(ckpt.model, ckpt.schedule, torch.tensor([x.class_index for x in b]), [x.seed for x in b],
-               sampler=s.sampler, steps=s.steps, guidance=s.guidance, autocast=torch.cuda.is_available())
+               sampler=s.sampler, steps=s.steps, guidance=s.guidance, autocast=sampling_autocast(ckpt))
     t1 = time.perf_counter()
     generate_to_dir(ckpt, [(3, n)], out, settings=s, base_seed=0, batch_size=batch, make_zip=True)
     return t1 - t0, time.perf_counter() - t1
@@ -119,9 +124,11 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     p.add_argument("--tiny", action="store_true", help="use a tiny random checkpoint (a quick check of the script)")
     p.add_argument("--n", type=int, default=100, help="images in the overhead job")
-    p.add_argument("--sampler", default="dpmpp")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--sampler", default=DEFAULT_SETTINGS.sampler)
+    p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps)
+    p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
+    p.add_argument("--compile", default="off", help="the worker's --compile mode (off, default, ...); the direct "
+                                                    "runs compile the same way")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3, help="overhead runs (median reported)")
     p.add_argument("--clients", type=int, default=50)
@@ -136,7 +143,8 @@ def main() -> None:
     ckpt = tiny_checkpoint(tmp / "ckpt") if a.tiny else Path(a.checkpoint or default_checkpoint())
     s = SamplerSettings(a.sampler, a.steps, a.guidance)
     with running_service(tmp, ckpt, threads=a.threads, DREAMDATA_BATCH_SIZE=a.batch_size,
-                         DREAMDATA_MAX_N=max(a.n, a.memory_n)) as (base_url, worker_pid):
+                         DREAMDATA_MAX_N=max(a.n, a.memory_n), DREAMDATA_COMPILE=a.compile,
+                         DREAMDATA_PRECISION=requested_precision()) as (base_url, worker_pid):
         report(a, s, ckpt, tmp, base_url, worker_pid)
     if a.keep:
         print(f"(work files in {tmp})")
@@ -196,7 +204,7 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
         for r in range(a.repeats):
             seconds, job = run_job(client, params)
             e2e.append(seconds)
-            t_sample, t_files = direct(ckpt, a.n, s, a.batch_size, tmp / f"direct-{r}")
+            t_sample, t_files = direct(ckpt, a.n, s, a.batch_size, tmp / f"direct-{r}", a.compile, a.threads)
             sampler_only.append(t_sample)
             with_files.append(t_files)
         t_e2e, t_sample, t_files = (statistics.median(x) for x in (e2e, sampler_only, with_files))
@@ -213,7 +221,8 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
             mem = (before, rss_kb(child, "VmHWM"), mem_seconds)
 
     print(f"\ncheckpoint {ckpt}; {s.sampler} {s.steps} steps, guidance {s.guidance}; batch {a.batch_size}; "
-          f"{a.threads} torch threads; device {'cuda' if torch.cuda.is_available() else 'cpu'}\n")
+          f"{a.threads} torch threads; device {'cuda' if torch.cuda.is_available() else 'cpu'}; compile {a.compile}; "
+          f"precision {job['output'].get('precision')}\n")
     rows = [
         ("overhead", f"{a.n}-image job, end to end (median of {a.repeats})", f"{t_e2e:.3f} s"),
         ("", "sampler called directly, same batches", f"{t_sample:.3f} s"),
