@@ -17,6 +17,13 @@ SLUG = {"real": "real", "real+synthetic": "real_synthetic", "synthetic": "synthe
 COLORS = {"real": "#4c72b0", "real+synthetic": "#55a868", "synthetic": "#c44e52"}
 
 
+
+def _seed_text(synth: dict, base: int) -> str:
+    """How the synthetic images got their seeds (reports from before per-class seeds have no stride)."""
+    if "class_seed_stride" in synth:
+        return f"image j of class c has seed {base} + c x {synth['class_seed_stride']:,} + j"
+    return f"image i has seed {base} + i"
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -105,7 +112,8 @@ def markdown(report: dict) -> str:
         f"({report['data']['real_train_images_per_seed']} images; {s['data']})",
         f"- synthetic data: {s['synthetic_per_class']} images per class from checkpoint "
         f"`{report['synthetic']['checkpoint_sha256'][:12]}` ({s['sampler']}, {s['steps']} steps, "
-        f"guidance {s['guidance']:g}, seeds from {s['synthetic_seed']})",
+        f"guidance {s['guidance']:g}, {report['synthetic'].get('precision', 'fp32')} model calls, "
+        f"{_seed_text(report['synthetic'], s['synthetic_seed'])})",
         f"- seeds: {', '.join(map(str, s['seeds']))}; tested on the real test split "
         f"({report['data']['test_images']} images)", "",
         "## Test accuracy (%)", "",

@@ -103,6 +103,7 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
             assert im.format == "PNG" and im.size[0] > 100
     md = (tmp_path / "run1" / "report.md").read_text()
     assert "95% CI" in md and "real+synthetic" in md and "accuracy.png" in md
+    assert "fp32 model calls, image j of class c has seed 0 + c x 1,000,000 + j" in md  # tests pin fp32
 
     # second run, through the CLI (its default sampler), with another classifier and one seed: same synthetic
     # settings -> cache hit
