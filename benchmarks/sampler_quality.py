@@ -251,7 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _timing(gen_info: dict) -> tuple[float | None, str]:
     """Sampling seconds per image of this setting's images, and where the number comes from."""
-    if not gen_info["reused"]:
+    if gen_info["sampled"]:
         return gen_info["seconds"] / gen_info["sampled"], "this run"
     t = sampling_time(Path(gen_info["cache_dir"]))
     if not t.get("images"):

@@ -137,17 +137,17 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
 
         log.info("sampling %d synthetic images into %s (%d on disk)", len(todo), folder, on_disk)
         t0 = time.perf_counter()
-        # only the missing ones, so a concurrent filler's images written meanwhile are not sampled twice
-        sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, autocast=bf16,
-                     progress=on_progress, sample_fn=sample_fn)
+        # sample_specs looks again at what is on disk (another process may be filling the same entry)
+        info["sampled"] = sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, autocast=bf16,
+                                       progress=on_progress, sample_fn=sample_fn)
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        _add_time(folder, len(todo), info["seconds"])
+        _add_time(folder, info["sampled"], info["seconds"])
         write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
     elif progress:
         progress(1.0)
     ordered = sorted(specs, key=lambda s: s.index)
     images, labels = load_pngs(folder, ordered)
-    log.info("%d synthetic images from %s (%d sampled now)", len(labels), folder, len(todo))
+    log.info("%d synthetic images from %s (%d sampled now)", len(labels), folder, info["sampled"])
     return LabelledImages(images, labels, tuple(names), str(folder)), info
 
 
