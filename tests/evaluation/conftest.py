@@ -68,3 +68,19 @@ def separable():
     rng = np.random.default_rng(1)
     x = np.concatenate([patterned(c, 10, rng) for c in range(10)])
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.arange(10).repeat_interleave(10)
+
+
+@pytest.fixture
+def sampling_calls(monkeypatch) -> list[list[int]]:
+    """The seeds of every batch of images the synthetic cache samples (``sample_specs`` calls), in order."""
+    import training.synthetic_cache as synthetic_cache
+
+    calls: list[list[int]] = []
+    real = synthetic_cache.sample_specs
+
+    def counting(ckpt, specs, *args, **kwargs):
+        calls.append([s.seed for s in specs])
+        return real(ckpt, specs, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic_cache, "sample_specs", counting)
+    return calls

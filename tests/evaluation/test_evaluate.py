@@ -7,7 +7,6 @@ from PIL import Image
 
 import dreamdata_cli
 from diffusion.spec import DEFAULT_SETTINGS
-import training.synthetic_cache as synthetic_cache
 from training.data import LabelledImages
 from training.evaluate import ARMS, EvaluationSettings, run_evaluation
 from training.evaluation_stats import mean_std, paired_delta, t_quantile
@@ -57,15 +56,8 @@ def test_synthetic_labels_follow_the_data_set_class_order():
 
 
 def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
-        data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch, capsys):
-    calls = []
-    real_sample_specs = synthetic_cache.sample_specs
-
-    def counting_sample_specs(ckpt, specs, *args, **kwargs):
-        calls.append([s.seed for s in specs])
-        return real_sample_specs(ckpt, specs, *args, **kwargs)
-
-    monkeypatch.setattr(synthetic_cache, "sample_specs", counting_sample_specs)
+        data_tar, tiny_checkpoint, cache_dir, tmp_path, sampling_calls, capsys):
+    calls = sampling_calls
     settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
                                   synthetic_per_class=2, real_fraction=0.5, epochs=2, seeds=(0, 1),
                                   sampler=DEFAULT_SETTINGS.sampler, steps=2, guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))

@@ -1,29 +1,15 @@
 """The synthetic-set cache: per-class seeds, so a set grows instead of being sampled again."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-import training.synthetic_cache as synthetic_cache
 from diffusion.samplers import SamplerSettings
 from training.synthetic_cache import CLASS_SEED_STRIDE, image_specs, missing, synthetic_images
 
 SETTINGS = SamplerSettings("ddim", 2, 1.0)
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Records the seeds of every sample_specs call the cache makes."""
-    calls = []
-    real = synthetic_cache.sample_specs
-
-    def counting(ckpt, specs, *args, **kwargs):
-        calls.append([s.seed for s in specs])
-        return real(ckpt, specs, *args, **kwargs)
-
-    monkeypatch.setattr(synthetic_cache, "sample_specs", counting)
-    return calls
 
 
 def test_image_specs_seed_rule_and_order():
@@ -41,9 +27,9 @@ def test_image_specs_seed_rule_and_order():
         image_specs(CLASS_SEED_STRIDE + 1, 2, 0)
 
 
-def test_a_set_grows_and_a_smaller_one_is_its_start(tiny_checkpoint, cache_dir, counted):
+def test_a_set_grows_and_a_smaller_one_is_its_start(tiny_checkpoint, cache_dir, sampling_calls):
     small, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, batch_size=7)
-    assert info["reused"] is False and info["sampled"] == 20 and len(counted) == 1
+    assert info["reused"] is False and info["sampled"] == 20 and len(sampling_calls) == 1
     assert small.labels.tolist() == [c for c in range(10) for _ in range(2)]  # class-major
     assert small.images.shape == (20, 3, 32, 32) and small.images.dtype == torch.uint8
     folder = info["cache_dir"]
@@ -52,43 +38,43 @@ def test_a_set_grows_and_a_smaller_one_is_its_start(tiny_checkpoint, cache_dir, 
     big, info = synthetic_images(tiny_checkpoint, 3, SETTINGS, cache_dir=cache_dir, batch_size=7,
                                  progress=fractions.append)
     assert info["cache_dir"] == folder and info["sampled"] == 10  # only image j=2 of every class
-    assert sorted(counted[1]) == [c * CLASS_SEED_STRIDE + 2 for c in range(10)]
+    assert sorted(sampling_calls[1]) == [c * CLASS_SEED_STRIDE + 2 for c in range(10)]
     assert fractions[0] == pytest.approx((20 + 7 / 2) / 30) and fractions[-1] == 1.0  # 20 on disk
     assert torch.equal(big.images.view(10, 3, 3, 32, 32)[:, :2], small.images.view(10, 2, 3, 32, 32))
-    assert json.loads((synthetic_cache.Path(folder) / "timing.json").read_text())["images"] == 30
+    assert json.loads((Path(folder) / "timing.json").read_text())["images"] == 30
 
     again, info = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir)
-    assert info["reused"] is True and info["sampled"] == 0 and len(counted) == 2
+    assert info["reused"] is True and info["sampled"] == 0 and len(sampling_calls) == 2
     assert torch.equal(again.images, small.images[::2])
 
     # a PNG records its seed, so any image can be reproduced on its own
-    with Image.open(synthetic_cache.Path(folder) / "images" / "4" / "000001.png") as im:
+    with Image.open(Path(folder) / "images" / "4" / "000001.png") as im:
         assert int(im.text["seed"]) == 4 * CLASS_SEED_STRIDE + 1 and im.text["class_index"] == "4"
 
 
 def test_an_interrupted_fill_keeps_its_images_and_images_do_not_depend_on_the_batch(
-        tiny_checkpoint, cache_dir, counted):
+        tiny_checkpoint, cache_dir, sampling_calls):
     full, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, batch_size=20)
-    folder = synthetic_cache.Path(info["cache_dir"])
+    folder = Path(info["cache_dir"])
     lost = sorted(folder.glob("images/*/*.png"))[::3]
     for png in lost:
         png.unlink()
     assert missing(folder, 2, 10, 0) == len(lost)
     refilled, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, batch_size=3)
-    assert info["sampled"] == len(lost) and len(counted[-1]) == len(lost)
+    assert info["sampled"] == len(lost) and len(sampling_calls[-1]) == len(lost)
     assert missing(folder, 2, 10, 0) == 0
     # sampled again in other batches (of 3, not 20), the images are the same up to float rounding
     assert (refilled.images.int() - full.images.int()).abs().max() <= 1
 
 
-def test_the_precision_keys_the_cache_and_a_loaded_checkpoint_brings_its_own(tiny_checkpoint, cache_dir, counted):
+def test_the_precision_keys_the_cache_and_a_loaded_checkpoint_brings_its_own(tiny_checkpoint, cache_dir, sampling_calls):
     from diffusion.checkpoint import load_for_sampling
 
     fp32, info32 = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir, precision="fp32")
     bf16, info16 = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir, precision="bf16")
     assert (info32["precision"], info16["precision"]) == ("fp32", "bf16")
     assert info16["cache_dir"] != info32["cache_dir"] and info16["cache_dir"].split("-")[-2] == "bf16"
-    assert len(counted) == 2 and not torch.equal(fp32.images, bf16.images)
+    assert len(sampling_calls) == 2 and not torch.equal(fp32.images, bf16.images)
     # a loaded checkpoint's precision wins over the argument
     _, info = synthetic_images(load_for_sampling(tiny_checkpoint, precision="bf16"), 1, SETTINGS,
                                cache_dir=cache_dir, precision="fp32")
