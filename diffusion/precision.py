@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import PRECISIONS, Precision, requested_precision  # noqa: F401  (torch-free, for the API's imports)
+from .spec import requested_precision  # the names without torch live in spec, for the API
 
 log = logging.getLogger(__name__)
 

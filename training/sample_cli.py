@@ -9,8 +9,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion.checkpoint import load_for_sampling
-from diffusion.precision import PRECISIONS
 from diffusion.samplers import SAMPLERS, SamplerSettings
+from diffusion.spec import PRECISIONS
 
 from .generate import DEFAULT_SETTINGS, default_checkpoint, draw_seed, generate_to_dir, resolve_classes
 
