@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffusion.checkpoint import WEIGHTS_FILE, file_sha256, load_for_sampling, read_config
+from diffusion.checkpoint import load_for_sampling, read_config
 from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings, requested_precision
 from training.data import default_cache_dir
 from training.generate import default_checkpoint
@@ -261,9 +261,7 @@ def _timing(gen_info: dict) -> tuple[float | None, str]:
 
 def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, dict]:
     """Every setting of the grid at every guidance, cheapest first; returns the rows, the last raw result and
-    every setting's per-image features and fidelity ((sampler, steps, guidance) -> per_image, for compare)."""
-    cfg = read_config(checkpoint)
-    sha, num_classes = file_sha256(checkpoint / WEIGHTS_FILE), len(cfg["class_names"])
+    every setting's per-image features and fidelity (``Row.key`` -> per_image, for compare)."""
     cache_dir = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
     device = pick_device(a.device)
     models = {}  # one load per distinct precision that the requested ones resolve to (auto -> fp32 or bf16)
@@ -271,6 +269,7 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
         ckpt = load_for_sampling(checkpoint, device, p)
         models.setdefault(ckpt.precision.name, ckpt)
         log.info("precision %s: %s", p, ckpt.precision.reason)
+    sha, num_classes = ckpt.sha256, len(ckpt.class_names)  # the same weights whatever the precision
     grid = sorted(((s, k, g, d) for s, k in a.settings for g in a.guidances for d in models),
                   key=lambda x: model_calls(x[1], x[2]))
     rows, result, per_image = [], {}, {}
@@ -294,12 +293,12 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
                     bar.update(done - bar.n)
 
             result = measure_generator(s, checkpoint=models[dtype], progress=progress, keep_features=True)
-        per_image[sampler, steps, g, dtype] = result.pop("per_image")
         gen = result["rows"]["generated"]
         spi, timing = _timing(result["synthetic"])
         rows.append(Row(sampler, steps, g, gen["frechet_distance"], gen["class_fidelity"]["overall"], gen["recall"],
                         gen["coverage"], gen["precision"], gen["density"], gen["images"], spi, timing,
                         result["synthetic"]["cache_dir"], dtype))
+        per_image[rows[-1].key] = result.pop("per_image")
         log.info("[%d/%d] %s-%d guidance %g: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps, g,
                  gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
     return rows, result, per_image
@@ -385,11 +384,10 @@ def write_figure(rows: list[Row], class_names: list[str], seed: int, n_per_class
 
     per = min(FIGURE_PER_CLASS, n_per_class)
     ordered = sorted(rows, key=lambda r: (r.guidance, r.calls))
+    specs = image_specs(per, len(class_names), seed)  # j-major: grid row j holds image j of every class
     fig, axes = plt.subplots(len(ordered), 1, figsize=(7.5, 1.55 * per / 2 * len(ordered) + 0.6), squeeze=False)
     for ax, r in zip(axes[:, 0], ordered):
-        folder = Path(r.cache_dir)
-        specs = image_specs(per, len(class_names), seed)  # j-major: grid row j holds image j of every class
-        imgs, _ = load_pngs(folder, specs)
+        imgs, _ = load_pngs(Path(r.cache_dir), specs)
         ax.imshow(image_grid(imgs, nrow=len(class_names)), interpolation="nearest")  # pixel blocks: a small PNG
         ax.set_title(f"{r.name}, guidance {r.guidance:g}: FD {r.frechet_distance:.1f}, "
                      f"class fidelity {r.class_fidelity:.0%}", fontsize=9)

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     torch.set_num_threads(a.threads)
     ckpt = load_for_sampling(a.checkpoint, "cpu", a.precision)  # the service's choice of precision and layout
     service = ckpt.precision
-    service_layout = "channels_last" if service.channels_last else "NCHW"
+    service_layout = service.layout
     model, schedule, cfg = ckpt.model, ckpt.schedule, ckpt.model.config
     s = SamplerSettings(a.sampler, a.steps, a.guidance)
     s.validate(schedule.num_timesteps)

@@ -35,11 +35,23 @@ class PrecisionChoice:
     bf16: bool                   # bf16 autocast around the model calls
     channels_last: bool          # weights (and so activations) in channels_last (CPU)
     reason: str                  # one line for logs and reports
-    timings: dict | None = None  # auto on a CPU: seconds per probe forward of each variant
+    timings: dict | None = None  # auto on a CPU: seconds per probe forward of each variant, by variant name
 
     @property
     def name(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
+        return _name(self.bf16)
+
+    @property
+    def layout(self) -> str:
+        return _layout(self.channels_last)
+
+
+def _name(bf16: bool) -> str:
+    return "bf16" if bf16 else "fp32"
+
+
+def _layout(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "NCHW"
 
 
 def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, device: torch.device) -> float:
@@ -68,8 +80,8 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
     """Decide (and apply: the weight layout) the precision of ``model``'s sampling calls.
 
     ``precision``: auto, fp32 or bf16 (None: ``$DREAMDATA_PRECISION`` or auto).  On a CPU the weights
-    end in the layout chosen; ``auto`` on a CPU times the four variants (about 5 s for the default
-    model on 2 cores; the result is cached per architecture and thread count for the process).
+    end in the layout chosen; ``auto`` on a CPU times the four variants (8.7 s for the default
+    model on 2 EPYC cores, load included; the result is cached per architecture and thread count for the process).
     """
     p = requested_precision(precision)
     device = next(model.parameters()).device
@@ -79,21 +91,24 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
     if p != "auto":
         # fp32: channels_last was measured faster on both CPUs above; bf16: NCHW on the EPYC
         choice = PrecisionChoice(p == "bf16", p == "fp32", f"{p} (requested)")
-        model.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
-        return choice
-    key = (repr(model.config), torch.get_num_threads())
-    if key not in _AUTO_CACHE:
-        timings = {f"{'bf16' if b else 'fp32'} {'channels_last' if cl else 'NCHW'}": _time_forward(model, b, cl, device)
-                   for b in (False, True) for cl in (False, True)}
-        fp32 = min((v, k) for k, v in timings.items() if k.startswith("fp32"))
-        bf16 = min((v, k) for k, v in timings.items() if k.startswith("bf16"))
-        use_bf16 = bf16[0] * BF16_MARGIN <= fp32[0]
-        best = bf16 if use_bf16 else fp32
-        reason = (f"auto: {best[1]} on this CPU (bf16 {fp32[0] / bf16[0]:.2f}x the speed of fp32 in a timed "
-                  f"batch-{PROBE_BATCH} forward; bf16 needs {BF16_MARGIN}x)")
-        _AUTO_CACHE[key] = PrecisionChoice(use_bf16, best[1].endswith("channels_last"), reason,
-                                           {k: round(v, 4) for k, v in timings.items()})
-        log.info("precision %s; timings %s", reason, _AUTO_CACHE[key].timings)
-    choice = _AUTO_CACHE[key]
+    else:
+        key = (repr(model.config), torch.get_num_threads())
+        if key not in _AUTO_CACHE:
+            _AUTO_CACHE[key] = _measure_auto(model, device)
+        choice = _AUTO_CACHE[key]
     model.to(memory_format=torch.channels_last if choice.channels_last else torch.contiguous_format)
     return choice
+
+
+def _measure_auto(model: torch.nn.Module, device: torch.device) -> PrecisionChoice:
+    """Time the four variants; the fastest layout of the faster precision, bf16 only with the margin."""
+    seconds = {(b, cl): _time_forward(model, b, cl, device) for b in (False, True) for cl in (False, True)}
+    fp32 = min((t, v) for v, t in seconds.items() if not v[0])
+    bf16 = min((t, v) for v, t in seconds.items() if v[0])
+    use_bf16 = bf16[0] * BF16_MARGIN <= fp32[0]
+    _, (_, channels_last) = bf16 if use_bf16 else fp32
+    reason = (f"auto: {_name(use_bf16)} {_layout(channels_last)} on this CPU (bf16 {fp32[0] / bf16[0]:.2f}x the "
+              f"speed of fp32 in a timed batch-{PROBE_BATCH} forward; bf16 needs {BF16_MARGIN}x)")
+    timings = {f"{_name(b)} {_layout(cl)}": round(t, 4) for (b, cl), t in seconds.items()}
+    log.info("precision %s; timings %s", reason, timings)
+    return PrecisionChoice(use_bf16, channels_last, reason, timings)

@@ -71,6 +71,12 @@ def sampling_autocast(ckpt: Checkpoint) -> bool:
     return next(ckpt.model.parameters()).device.type == "cuda"
 
 
+def _common_meta(settings: SamplerSettings, autocast: bool) -> dict:
+    """What every image of one call shares, for its PNG metadata and manifest entry."""
+    return {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+            "precision": "bf16" if autocast else "fp32"}
+
+
 def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageSpec]:
     """[(class index, n), ...] -> one ImageSpec per image; image i gets seed base_seed + i."""
     specs, i = [], 0
@@ -116,8 +122,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
     device = next(ckpt.model.parameters()).device
     if autocast is None:
         autocast = sampling_autocast(ckpt)
-    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
-              "precision": "bf16" if autocast else "fp32"}
+    common = _common_meta(settings, autocast)
     done = total - len(missing)
     if progress and done:
         progress(done, total, settings.steps, settings.steps)
@@ -158,8 +163,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
     specs = plan(class_counts, base_seed)
     if autocast is None:
         autocast = sampling_autocast(ckpt)
-    common = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
-              "precision": "bf16" if autocast else "fp32"}
+    common = _common_meta(settings, autocast)
     t0 = time.perf_counter()
     sample_specs(ckpt, specs, out, settings=settings, batch_size=batch_size, autocast=autocast, progress=progress,
                  sample_fn=sample_fn)
