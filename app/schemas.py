@@ -4,9 +4,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from diffusion.spec import DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, SamplerName, request_defaults
+from diffusion.spec import (DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, SamplerName,
+                            format_guidance_interval, parse_guidance_interval, request_defaults)
+
+GUIDANCE_INTERVAL_HELP = ("guide only the steps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) is in "
+                          "(lo, hi]: 'lo,hi' or [lo, hi]; 'all' or null: every step")
+
+
+def _interval(value: object) -> list[float] | None:
+    """A request's guidance interval, 'lo,hi', [lo, hi], 'all' or null -> [lo, hi] or None (ValueError: 422)."""
+    interval = parse_guidance_interval(value)  # type: ignore[arg-type]
+    return None if interval is None else list(interval)
+
+
+# What a request may send; after validation [lo, hi] or None
+RequestedInterval = Annotated[list[float] | None, BeforeValidator(_interval)]
+_DEFAULT_INTERVAL = _interval(DEFAULT_SETTINGS.guidance_interval)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 _ID = "3f2b8c9d0e1f4a5b8c7d6e5f4a3b2c1d"
@@ -23,6 +38,9 @@ class GenerateBody(BaseModel):
     steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
     guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                             description="classifier-free guidance scale w (1 = none)")
+    guidance_interval: RequestedInterval = Field(
+        _DEFAULT_INTERVAL, description=f"{GUIDANCE_INTERVAL_HELP} (default "
+                                       f"{format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="base seed; image i gets seed + i (default: drawn)")
 
 
@@ -32,6 +50,9 @@ class JobInput(BaseModel):
     sampler: SamplerName
     steps: int
     guidance: float
+    guidance_interval: list[float] | None = Field(
+        None, description="guided only where lo < sigma_t <= hi; null: every step (and every job queued before "
+                          "intervals existed)")
     seed: int = Field(description="base seed; image i has seed + i")
     seed_drawn: bool = Field(False, description="true when the service drew the seed")
 
@@ -123,6 +144,9 @@ class EvaluationBody(BaseModel):
     steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
     guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                             description="classifier-free guidance scale w (1 = none)")
+    guidance_interval: RequestedInterval = Field(
+        _DEFAULT_INTERVAL, description=f"{GUIDANCE_INTERVAL_HELP} (default "
+                                       f"{format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})")
     synthetic_seed: int = Field(0, ge=0, le=MAX_SEED,
                                 description="seed base: synthetic image j of class c gets sampler seed "
                                             "synthetic_seed + c * 1,000,000 + j")
@@ -138,6 +162,10 @@ class EvaluationBody(BaseModel):
 class EvaluationInput(EvaluationBody):
     """The experiment as the worker runs it (every default filled in)."""
     model_config = ConfigDict(extra="ignore")
+
+    # null for runs queued before intervals existed: they guided every step
+    guidance_interval: list[float] | None = Field(None, description="guided only where lo < sigma_t <= hi; "
+                                                                    "null: every step")
 
 
 class EvaluationOutput(BaseModel):

@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from diffusion.spec import DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed, resolve_class
+from diffusion.spec import (DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed,
+                            parse_guidance_interval, resolve_class)
 from worker.settings import Settings
 
 from .catalog import ModelInfo
@@ -23,9 +24,10 @@ def _error(loc: tuple, msg: str, value: Any, kind: str = "value_error") -> dict:
 
 
 def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, settings: Settings) -> dict:
-    """-> {"classes": {name: n}, "sampler", "steps", "guidance", "seed", "seed_drawn"}; raises RequestValidationError.
+    """-> {"classes": {name: n}, "sampler", "steps", "guidance", "guidance_interval" ([lo, hi] or None), "seed",
+    "seed_drawn"}; raises RequestValidationError.
 
-    ``query``: {"class", "n", "sampler", "steps", "guidance", "seed"}, None where not given.
+    ``query``: {"class", "n", "sampler", "steps", "guidance", "guidance_interval", "seed"}, None where not given.
     """
     names = info.class_names
     errors: list[dict] = []
@@ -35,6 +37,7 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
                    for k, v in query.items() if v is not None]
         specs = [(("body", "classes", k), ("body", "classes", k), k, v) for k, v in body.classes.items()]
         sampler, steps, guidance, seed = body.sampler, body.steps, body.guidance, body.seed
+        interval = body.guidance_interval  # parsed by the schema
     else:
         src = "query"
         cls, per = query["class"], DEFAULT_N if query["n"] is None else query["n"]
@@ -46,6 +49,12 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
         steps = DEFAULT_SETTINGS.steps if query["steps"] is None else query["steps"]
         guidance = DEFAULT_SETTINGS.guidance if query["guidance"] is None else query["guidance"]
         seed = query["seed"]
+        interval = DEFAULT_SETTINGS.guidance_interval
+        if query["guidance_interval"] is not None:
+            try:
+                interval = parse_guidance_interval(query["guidance_interval"])
+            except ValueError as e:
+                errors.append(_error(("query", "guidance_interval"), str(e), query["guidance_interval"]))
 
     counts: dict[str, int] = {}
     for class_loc, n_loc, key, n in specs:
@@ -72,6 +81,7 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
     if errors:
         raise RequestValidationError(errors)
     return {"classes": counts, "sampler": sampler, "steps": steps, "guidance": float(guidance),
+            "guidance_interval": None if interval is None else list(interval),
             "seed": draw_seed() if seed is None else seed, "seed_drawn": seed is None}
 
 

@@ -63,7 +63,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion.checkpoint import load_for_sampling, read_config
-from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, SamplerSettings, requested_precision
+from diffusion.samplers import step_sigmas
+from diffusion.schedules import NoiseSchedule
+from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, GuidanceInterval, SamplerSettings, requested_precision
 from training.data import default_cache_dir
 from training.generate import default_checkpoint
 from training.features_metrics import paired_bootstrap
@@ -75,13 +77,27 @@ from training.synthetic_cache import cache_path, image_specs, load_pngs, missing
 log = logging.getLogger("sampler_quality")
 
 DEFAULT_GRID = "ddpm:1000,ddim:50,ddim:100,dpmpp:10,dpmpp:15,dpmpp:20,dpmpp_sde:10,dpmpp_sde:15,dpmpp_sde:20"
-DEFAULT_GUIDANCES = f"1.0,{DEFAULT_SETTINGS.guidance:g}"
 REPORT_STEPS = 1000  # the report's method: DDPM ancestral sampling over all 1000 timesteps
 
 
-def model_calls(steps: int, guidance: float) -> int:
-    """Model calls per image (see ``SamplerSettings.model_calls``); the sampler does not matter."""
-    return SamplerSettings("ddim", steps, guidance).model_calls
+def model_calls(steps: int, guidance: float, interval: GuidanceInterval | None = None,
+                schedule: NoiseSchedule | None = None) -> int:
+    """Model calls per image (see ``SamplerSettings.model_calls``); the sampler does not matter.  With a
+    guidance interval, which steps are guided depends on the schedule's noise levels."""
+    s = SamplerSettings("ddim", steps, guidance, guidance_interval=interval)
+    return s.model_calls(step_sigmas(schedule, steps) if interval is not None and schedule is not None else None)
+
+
+def guidance_label(guidance: float, interval: GuidanceInterval | None) -> str:
+    """``4`` (guided at every step) or ``6@0.28:2.9`` (guided only where 0.28 < sigma_t <= 2.9)."""
+    return f"{guidance:g}" if interval is None else f"{guidance:g}@{interval[0]:g}:{interval[1]:g}"
+
+
+CLASSIC_GUIDANCE = 4.0  # the guidance of the classic (every-step) rows of the default grid
+DEFAULT_GUIDANCES = f"1.0,{CLASSIC_GUIDANCE:g}"
+# the service default, when it guides inside an interval: held against the classic rows' reference
+DEFAULT_INTERVAL_GUIDANCES = ("" if DEFAULT_SETTINGS.guidance_interval is None else
+                              guidance_label(DEFAULT_SETTINGS.guidance, DEFAULT_SETTINGS.guidance_interval))
 
 
 @dataclass
@@ -101,10 +117,16 @@ class Row:
     cache_dir: str = ""
     dtype: str = "fp32"               # of the model calls: fp32 or bf16 (autocast); diffusion.precision
     vs_reference: dict | None = None  # paired bootstrap intervals of this row minus the reference (compare)
+    guidance_interval: GuidanceInterval | None = None  # guided only where lo < sigma_t <= hi; None: every step
+    interval_calls: int | None = None  # model calls per image with the interval (they depend on the schedule)
 
     @property
     def calls(self) -> int:
-        return model_calls(self.steps, self.guidance)
+        return self.interval_calls if self.guidance_interval is not None else model_calls(self.steps, self.guidance)
+
+    @property
+    def guidance_label(self) -> str:
+        return guidance_label(self.guidance, self.guidance_interval)
 
     @property
     def name(self) -> str:
@@ -112,7 +134,7 @@ class Row:
 
     @property
     def key(self) -> tuple:
-        return self.sampler, self.steps, self.guidance, self.dtype
+        return self.sampler, self.steps, self.guidance, self.guidance_interval, self.dtype
 
     @property
     def is_report_method(self) -> bool:
@@ -124,7 +146,7 @@ class Row:
 
 @dataclass
 class Choice:
-    guidance: float
+    guidance: float                   # of the reference (interval rows join the group of --reference-guidance)
     reference: Row
     chosen: Row
     passing: list[Row]                # every row within tolerance of the reference (the reference included)
@@ -149,12 +171,22 @@ def within_tolerance(row: Row, ref: Row, tolerance: float) -> bool:
             and row.class_fidelity >= ref.class_fidelity - tolerance)
 
 
-def choose(rows: list[Row], tolerance: float) -> list[Choice]:
-    """The choice rule (module docstring), once per guidance value, in the order the values first appear."""
+def group_of(row: Row, reference_guidance: float | None) -> float:
+    """The guidance whose reference a row is held against: its own, or for a row guided only inside an
+    interval, ``reference_guidance`` (the interval is then one more way to reach that guidance's quality)."""
+    if row.guidance_interval is None or reference_guidance is None:
+        return row.guidance
+    return reference_guidance
+
+
+def choose(rows: list[Row], tolerance: float, reference_guidance: float | None = None) -> list[Choice]:
+    """The choice rule (module docstring), once per guidance value, in the order the values first appear;
+    rows with a guidance interval are held against ``reference_guidance``'s reference (see group_of)."""
     choices = []
-    for g in dict.fromkeys(r.guidance for r in rows):
-        group = [r for r in rows if r.guidance == g]
-        ref = reference_row(group)
+    for g in dict.fromkeys(group_of(r, reference_guidance) for r in rows):
+        group = [r for r in rows if group_of(r, reference_guidance) == g]
+        classic = [r for r in group if r.guidance_interval is None and r.guidance == g]
+        ref = reference_row(classic or group)
         passing = [r for r in group if r is ref or within_tolerance(r, ref, tolerance)]
         chosen = min(passing, key=lambda r: (r.calls, r.frechet_distance))
         choices.append(Choice(g, ref, chosen, passing, group))
@@ -205,6 +237,26 @@ def parse_guidances(text: str) -> list[float]:
     return values
 
 
+def parse_interval_guidances(text: str) -> list[tuple[float, GuidanceInterval]]:
+    """``"6@0.28:2.9,5@0.28:4"`` -> [(6.0, (0.28, 2.9)), (5.0, (0.28, 4.0))] (validated, duplicates dropped)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        w, sep, interval = item.partition("@")
+        lo, sep2, hi = interval.partition(":")
+        try:
+            if not (sep and sep2):
+                raise ValueError("expected W@LO:HI, e.g. 6@0.28:2.9")
+            s = SamplerSettings(guidance=float(w), guidance_interval=(float(lo), float(hi)))
+            s.validate()
+            if not s.guided:
+                raise ValueError("guidance 0 or 1 makes one call per step: an interval changes nothing")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bad interval guidance {item!r}: {e}") from None
+        if (s.guidance, s.guidance_interval) not in out:
+            out.append((s.guidance, s.guidance_interval))
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped checkpoints/cifar10)")
@@ -214,6 +266,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"the grid, SAMPLER:STEPS,... (default {DEFAULT_GRID}); samplers: {', '.join(SAMPLERS)}")
     p.add_argument("--guidances", type=parse_guidances, default=parse_guidances(DEFAULT_GUIDANCES),
                    help=f"guidance scales, each setting at each (default {DEFAULT_GUIDANCES}; 1.0 = no guidance)")
+    p.add_argument("--interval-guidances", type=parse_interval_guidances,
+                   default=parse_interval_guidances(DEFAULT_INTERVAL_GUIDANCES),
+                   help="guidance W applied only where LO < sigma_t <= HI, each setting at each: W@LO:HI,... "
+                        f"(default {DEFAULT_INTERVAL_GUIDANCES or 'none'}; '' for none). Their rows are held against "
+                        "the reference of --reference-guidance: one more way to reach that quality")
+    p.add_argument("--reference-guidance", type=float, default=None,
+                   help="the classic guidance whose reference the --interval-guidances rows are held against "
+                        "(default: the last of --guidances other than 0 and 1)")
     p.add_argument("--precisions", default=None,
                    help="precisions of the model calls, each setting at each: fp32, bf16, auto (default: "
                         "$DREAMDATA_PRECISION or auto, as the service decides; diffusion.precision). fp32,bf16 "
@@ -242,6 +302,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             or [requested_precision()])
     except ValueError as e:
         p.error(f"--precisions: {e}")
+    if a.reference_guidance is None:
+        a.reference_guidance = next((g for g in reversed(a.guidances) if g not in (0.0, 1.0)), None)
+    elif a.reference_guidance not in a.guidances:
+        p.error(f"--reference-guidance {a.reference_guidance:g} is not among --guidances")
     if a.tolerance < 0:
         p.error("--tolerance must be >= 0")
     if a.bootstrap < 0:
@@ -270,22 +334,27 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
         models.setdefault(ckpt.precision.name, ckpt)
         log.info("precision %s: %s", p, ckpt.precision.reason)
     sha, num_classes = ckpt.sha256, len(ckpt.class_names)  # the same weights whatever the precision
-    grid = sorted(((s, k, g, d) for s, k in a.settings for g in a.guidances for d in models),
-                  key=lambda x: model_calls(x[1], x[2]))
+    schedule = ckpt.schedule
+    guidances = [(g, None) for g in a.guidances] + list(a.interval_guidances)
+    grid = sorted(((s, k, g, gi, d) for s, k in a.settings for g, gi in guidances for d in models),
+                  key=lambda x: model_calls(x[1], x[2], x[3], schedule))
     rows, result, per_image = [], {}, {}
-    for i, (sampler, steps, g, dtype) in enumerate(grid, 1):
-        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g), a.seed, num_classes, dtype == "bf16")
+    for i, (sampler, steps, g, gi, dtype) in enumerate(grid, 1):
+        calls = model_calls(steps, g, gi, schedule)
+        label = guidance_label(g, gi)
+        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g, guidance_interval=gi), a.seed,
+                            num_classes, dtype == "bf16")
         total = a.n_per_class * num_classes
         to_sample = missing(folder, a.n_per_class, num_classes, a.seed)
         state = ("cached" if not to_sample else f"sampling {to_sample}"
                  + (f" ({total - to_sample} on disk)" if to_sample < total else ""))
-        log.info("[%d/%d] %s-%d guidance %g %s: %d model calls per image, %s", i, len(grid), sampler, steps, g,
-                 dtype, model_calls(steps, g), state)
+        log.info("[%d/%d] %s-%d guidance %s %s: %d model calls per image, %s", i, len(grid), sampler, steps, label,
+                 dtype, calls, state)
         s = MetricsSettings(data=a.data, checkpoint=str(checkpoint), n_per_class=a.n_per_class, sampler=sampler,
-                            steps=steps, guidance=g, seed=a.seed, batch_size=a.batch_size, k=a.k,
+                            steps=steps, guidance=g, guidance_interval=gi, seed=a.seed, batch_size=a.batch_size, k=a.k,
                             feature_classifier=a.feature_classifier, feature_width=a.feature_width,
                             feature_epochs=a.feature_epochs, device=a.device, cache_dir=a.cache_dir)
-        with tqdm(total=total, desc=f"{sampler}-{steps} g{g:g}", unit="img", dynamic_ncols=True, leave=False,
+        with tqdm(total=total, desc=f"{sampler}-{steps} g{label}", unit="img", dynamic_ncols=True, leave=False,
                   file=sys.stderr, disable=not to_sample) as bar:
             def progress(fraction: float) -> None:  # in whole images (tqdm limits the redraws)
                 done = int(fraction * total)
@@ -297,9 +366,10 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
         spi, timing = _timing(result["synthetic"])
         rows.append(Row(sampler, steps, g, gen["frechet_distance"], gen["class_fidelity"]["overall"], gen["recall"],
                         gen["coverage"], gen["precision"], gen["density"], gen["images"], spi, timing,
-                        result["synthetic"]["cache_dir"], dtype))
+                        result["synthetic"]["cache_dir"], dtype, guidance_interval=gi,
+                        interval_calls=calls if gi is not None else None))
         per_image[rows[-1].key] = result.pop("per_image")
-        log.info("[%d/%d] %s-%d guidance %g: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps, g,
+        log.info("[%d/%d] %s-%d guidance %s: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps, label,
                  gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
     return rows, result, per_image
 
@@ -320,37 +390,42 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
           f"trained on the real training split, test accuracy {_fmt(clf.get('test_accuracy'), '.3f')}")
     print("FD: Frechet distance to all real test images (lower is better); fidelity: share classified as the "
           "requested class; recall, coverage: k-NN against real test images (higher is better)")
-    head = (f"{'sampler':<8} {'steps':>5} {'guidance':>8} {'prec':>4} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
+    head = (f"{'sampler':<8} {'steps':>5} {'guidance':>12} {'prec':>4} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
             f"{'FD vs ref':>9} {'95% interval':>16} {'fidelity':>8} {'vs ref':>7} {'95% interval':>14} "
             f"{'recall':>6} {'coverage':>8}  note")
     print(head)
-    print(f"{'real_train':<14} {'-':>8} {'':>4} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} {'':>16} "
+    print(f"{'real_train':<14} {'-':>12} {'':>4} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} {'':>16} "
           f"{floor['class_fidelity']['overall']:>8.3f} {'-':>7} {'':>14} {floor['recall']:>6.3f} "
           f"{floor['coverage']:>8.3f}  floor: {floor['images']} real training images")
-    default = (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps, DEFAULT_SETTINGS.guidance)
+    d = DEFAULT_SETTINGS
+    default = (d.sampler, d.steps, d.guidance, d.guidance_interval if d.guided else None)
     for c in choices:
         ref = c.reference
-        for r in sorted((r for r in rows if r.guidance == c.guidance), key=lambda r: -r.calls):
+        for r in sorted(c.rows, key=lambda r: -r.calls):
             rel = r.frechet_distance / ref.frechet_distance - 1 if ref.frechet_distance > 0 else float("nan")
             notes = (["reference"] if r is ref else []) + (["<- chosen"] if r is c.chosen else [])
-            notes += ["service default"] if (r.sampler, r.steps, r.guidance) == default else []
+            notes += ["service default"] if (r.sampler, r.steps, r.guidance, r.guidance_interval) == default else []
             notes += ["cached timing"] if r.timing.startswith("cached") else []
             v = r.vs_reference
             fd_ci = f"[{v['frechet_distance_relative'][1]:+.1%}, {v['frechet_distance_relative'][2]:+.1%}]" if v else ""
             fid_ci = (f"[{100 * v['class_fidelity'][1]:+.1f}, {100 * v['class_fidelity'][2]:+.1f}]pp" if v else "")
-            print(f"{r.sampler:<8} {r.steps:>5} {r.guidance:>8.1f} {r.dtype:>4} {r.calls:>9} {_fmt(r.seconds_per_image, '.3f'):>7} "
+            print(f"{r.sampler:<8} {r.steps:>5} {r.guidance_label:>12} {r.dtype:>4} {r.calls:>9} {_fmt(r.seconds_per_image, '.3f'):>7} "
                   f"{r.frechet_distance:>9.3f} {rel:>+9.1%} {fd_ci:>16} {r.class_fidelity:>8.3f} "
                   f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {fid_ci:>14} {r.recall:>6.3f} "
                   f"{r.coverage:>8.3f}  {', '.join(notes)}".rstrip())
     print("s/img: sampling wall time per image of the run that made the images (batch "
           f"{a.batch_size}); 'cached timing': from the cache entry's timing.json")
+    if any(r.guidance_interval for r in rows):
+        print("guidance W@LO:HI: W applied only at the steps with LO < sigma_t <= HI, sigma_t = sqrt((1 - abar_t) / "
+              f"abar_t); one conditional call at the others. Those rows are held against guidance "
+              f"{a.reference_guidance:g}'s reference (--reference-guidance)")
     if any(r.vs_reference for r in rows):
         print(f"95% interval: of the row minus its reference, paired bootstrap over the {n} images "
               f"({a.bootstrap} resamples; image i has the same seed and class in every row). An interval that "
               "holds 0 means this many images cannot tell the two settings apart. FD intervals are percentiles "
               "over resampled sets, whose repeated images bias FD: they show the spread and may sit off the estimate")
     print()
-    print(f"choice rule: per guidance, the setting with the fewest model calls per image whose FD is at most "
+    print(f"choice rule: per guidance (with the interval rows held to it), the setting with the fewest model calls per image whose FD is at most "
           f"{a.tolerance:.0%} above the reference's (relative) and whose class fidelity is at most "
           f"{100 * a.tolerance:g} percentage points below the reference's (absolute)")
     for c in choices:
@@ -361,12 +436,12 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
             verdict = "chosen: the reference itself, nothing faster is within tolerance"
         else:
             rel = ch.frechet_distance / ref.frechet_distance - 1 if ref.frechet_distance > 0 else float("nan")
-            verdict = (f"chosen {ch.name}: {ch.calls} model calls per image vs {ref.calls} "
+            verdict = (f"chosen {ch.name} guidance {ch.guidance_label}: {ch.calls} model calls per image vs {ref.calls} "
                        f"({ref.calls / ch.calls:.1f}x fewer), FD {rel:+.1%}, "
                        f"fidelity {100 * (ch.class_fidelity - ref.class_fidelity):+.1f} pp")
         print(f"guidance {c.guidance:g}: reference {ref.name} ({why}); {verdict}")
-    print(f"service default now (diffusion/spec.py DEFAULT_SETTINGS): {DEFAULT_SETTINGS.sampler}-"
-          f"{DEFAULT_SETTINGS.steps} guidance {DEFAULT_SETTINGS.guidance:g}")
+    print(f"service default now (diffusion/spec.py DEFAULT_SETTINGS): {d.sampler}-{d.steps} guidance "
+          f"{guidance_label(d.guidance, d.guidance_interval)}")
 
 
 FIGURE_PER_CLASS = 4
@@ -383,13 +458,13 @@ def write_figure(rows: list[Row], class_names: list[str], seed: int, n_per_class
     from training.plots import image_grid
 
     per = min(FIGURE_PER_CLASS, n_per_class)
-    ordered = sorted(rows, key=lambda r: (r.guidance, r.calls))
+    ordered = sorted(rows, key=lambda r: (r.guidance, r.guidance_interval is not None, r.calls))
     specs = image_specs(per, len(class_names), seed)  # j-major: grid row j holds image j of every class
     fig, axes = plt.subplots(len(ordered), 1, figsize=(7.5, 1.55 * per / 2 * len(ordered) + 0.6), squeeze=False)
     for ax, r in zip(axes[:, 0], ordered):
         imgs, _ = load_pngs(Path(r.cache_dir), specs)
         ax.imshow(image_grid(imgs, nrow=len(class_names)), interpolation="nearest")  # pixel blocks: a small PNG
-        ax.set_title(f"{r.name}, guidance {r.guidance:g}: FD {r.frechet_distance:.1f}, "
+        ax.set_title(f"{r.name}, guidance {r.guidance_label}: FD {r.frechet_distance:.1f}, "
                      f"class fidelity {r.class_fidelity:.0%}", fontsize=9)
         ax.axis("off")
     fig.suptitle("one class per column: " + ", ".join(class_names), fontsize=8)
@@ -408,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     rows, result, per_image = measure(a, checkpoint)
     floor = result["rows"]["real_train"]  # the same in every call: same seed, same real images
-    choices = choose(rows, a.tolerance)
+    choices = choose(rows, a.tolerance, a.reference_guidance)
     if a.bootstrap:
         compare(choices, per_image, a.bootstrap, a.seed)
     print_report(rows, choices, floor, result, checkpoint, a)
@@ -426,8 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "fastest": "fewest model calls per image, ties by lower FD"},
         "choices": [{"guidance": c.guidance, "reference": c.reference.name,
                      "reference_is_ddpm1000": c.reference_is_ddpm1000, "chosen": c.chosen.name,
+                     "chosen_guidance": c.chosen.guidance_label,
                      "chosen_model_calls_per_image": c.chosen.calls,
-                     "within_tolerance": [r.name for r in c.passing]} for c in choices],
+                     "within_tolerance": [f"{r.name} g{r.guidance_label}" for r in c.passing]} for c in choices],
     }
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

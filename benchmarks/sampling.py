@@ -47,9 +47,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffusion.checkpoint import load_for_sampling
-from diffusion.samplers import sample
+from diffusion.samplers import model_calls, sample
 from diffusion.schedules import NoiseSchedule
-from diffusion.spec import DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings, requested_precision
+from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,
+                            format_guidance_interval, parse_guidance_interval, requested_precision)
 from diffusion.unet import UNET_CONFIGS, UNet, UNetConfig, _groups, count_parameters
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -64,7 +65,8 @@ class Row:
     layout: str        # "NCHW" or "channels_last"
     batch: int         # images per batch = images per timed run
     steps: int
-    guidance: str      # "1.5": cond + uncond in one call of 2x the batch; "1.0": conditional; "uncond": no class input
+    guidance: str      # "1.5": cond + uncond in one call of 2x the batch; "1.5i": the same, guided only inside the
+                       # guidance interval; "1.0": conditional; "uncond": no class input
     calls: int         # model calls per image (a guided step is 2: the image goes through the model twice)
     flops: float       # FLOPs of one model call on one image
     rates: list[float]  # images/s of each timed run
@@ -143,7 +145,7 @@ def run_ours(model, schedule: NoiseSchedule, batch: int, s: SamplerSettings, bf1
     labels = torch.arange(batch) % model.config.num_classes
     seeds = list(range(batch))
     return measure(lambda steps: sample(model, schedule, labels, seeds, sampler=s.sampler, steps=steps,
-                                        guidance=s.guidance, autocast=bf16),
+                                        guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=bf16),
                    batch, s.steps, warmup_steps, repeats)
 
 
@@ -263,7 +265,7 @@ def run_diffusers(unet, flops: int, schedule: NoiseSchedule, s: SamplerSettings,
     rates, _ = measure(run, batch, s.steps, a.warmup_steps, a.repeats)
     unet.to(torch.float32)
     return Row("(b) diffusers", precision, layout, batch, s.steps, f"{s.guidance:.1f}" if conditional else "uncond",
-               s.model_calls, flops, rates, f"{type(pipe).__name__} + {type(scheduler).__name__}")
+               s.model_calls(), flops, rates, f"{type(pipe).__name__} + {type(scheduler).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -274,6 +276,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", default=DEFAULT_SETTINGS.sampler)
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps)
     p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
+    p.add_argument("--guidance-interval", type=parse_guidance_interval, default=DEFAULT_SETTINGS.guidance_interval,
+                   metavar="LO,HI|all", help="guide only where LO < sigma_t <= HI (default "
+                                             f"{format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,10,100", help="comma-separated; one batch per timed run")
     p.add_argument("--n", type=int, default=None, help="cap on images per timed run: larger batch sizes are cut to it")
@@ -313,10 +318,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
     service = ckpt.precision
     service_layout = service.layout
     model, schedule, cfg = ckpt.model, ckpt.schedule, ckpt.model.config
-    s = SamplerSettings(a.sampler, a.steps, a.guidance)
+    s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval)
     s.validate(schedule.num_timesteps)
-    guided = s.model_calls > s.steps
+    guided = s.guided
     unguided_s = SamplerSettings(s.sampler, s.steps, 1.0) if guided else s  # one model call per step
+    # guided at every step, as diffusers' pipelines guide: the like-with-like row for (b)
+    every_step = SamplerSettings(s.sampler, s.steps, s.guidance)
+    interval = guided and s.guidance_interval is not None
+
+    def glabel(settings: SamplerSettings) -> str:
+        return f"{settings.guidance:.1f}" + ("i" if settings.guided and settings.guidance_interval else "")
     cap = a.n or sys.maxsize
     batches = sorted({min(int(b), cap) for b in a.batch_sizes.split(",")})
     big = batches[-1]
@@ -352,8 +363,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     elif not a.skip_diffusers:
         print("diffusers is not installed (pip install -e '.[test]'): the (b) rows are left out")
     print(f"the service's precision here ({requested_precision(a.precision)}): {service.reason}")
-    print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}: {s.model_calls} model calls per image"
-          + (" (cond + uncond in one call of twice the batch)" if guided else ""))
+    print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}"
+          + (f" in the noise interval ({format_guidance_interval(s.guidance_interval)}] (guidance column "
+             f"'{glabel(s)}')" if interval else "")
+          + f": {model_calls(s, schedule)} model calls per image"
+          + (" (cond + uncond in one call of twice the batch at a guided step)" if guided else "")
+          + (f"; guided at every step: {every_step.model_calls()}" if interval else ""))
     print("FLOPs: FlopCounterMode on one forward of one image (conv, matmul, attention; not norms or activations)")
     progress("peak matmul")
     peak = {}
@@ -385,8 +400,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if compiled:  # the warm-up's time less what its steps take once compiled
             run_s = batch / statistics.median(rates)
             note = f"compile {warm - min(a.warmup_steps, settings.steps) / settings.steps * run_s:.1f} s (first call)"
-        return emit(Row(name, precision, layout, batch, settings.steps, f"{settings.guidance:.1f}",
-                        settings.model_calls, flops, rates, note))
+        return emit(Row(name, precision, layout, batch, settings.steps, glabel(settings),
+                        model_calls(settings, schedule), flops, rates, note))
 
     # ---- 1. ours, eager: every precision, layout and batch size
     for precision in ("fp32", "bf16"):
@@ -420,12 +435,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     report = emit(Row("(a) report", "fp32", "NCHW", nb, T, "1.0", T, flops, [nb / x for x in secs],
                       "plain DDPM loop" + (f"; extrapolated from {probe} of {T} steps" if probe < T else "")))
 
-    # ---- ours unguided (one model call per step), like with like for (a) and (b)
+    # ---- ours unguided (one model call per step), like with like for (a) and (b); and guided at every step
     if guided:
         for precision in ("fp32", "bf16"):
             for layout in LAYOUTS:
                 set_layout(model, layout)
                 ours(model, precision, layout, big, unguided_s, "unguided, for (a) and (b)")
+                if interval:
+                    ours(model, precision, layout, big, every_step, "guided at every step, for (b)")
 
     # ---- 3. (b) diffusers: same sampler, steps and batch; eager, fp32 and bf16, in both layouts
     with warnings.catch_warnings():
@@ -434,8 +451,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             for precision in ("fp32", "bf16"):
                 for layout in LAYOUTS:
                     progress(f"(b) diffusers, {key}, {precision}, {layout}, batch {big}")
-                    emit(run_diffusers(unet, f, schedule, s if key == "guided" else unguided_s, big, layout, a,
-                                       precision))
+                    emit(run_diffusers(unet, f, schedule, every_step if key == "guided" else unguided_s, big,
+                                       layout, a, precision))
 
     # ---- summary
     def find(name: str, layout: str, guidance: str, precision: str = "fp32") -> Row:
@@ -446,22 +463,26 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return max((r for r in rows if r.name == name and r.batch == big and r.guidance == guidance),
                    key=lambda r: r.median)
 
-    g, g1 = f"{s.guidance:.1f}", f"{unguided_s.guidance:.1f}"
+    g, g1, ge = glabel(s), glabel(unguided_s), glabel(every_step)  # ge: guided at every step, as diffusers
     print()
     if theirs:
         print(f"ours / diffusers, batch {big}, {s.sampler} {s.steps} steps, fp32, eager, threads {a.threads}, "
-              f"same model size (goal: >= 1.5x):")
+              f"same model size, same model calls (goal: >= 1.5x):")
         for layout in LAYOUTS:
             ours_u, their_u = find("ours", layout, g1), find("(b) diffusers", layout, "uncond")
             print(f"  {layout + ',':<14} unguided, 1 call per step "
                   f"(ours w={unguided_s.guidance:g}, diffusers unconditional): "
                   f"{ours_u.median:.3f} / {their_u.median:.3f} = {ours_u.median / their_u.median:.2f}x")
             if guided:
-                ours_g, their_g = find("ours", layout, g), find("(b) diffusers", layout, g)
-                print(f"  {layout + ',':<14} guided w={s.guidance:g}, cond + uncond in one call of batch {2 * big}: "
-                      f"{ours_g.median:.3f} / {their_g.median:.3f} = {ours_g.median / their_g.median:.2f}x")
-        print(f"the service's path (eager, {service.name} {service_layout}) against diffusers, batch {big}:")
-        for gg, key in ([(g, g)] if guided else []) + [(g1, "uncond")]:
+                ours_g, their_g = find("ours", layout, ge), find("(b) diffusers", layout, ge)
+                print(f"  {layout + ',':<14} guided w={s.guidance:g} at every step, cond + uncond in one call of "
+                      f"batch {2 * big}: {ours_g.median:.3f} / {their_g.median:.3f} = "
+                      f"{ours_g.median / their_g.median:.2f}x")
+        print(f"the service's path (eager, {service.name} {service_layout}"
+              + (f", guided only in ({format_guidance_interval(s.guidance_interval)}]: {model_calls(s, schedule)} "
+                 f"calls per image against diffusers' {every_step.model_calls()}" if interval else "")
+              + f") against diffusers, batch {big}, same steps:")
+        for gg, key in ([(g, ge)] if guided else []) + [(g1, "uncond")]:
             mine, fp32, best_t = (find("ours", service_layout, gg, service.name),
                                   find("(b) diffusers", service_layout, key), fastest("(b) diffusers", key))
             print(f"  guidance {gg}: vs diffusers fp32 (its default) in the same layout {mine.median:.3f} / "

@@ -5,8 +5,8 @@ Every sampler takes ``(model, schedule, labels, seeds, steps, guidance)`` and re
 predicts the noise (a :class:`~diffusion.unet.UNet`, or a closed-form predictor in tests).
 
 Noise comes from one ``torch.Generator`` per image seed, consumed in the same order whatever
-the batch: an image depends only on (model, class, seed, sampler, steps, guidance), never on the
-other images it was sampled with. Samplers hold no state between calls.
+the batch: an image depends only on (model, class, seed, sampler, steps, guidance, guidance interval),
+never on the other images it was sampled with. Samplers hold no state between calls.
 
 Timestep index i in [0, T) stands for the paper's t = i + 1 (see ``schedules.NoiseSchedule``).
 """
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from .schedules import NoiseSchedule
-from .spec import SAMPLERS, STEP_RANGES, SamplerName, SamplerSettings  # noqa: F401  (re-exported)
+from .spec import SAMPLERS, STEP_RANGES, GuidanceInterval, SamplerName, SamplerSettings  # noqa: F401  (re-exported)
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps); may raise to cancel
@@ -33,6 +33,22 @@ def timesteps_for(num_timesteps: int, steps: int) -> list[int]:
     if steps == 1:
         return [num_timesteps - 1]
     return [round(num_timesteps - 1 - i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)]
+
+
+def sigma_at(schedule: NoiseSchedule, t: int) -> float:
+    """Noise level of index t: sigma_t = sqrt((1 - abar_t) / abar_t) (what a guidance interval bounds)."""
+    abar = float(schedule.alphas_cumprod[t])
+    return math.sqrt((1 - abar) / abar)
+
+
+def step_sigmas(schedule: NoiseSchedule, steps: int) -> list[float]:
+    """The noise level of each of the ``steps`` sampler steps, first (noisiest) to last."""
+    return [sigma_at(schedule, t) for t in timesteps_for(schedule.num_timesteps, steps)]
+
+
+def model_calls(settings: SamplerSettings, schedule: NoiseSchedule) -> int:
+    """Model evaluations per image of ``settings`` on ``schedule`` (see ``SamplerSettings.model_calls``)."""
+    return settings.model_calls(step_sigmas(schedule, settings.steps))
 
 
 class _Noise:
@@ -68,6 +84,7 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
            steps: int = 20,
            guidance: float = 1.0,
            eta: float = 0.0,
+           guidance_interval: GuidanceInterval | None = None,  # guide only where lo < sigma_t <= hi; None: always
            image_shape: tuple[int, int, int] | None = None,  # (C, H, W); default from model.config
            null_class: int | None = None,  # default: model.null_class
            autocast: bool = False,          # bf16 autocast for the model calls
@@ -77,7 +94,8 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
     """Run the reverse process for ``len(labels)`` images.  Returns [N, C, H, W] float32 in [-1, 1]."""
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
-    SamplerSettings(sampler, steps, guidance, eta).validate(schedule.num_timesteps)
+    settings = SamplerSettings(sampler, steps, guidance, eta, guidance_interval)
+    settings.validate(schedule.num_timesteps)
     cfg = getattr(model, "config", None)
     if image_shape is None:
         image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -93,7 +111,9 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
                "dpmpp_sde": functools.partial(_dpmpp_2m, sde=True)}[sampler]
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        return guided_eps(model, x, t, labels, guidance, null_class, autocast)
+        # outside the guidance interval: the conditional prediction alone (w = 1), one call
+        w = guidance if not settings.guided or settings.guides_at(sigma_at(schedule, t)) else 1.0
+        return guided_eps(model, x, t, labels, w, null_class, autocast)
 
     with torch.inference_mode():
         x = noise.next()  # x_T

@@ -5,6 +5,7 @@ samplers in :mod:`diffusion.samplers` import them back, so there is one definiti
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,13 @@ SAMPLER_LIST = ", ".join(SAMPLERS[:-1]) + " or " + SAMPLERS[-1]  # for help text
 STEP_RANGES: dict[str, tuple[int, int]] = {"ddpm": (1, 1000), "ddim": (1, 1000), "dpmpp": (1, 100),
                                            "dpmpp_sde": (1, 100)}
 GUIDANCE_RANGE: tuple[float, float] = (0.0, 20.0)  # classifier-free guidance scale w
+# Guidance interval (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): guide only at the
+# steps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]; elsewhere one conditional
+# call. sigma_t is the noise-to-signal ratio of x_t, so an interval names the same noise levels whatever the
+# schedule (the shipped linear schedule runs from sigma 157 at t=999 down to 0.01 at t=0).
+# None: every step (classic classifier-free guidance).
+GuidanceInterval = tuple[float, float]
+GUIDANCE_INTERVAL_ALL = "all"  # how a request spells None
 # The checkpoint that ships in the repo (the default of `dreamdata sample`, the worker and the API).
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
 MAX_SEED = 2**31 - 1                                 # a base seed is in 0..MAX_SEED
@@ -31,12 +39,32 @@ class SamplerSettings:
     steps: int = 20
     guidance: float = 1.0  # w in eps = eps_u + w (eps_c - eps_u); 1 = conditional only, 0 = unconditional
     eta: float = 0.0       # DDIM only: 0 = deterministic, 1 = DDPM-like noise
+    guidance_interval: GuidanceInterval | None = None  # (lo, hi]: guide only where lo < sigma_t <= hi
+
+    def __post_init__(self):
+        if self.guidance_interval is not None:  # a JSON list -> a tuple of floats (hashable, one spelling)
+            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
 
     @property
-    def model_calls(self) -> int:
-        """Model evaluations per image: one per step, two with guidance (w not 0 or 1), which
-        ``diffusion.samplers.guided_eps`` makes as one call of twice the batch."""
-        return self.steps * (1 if self.guidance in (0.0, 1.0) else 2)
+    def guided(self) -> bool:
+        """Whether any step makes the second, unconditional, model call (w not 0 or 1)."""
+        return self.guidance not in (0.0, 1.0)
+
+    def guides_at(self, sigma: float) -> bool:
+        """Whether the step at noise level ``sigma`` (see GuidanceInterval above) is guided."""
+        if not self.guided:
+            return False
+        return self.guidance_interval is None or self.guidance_interval[0] < sigma <= self.guidance_interval[1]
+
+    def model_calls(self, sigmas: Sequence[float] | None = None) -> int:
+        """Model evaluations per image: one per step, two at a guided step, which
+        ``diffusion.samplers.guided_eps`` makes as one call of twice the batch.  ``sigmas``: the noise
+        levels of the steps (``diffusion.samplers.step_sigmas``); needed only with a guidance interval."""
+        if self.guidance_interval is None or not self.guided:
+            return self.steps * (2 if self.guided else 1)
+        if sigmas is None or len(sigmas) != self.steps:
+            raise ValueError(f"model_calls with a guidance interval needs the {self.steps} steps' noise levels")
+        return self.steps + sum(self.guides_at(s) for s in sigmas)
 
     def validate(self, num_timesteps: int = 1000) -> None:
         if self.sampler not in SAMPLERS:
@@ -48,6 +76,48 @@ class SamplerSettings:
         g_lo, g_hi = GUIDANCE_RANGE
         if not g_lo <= self.guidance <= g_hi:
             raise ValueError(f"guidance={self.guidance} out of range {g_lo:g}..{g_hi:g}")
+        if self.guidance_interval is not None:
+            check_guidance_interval(self.guidance_interval)
+
+
+def check_guidance_interval(interval: Sequence[float]) -> GuidanceInterval:
+    """(lo, hi) with 0 <= lo < hi, both finite -> a tuple of floats; else ValueError saying why."""
+    if len(interval) != 2:
+        raise ValueError(f"guidance interval needs two noise levels lo,hi; got {len(interval)}")
+    lo, hi = (float(v) for v in interval)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not 0 <= lo < hi:
+        raise ValueError(f"guidance interval must satisfy 0 <= lo < hi (finite), got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
+def parse_guidance_interval(value: str | Sequence[float] | None) -> GuidanceInterval | None:
+    """``"0.28,2.9"`` or ``[0.28, 2.9]`` -> (0.28, 2.9); ``"all"`` or None -> None (every step).
+    Raises ValueError saying what is wrong."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == GUIDANCE_INTERVAL_ALL:
+            return None
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            value = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"guidance interval must be 'lo,hi' (two numbers) or '{GUIDANCE_INTERVAL_ALL}', "
+                             f"got {text!r}") from None
+    try:
+        value = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance interval must be two numbers [lo, hi], 'lo,hi' or '{GUIDANCE_INTERVAL_ALL}', "
+                         f"got {value!r}") from None
+    return check_guidance_interval(value)
+
+
+def format_guidance_interval(interval: GuidanceInterval | None) -> str:
+    """The inverse of :func:`parse_guidance_interval`: ``"0.28,2.9"`` or ``"all"``."""
+    def num(v: float) -> str:  # short, and exact: parse(format(x)) == x
+        return f"{v:g}" if float(f"{v:g}") == v else repr(float(v))
+    return GUIDANCE_INTERVAL_ALL if interval is None else f"{num(interval[0])},{num(interval[1])}"
 
 
 # What ``dreamdata sample`` and the service use when a request leaves a setting out.
@@ -56,7 +126,8 @@ DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp_sde", steps=20, guidance=4.0)
 
 def request_defaults() -> dict:
     """The defaults as a request spells them (GET /models, the API examples)."""
-    return {"sampler": DEFAULT_SETTINGS.sampler, "steps": DEFAULT_SETTINGS.steps, "guidance": DEFAULT_SETTINGS.guidance}
+    return {"sampler": DEFAULT_SETTINGS.sampler, "steps": DEFAULT_SETTINGS.steps, "guidance": DEFAULT_SETTINGS.guidance,
+            "guidance_interval": format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)}
 
 
 def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:

@@ -195,3 +195,28 @@ def test_precisions_pair_each_bf16_row_with_its_fp32_row(bench, tiny, tmp_path, 
     bf16 = next(r for r in rows if r.dtype == "bf16")
     assert bf16.vs_reference is not None and bf16.cache_dir != choice.reference.cache_dir
     assert " bf16 " in capsys.readouterr().out
+
+
+def test_interval_rows_are_held_against_the_classic_reference(bench, tiny, tmp_path, capsys):
+    """A row guided only inside a noise interval joins the group of --reference-guidance: its calls count only
+    the guided steps, it has its own cache entry, and it is compared with that group's reference."""
+    data, ckpt = tiny
+    result = bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings", "ddim:3",
+                         "--guidances", "1.5", "--interval-guidances", "2@0.28:5", "--k", "2",
+                         "--feature-classifier", "mlp", "--feature-width", "8", "--feature-epochs", "1",
+                         "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    rows = result["rows"]
+    # ddim-3 visits sigma 157, 3.5 and 0.01: only the middle step is inside (0.28, 5]
+    assert [(r.guidance_label, r.calls) for r in rows] == [("2@0.28:5", 4), ("1.5", 6)]
+    (choice,) = result["choices"]
+    assert choice.guidance == 1.5 and choice.reference is rows[1] and len(choice.rows) == 2
+    assert rows[0].vs_reference is not None and rows[0].cache_dir != rows[1].cache_dir
+    assert "-g2-i0.28,5-" in Path(rows[0].cache_dir).name
+    out = capsys.readouterr().out
+    assert "2@0.28:5" in out and "held against guidance 1.5's reference" in out
+
+
+@pytest.mark.parametrize("text", ["6", "6@0.28", "6@2.9:0.28", "1@0.28:2.9", "x@0:1"])
+def test_bad_interval_guidances(bench, text):
+    with pytest.raises(argparse.ArgumentTypeError, match="bad interval guidance"):
+        bench.parse_interval_guidances(text)

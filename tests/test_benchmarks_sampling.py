@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys):
     rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--threads", "1",
-                       "--guidance", "1.5"])
+                       "--guidance", "1.5", "--guidance-interval", "all"])
     out = capsys.readouterr().out
 
     expected = {("ours", p, layout, "1.5") for p in ("fp32", "bf16") for layout in ("NCHW", "channels_last")}
@@ -71,10 +71,27 @@ def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys)
     if HAS_DIFFUSERS:
         assert "UNet2DModel, class-conditional (random weights): 45,611 parameters (+0.00% vs ours)" in out
         for layout in ("NCHW", "channels_last"):
-            assert re.search(rf"{layout}, +guided w=1.5, .* = \d+\.\d\dx", out)
+            assert re.search(rf"{layout}, +guided w=1.5 at every step, .* = \d+\.\d\dx", out)
             assert re.search(rf"{layout}, +unguided, .* = \d+\.\d\dx", out)
         assert re.search(r"guidance 1.5: vs diffusers fp32 \(its default\) in the same layout .* = \d+\.\d\dx; "
                          r"vs diffusers' fastest row \((fp32|bf16) (NCHW|channels_last)\) \d+\.\d\dx", out)
+
+
+def test_a_guidance_interval_adds_rows_guided_at_every_step_for_diffusers(bench, tiny_checkpoint, capsys):
+    # --quick runs 2 steps, at sigma 157 and 0.01: the interval (0, 1] guides the second only
+    rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--threads", "1",
+                       "--guidance", "1.5", "--guidance-interval", "0,1"])
+    out = capsys.readouterr().out
+    calls = {(r.name, r.guidance, r.note.split(",")[0]): r.calls for r in rows}
+    assert {c for (name, g, _), c in calls.items() if name == "ours" and g == "1.5i"} == {3}
+    assert {c for (name, g, _), c in calls.items() if g == "1.5"} == {4}  # ours every step, and diffusers
+    assert [r.guidance for r in rows if r.note.startswith("default")] == ["1.5i"]
+    assert len([r for r in rows if r.name == "ours" and r.guidance == "1.5"]) == 4  # both precisions and layouts
+    assert "in the noise interval (0,1] (guidance column '1.5i'): 3 model calls per image" in out
+    if HAS_DIFFUSERS:
+        assert all(r.calls == 4 for r in rows if r.name == "(b) diffusers" and r.guidance == "1.5")
+        assert "guided only in (0,1]: 3 calls per image against diffusers' 4" in out
+        assert re.search(r"guidance 1.5i: vs diffusers fp32 \(its default\) in the same layout .* = \d+\.\d\dx", out)
 
 
 def test_unguided_settings_need_no_extra_row(bench, tiny_checkpoint, capsys):

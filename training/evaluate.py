@@ -43,7 +43,7 @@ import torch
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
-from diffusion.spec import DEFAULT_SETTINGS, requested_precision
+from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval, check_guidance_interval, requested_precision
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
                           default_train_settings, predict, train_classifier)
@@ -77,6 +77,7 @@ class EvaluationSettings:
     steps: int = DEFAULT_SETTINGS.steps
     guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
+    guidance_interval: GuidanceInterval | None = DEFAULT_SETTINGS.guidance_interval  # None: every step
     synthetic_seed: int = 0                     # image j of class c: seed synthetic_seed + c * 1e6 + j
     sample_batch_size: int = 100
     train_batch_size: int | None = None         # None: the classifier's default
@@ -86,6 +87,8 @@ class EvaluationSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if self.guidance_interval is not None:  # a JSON list -> a tuple
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvaluationSettings":
@@ -102,7 +105,7 @@ class EvaluationSettings:
 
     @property
     def sampler_settings(self) -> SamplerSettings:
-        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta)
+        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval)
 
     def validate(self) -> None:
         if self.classifier not in CLASSIFIERS:
@@ -115,6 +118,8 @@ class EvaluationSettings:
             raise ValueError(f"real_fraction must be in (0, 1], got {self.real_fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.guidance_interval is not None:
+            check_guidance_interval(self.guidance_interval)
         if self.precision is not None:
             requested_precision(self.precision)
         if self.budget not in BUDGETS:

@@ -68,7 +68,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         synthetic_per_class=args.synthetic_per_class, real_fraction=args.real_fraction, epochs=args.epochs,
         budget=args.budget,
         seeds=args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
-        synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
+        guidance_interval=args.guidance_interval, synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
         train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir, precision=args.precision)
     settings.validate()
     bar = tqdm(total=100, dynamic_ncols=True, bar_format="{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {desc}")

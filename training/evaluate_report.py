@@ -101,6 +101,11 @@ def _pct(v: float | None, signed: bool = False) -> str:
     return "n/a" if v is None else (f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}")
 
 
+def _interval_text(interval: list[float] | None) -> str:
+    """' at noise levels sigma in (lo, hi]' for a guidance interval; '' for guidance at every step."""
+    return "" if not interval else f" at noise levels sigma in ({interval[0]:g}, {interval[1]:g}]"
+
+
 def markdown(report: dict) -> str:
     s, arms, d, c = report["settings"], report["arms"], report["delta"], report["classifier"]
     lines = [
@@ -112,7 +117,8 @@ def markdown(report: dict) -> str:
         f"({report['data']['real_train_images_per_seed']} images; {s['data']})",
         f"- synthetic data: {s['synthetic_per_class']} images per class from checkpoint "
         f"`{report['synthetic']['checkpoint_sha256'][:12]}` ({s['sampler']}, {s['steps']} steps, "
-        f"guidance {s['guidance']:g}, {report['synthetic'].get('precision', 'fp32')} model calls, "
+        f"guidance {s['guidance']:g}{_interval_text(s.get('guidance_interval'))}, "
+        f"{report['synthetic'].get('precision', 'fp32')} model calls, "
         f"{_seed_text(report['synthetic'], s['synthetic_seed'])})",
         f"- seeds: {', '.join(map(str, s['seeds']))}; tested on the real test split "
         f"({report['data']['test_images']} images)", "",

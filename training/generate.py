@@ -2,8 +2,9 @@
 
     OUT/grid.png            one row per requested class (up to 10 images per row)
     OUT/images/NNNNN.png    every image, with PNG text metadata (class, seed, sampler, steps,
-                            guidance, checkpoint hash)
-    OUT/manifest.json       one entry per image: file, class name, class index, seed, sampler, steps, guidance
+                            guidance, guidance interval, precision, checkpoint hash)
+    OUT/manifest.json       one entry per image: file, class name, class index, seed, sampler, steps, guidance,
+                            guidance interval ("lo,hi" or "all"), precision
     OUT/images.zip          (optional) all images
 
 Image i of a request gets seed ``base_seed + i``; images are produced in batches and written as
@@ -27,7 +28,8 @@ from PIL import Image, PngImagePlugin
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SamplerSettings, sample
-from diffusion.spec import DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, draw_seed, resolve_class  # noqa: F401  (re-exported)
+from diffusion.spec import (DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, draw_seed,  # noqa: F401  (re-exported)
+                            format_guidance_interval, resolve_class)
 
 from .plots import image_grid, to_uint8
 
@@ -74,6 +76,7 @@ def sampling_autocast(ckpt: Checkpoint) -> bool:
 def _common_meta(settings: SamplerSettings, autocast: bool) -> dict:
     """What every image of one call shares, for its PNG metadata and manifest entry."""
     return {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+            "guidance_interval": format_guidance_interval(settings.guidance_interval),
             "precision": "bf16" if autocast else "fp32"}
 
 
@@ -135,8 +138,8 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
 
         labels = torch.tensor([s.class_index for s in batch], device=device)
         x = sample_fn(ckpt.model, ckpt.schedule, labels, [s.seed for s in batch], sampler=settings.sampler,
-                      steps=settings.steps, guidance=settings.guidance, eta=settings.eta, autocast=autocast,
-                      progress=on_step)
+                      steps=settings.steps, guidance=settings.guidance, eta=settings.eta,
+                      guidance_interval=settings.guidance_interval, autocast=autocast, progress=on_step)
         imgs = to_uint8(x.cpu())
         for s, img in zip(batch, imgs):
             _write_png(out / s.file, img, dict(common, **{"class": names[s.class_index], "class_index": s.class_index,

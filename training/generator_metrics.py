@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion.checkpoint import Checkpoint, file_sha256
 from diffusion.samplers import SamplerName, SamplerSettings
-from diffusion.spec import DEFAULT_SETTINGS
+from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval
 
 from .classifiers import (DEFAULT_WIDTH, ClassifierKind, build_classifier, default_train_settings, extract_features,
                           predict, train_classifier)
@@ -112,6 +112,7 @@ class MetricsSettings:
     steps: int = DEFAULT_SETTINGS.steps
     guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
+    guidance_interval: GuidanceInterval | None = DEFAULT_SETTINGS.guidance_interval  # None: every step
     seed: int = 0                               # image j of class c: sampler seed seed + c * 1e6 + j
     batch_size: int = 100                       # images per sampling batch
     k: int = 5                                  # neighbours for precision/recall and density/coverage
@@ -154,7 +155,7 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
     clf, clf_info = real_data_classifier(train, kind=s.feature_classifier, width=s.feature_width,
                                          epochs=s.feature_epochs, cache_dir=cache_dir, device=device, test=test,
                                          show_bar=show_bars)
-    settings = SamplerSettings(s.sampler, s.steps, s.guidance, s.eta)
+    settings = SamplerSettings(s.sampler, s.steps, s.guidance, s.eta, s.guidance_interval)
     gen, gen_info = synthetic_images(checkpoint or s.checkpoint or default_checkpoint(), s.n_per_class, settings,
                                      base_seed=s.seed, cache_dir=cache_dir, device=device, precision=s.precision,
                                      batch_size=s.batch_size, progress=progress)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from diffusion.checkpoint import load_for_sampling
 from diffusion.samplers import SAMPLERS, SamplerSettings
-from diffusion.spec import PRECISIONS
+from diffusion.spec import PRECISIONS, format_guidance_interval, parse_guidance_interval
 
 from .generate import DEFAULT_SETTINGS, default_checkpoint, draw_seed, generate_to_dir, resolve_classes
 
@@ -24,12 +24,18 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    """--sampler, --steps, --guidance, --eta, --precision: shared by sample, evaluate and metrics."""
+    """--sampler, --steps, --guidance, --guidance-interval, --eta, --precision: shared by sample, evaluate and
+    metrics."""
     d = DEFAULT_SETTINGS
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"default {d.sampler}")
     p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance,
                    help=f"classifier-free guidance scale w (1 = none; default {d.guidance})")
+    p.add_argument("--guidance-interval", type=parse_guidance_interval, default=d.guidance_interval,
+                   metavar="LO,HI|all",
+                   help="guide only the steps whose noise level sigma_t = sqrt((1 - abar_t)/abar_t) is in (LO, HI]; "
+                        "'all': every step (default "
+                        f"{format_guidance_interval(d.guidance_interval)})")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="model calls in fp32 or bf16 autocast; auto: bf16 on a GPU, and on a CPU whichever a short "
@@ -55,7 +61,7 @@ def run_sample(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     ckpt = load_for_sampling(args.checkpoint or default_checkpoint(), device=device, precision=args.precision)
     classes = resolve_classes(args.classes or ["all"], ckpt.class_names)
-    settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.eta)
+    settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.eta, args.guidance_interval)
     seed = draw_seed() if args.seed is None else args.seed
     total = args.n * len(classes)
     bar = tqdm(total=total, unit="img", dynamic_ncols=True)

@@ -5,7 +5,7 @@ A set is ``per_class`` images of every checkpoint class.  Image j of class c get
 ``per_class`` a caller asks for: a set of 100 per class is the first 100 of a set of 5,000, and one
 entry grows across runs (and sessions) instead of being sampled again.  It lives in::
 
-    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>-seed<base_seed>[-bf16]-<key>/
+    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>[-i<lo>,<hi>]-seed<base_seed>[-bf16]-<key>/
         images/<class index>/<j>.png    one PNG per image, with its metadata (class, seed, sampler, ...)
         grid.png                        the first 10 images of every class (rewritten when the set grows)
         timing.json                     images sampled into the entry and the seconds they took, summed
@@ -36,6 +36,7 @@ from PIL import Image
 
 from diffusion.checkpoint import Checkpoint, load_for_sampling
 from diffusion.samplers import SamplerSettings, sample
+from diffusion.spec import format_guidance_interval
 
 from .data import LabelledImages, default_cache_dir
 from .generate import ImageSpec, sample_specs, sampling_autocast, write_grid
@@ -49,12 +50,16 @@ ProgressFn = Callable[[float], None]  # fraction of the images sampled, 0..1; ma
 
 def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_seed: int, num_classes: int,
                bf16: bool = False) -> Path:
-    key = {"v": CACHE_VERSION, "sha256": sha256, "settings": asdict(settings), "base_seed": base_seed,
+    s = asdict(settings)
+    if s["guidance_interval"] is None:  # entries guided at every step keep the keys they had before intervals
+        del s["guidance_interval"]
+    key = {"v": CACHE_VERSION, "sha256": sha256, "settings": s, "base_seed": base_seed,
            "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}
     if bf16:  # only then: fp32 entries keep the keys they had before precision was a choice
         key["precision"] = "bf16"
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}-seed{base_seed}"
+    interval = "" if settings.guidance_interval is None else f"-i{format_guidance_interval(settings.guidance_interval)}"
+    name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}{interval}-seed{base_seed}"
             f"{'-bf16' if bf16 else ''}-{h}")
     return Path(cache_dir) / "synthetic" / name
 

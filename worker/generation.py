@@ -126,7 +126,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
                    worker: str | None = None) -> dict:
     """Generate the images of job ``job_id`` into ``<data dir>/jobs/<id>/``; returns result.json's content.
 
-    ``request``: {"classes": {name: n, ...}, "sampler", "steps", "guidance", "seed"} (as
+    ``request``: {"classes": {name: n, ...}, "sampler", "steps", "guidance", "guidance_interval", "seed"} (as
     validated by the API). A job that is already finished, canceled or unknown is skipped.
     """
     rec = start_job(store, job_id, settings, worker)
@@ -138,7 +138,9 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     try:
         ckpt = worker_model(settings)
         counts = [(resolve_class(name, ckpt.class_names), int(n)) for name, n in request["classes"].items()]
-        sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]))
+        # a job queued before guidance intervals existed has none: guided at every step, as it was asked
+        sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]),
+                                  guidance_interval=request.get("guidance_interval"))
         reporter = ProgressReporter(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
                                     batch_size=settings.batch_size, interval=settings.progress_interval,
                                     time_limit=settings.job_time_limit)

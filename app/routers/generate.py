@@ -5,14 +5,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response
 
-from diffusion.spec import DEFAULT_SETTINGS, SAMPLER_LIST, SamplerName, request_defaults
+from diffusion.spec import DEFAULT_SETTINGS, SAMPLER_LIST, SamplerName, format_guidance_interval, request_defaults
 from worker.celery_app import TASK_GENERATE
 from worker.jobs import new_job_id, new_record
 
 from ..catalog import model_info
 from ..deps import CeleryDep, SettingsDep, StoreDep
 from ..job_view import job_url, job_view
-from ..schemas import GenerateBody, GenerationJob
+from ..schemas import GUIDANCE_INTERVAL_HELP, GenerateBody, GenerationJob
 from ..submit import submit
 from ..validate import resolve_request
 
@@ -44,12 +44,18 @@ def generate(
                                        openapi_examples={"default": {"value": DEFAULT_SETTINGS.steps}})] = None,
     guidance: Annotated[float | None, Query(description=f"guidance scale 0-20 (default {DEFAULT_SETTINGS.guidance:g})",
                                             openapi_examples={"default": {"value": DEFAULT_SETTINGS.guidance}})] = None,
+    guidance_interval: Annotated[str | None, Query(
+        description=f"{GUIDANCE_INTERVAL_HELP}, e.g. 0.28,2.9 "
+                    f"(default {format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})",
+        openapi_examples={"default": {"value": format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)},
+                          "every step": {"value": "all"}})] = None,
     seed: Annotated[int | None, Query(description="base seed 0..2^31-1; image i gets seed + i (default: drawn)",
                                       openapi_examples={"zero": {"value": 0}})] = None,
     body: Annotated[GenerateBody | None, Body(openapi_examples=_BODY_EXAMPLES)] = None,
 ) -> GenerationJob:
     """Queue a generation job: ``?class=cat&n=100``, or a JSON body for several classes at once."""
-    query = {"class": class_, "n": n, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed}
+    query = {"class": class_, "n": n, "sampler": sampler, "steps": steps, "guidance": guidance,
+             "guidance_interval": guidance_interval, "seed": seed}
     request = resolve_request(query, body, model_info(settings.checkpoint), settings)
     total = sum(request["classes"].values())
     record = submit(new_record(new_job_id(), request, total, request["steps"]), TASK_GENERATE, store, celery,

@@ -46,6 +46,16 @@ def test_settings_are_validated():
         EvaluationSettings(data="x", seeds=(1, 1)).validate()
     with pytest.raises(ValueError, match="unknown evaluation settings"):
         EvaluationSettings.from_dict({"data": "x", "epoch": 3})
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        EvaluationSettings(data="x", guidance_interval=(3, 1)).validate()
+
+
+def test_a_guidance_interval_from_json_reaches_the_sampler_settings():
+    s = EvaluationSettings.from_dict({"data": "x", "guidance": 6.0, "guidance_interval": [0.28, 2.9]})
+    assert s.guidance_interval == (0.28, 2.9) and s.sampler_settings.guidance_interval == (0.28, 2.9)
+    assert s.to_dict()["guidance_interval"] == (0.28, 2.9)
+    assert EvaluationSettings.from_dict({"data": "x", "guidance_interval": None}).sampler_settings.guidance_interval \
+        is None
 
 
 def test_synthetic_labels_follow_the_data_set_class_order():

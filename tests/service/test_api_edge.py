@@ -6,6 +6,8 @@ import uuid
 
 import pytest
 
+from diffusion.spec import DEFAULT_SETTINGS
+
 from .conftest import client_for
 
 
@@ -35,6 +37,9 @@ def idle(make_settings):
     ("/generate?class=cat&n=5&seed=2147483648", ["query", "seed"], ["0..2147483647"]),
     ("/generate?n=5", ["query", "class"], ["required"]),
     ("/generate?class=10&n=5", ["query", "class"], ["0-9"]),
+    ("/generate?class=cat&n=5&guidance_interval=2.9,0.28", ["query", "guidance_interval"], ["0 <= lo < hi"]),
+    ("/generate?class=cat&n=5&guidance_interval=0.28", ["query", "guidance_interval"], ["two noise levels"]),
+    ("/generate?class=cat&n=5&guidance_interval=low,high", ["query", "guidance_interval"], ["'lo,hi'", "all"]),
 ])
 def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
     r = idle.post(url)
@@ -56,11 +61,30 @@ def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
     ({"classes": {"cat": 5}, "seed": -3}, ["body", "seed"]),
     ({"classes": {"cat": 5}, "sampler": "euler"}, ["body", "sampler"]),
     ({"classes": {"cat": 5}, "colour": "red"}, ["body", "colour"]),
+    ({"classes": {"cat": 5}, "guidance_interval": [3, 1]}, ["body", "guidance_interval"]),
+    ({"classes": {"cat": 5}, "guidance_interval": "0,inf"}, ["body", "guidance_interval"]),
+    ({"classes": {"cat": 5}, "guidance_interval": 2}, ["body", "guidance_interval"]),
 ])
 def test_bad_body_is_422_naming_the_field(idle, body, loc):
     r = idle.post("/generate", json=body)
     assert r.status_code == 422, r.text
     assert loc in _locs(r), r.json()
+
+
+@pytest.mark.parametrize("query, body, expected", [
+    ("", None, list(DEFAULT_SETTINGS.guidance_interval) if DEFAULT_SETTINGS.guidance_interval else None),
+    ("&guidance_interval=0.5,3", None, [0.5, 3.0]),
+    ("&guidance_interval=all", None, None),
+    (None, {"classes": {"cat": 2}, "guidance_interval": [0.5, 3]}, [0.5, 3.0]),
+    (None, {"classes": {"cat": 2}, "guidance_interval": "1,2"}, [1.0, 2.0]),
+    (None, {"classes": {"cat": 2}, "guidance_interval": "all"}, None),
+    (None, {"classes": {"cat": 2}, "guidance_interval": None}, None),
+])
+def test_guidance_interval_is_resolved_into_the_job_input(idle, query, body, expected):
+    r = idle.post(f"/generate?class=cat&n=2{query}") if body is None else idle.post("/generate", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["input"]["guidance_interval"] == expected
+    assert idle.get(r.json()["url"]).json()["input"]["guidance_interval"] == expected
 
 
 def test_query_and_body_together_is_422(idle):

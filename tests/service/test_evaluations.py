@@ -75,7 +75,9 @@ def test_queued_evaluation_is_a_job_like_any_other(idle):
     job = r.json()
     assert r.headers["location"] == f"/evaluations/{job['id']}" == job["url"]
     assert (job["type"], job["status"], job["output"], job["report"]) == ("evaluation", "queued", None, None)
-    assert job["input"] == dict(QUICK, guidance=DEFAULT_SETTINGS.guidance, synthetic_seed=0, budget="steps")
+    interval = DEFAULT_SETTINGS.guidance_interval
+    assert job["input"] == dict(QUICK, guidance=DEFAULT_SETTINGS.guidance, synthetic_seed=0, budget="steps",
+                                guidance_interval=None if interval is None else list(interval))
     assert job["queue_position"] >= 1
     assert idle.get(f"/jobs/{job['id']}").json()["input"] == job["input"]
     gen = idle.post("/generate?class=cat&n=1").json()

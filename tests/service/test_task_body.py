@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import uuid
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from worker.generation import run_generation
 from worker.jobs import JobStore, connect, new_job_id, new_record
@@ -133,3 +135,34 @@ def test_hard_time_limit_marks_the_record_failed(store, body_settings, monkeypat
     assert rec["error"] == f"hard time limit of {body_settings.hard_time_limit} s exceeded"
     tasks.generate.on_failure(ValueError("late"), job_id, (), {"job_id": job_id}, None)
     assert store.get(job_id)["error"].startswith("hard time limit")  # a finished record is not rewritten
+
+
+def test_guidance_interval_reaches_the_sampler_and_the_records(store, body_settings):
+    """An interval request samples what diffusion.samplers.sample gives with that interval, and the manifest
+    says so; a request queued before intervals existed (no key) is guided at every step."""
+    from diffusion.checkpoint import load_for_sampling
+    from diffusion.samplers import sample
+    from training.generate import to_uint8
+
+    steps = 6
+    base = dict(REQUEST, classes={"cat": 2}, sampler="dpmpp_sde", steps=steps, guidance=3.0)
+    narrow = dict(base, guidance_interval=[0.28, 2.9])
+    images = {}
+    for name, request in (("narrow", narrow), ("old", base)):
+        job_id = _submit(store, request)
+        assert run_generation(job_id, request, store=store, settings=body_settings)["status"] == "succeeded"
+        out = body_settings.jobs_dir / job_id
+        manifest = json.loads((out / "manifest.json").read_text())
+        expected = "0.28,2.9" if name == "narrow" else "all"
+        assert {e["guidance_interval"] for e in manifest["images"]} == {expected}
+        assert manifest["settings"]["guidance_interval"] == request.get("guidance_interval")
+        images[name] = [torch.from_numpy(np.array(Image.open(p))) for p in sorted((out / "images").iterdir())]
+    ckpt = load_for_sampling(body_settings.checkpoint, "cpu", "fp32")
+    cat = ckpt.class_names.index("cat")
+    for name, interval in (("narrow", (0.28, 2.9)), ("old", None)):
+        x = sample(ckpt.model, ckpt.schedule, torch.tensor([cat, cat]), [5, 6], sampler="dpmpp_sde", steps=steps,
+                   guidance=3.0, guidance_interval=interval)
+        want = to_uint8(x).permute(0, 2, 3, 1)
+        got = torch.stack(images[name])
+        assert (got.int() - want.int()).abs().max() <= 1, name  # the same images, to the rounding
+    assert not all(torch.equal(a, b) for a, b in zip(images["narrow"], images["old"]))
