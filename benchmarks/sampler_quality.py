@@ -3,17 +3,22 @@ service use by default?  Answer: "the fastest setting within a few percent of th
 
 For every setting of the grid (default: DDPM ancestral at 1000 steps, the report's method; DDIM
 at 50 and 100; DPM-Solver++ at 10, 15 and 20, deterministic (dpmpp) and stochastic (dpmpp_sde, the
-service default); each unguided, guidance 1.0, and guided at the
-service default, ``DEFAULT_SETTINGS.guidance``) it measures the checkpoint's images through
-``training.generator_metrics.measure_generator`` (the same metrics as ``dreamdata metrics``), with
-the same image seeds for every setting, so the
-differences come from the sampler.  A row: model calls per image (steps, twice that when guided),
+service default); each unguided, guidance 1.0, guided at every step at 4, and guided only inside
+a noise interval as the service default is, ``--interval-guidances W@LO:HI``) it measures the
+checkpoint's images through ``training.generator_metrics.measure_generator`` (the same metrics as
+``dreamdata metrics``), with the same image seeds for every setting, so the differences come from
+the sampler.  A row: model calls per image (steps, twice that when guided),
 sampling seconds per image, Frechet distance in the project classifier's feature space, class
 fidelity, recall, coverage, and the FD relative to the reference row of the same guidance: DDPM
 at 1000 steps when it is in the grid, else the slowest setting (most model calls) of the grid at
 that guidance, which the output says.  Beside each difference from the reference: a 95% interval from
 a paired bootstrap over the images (--bootstrap resamples), so that a difference the sample size
 cannot resolve reads as one.  The ``real_train`` row is the floor: real training images, same count.
+
+A setting guided only where LO < sigma_t <= HI (diffusion.spec: guidance interval) makes two model calls
+at those steps and one at the others, so it costs fewer calls than the same setting guided at every step.
+Its rows are held against the reference of the classic guidance --reference-guidance (default: the last of
+--guidances that guides, 4): the interval, and its own scale W, are one more way to reach that quality.
 
 The choice rule, per guidance value: among the settings whose FD is at most --tolerance (default
 5%) above the reference's, and whose class fidelity is at most --tolerance x 100 percentage

@@ -88,7 +88,11 @@ def test_settings_parsing(bench):
     assert a.settings == [("ddim", 50), ("ddim", 100), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 20),
                           ("dpmpp_sde", 10), ("dpmpp_sde", 15), ("dpmpp_sde", 20)]
     assert (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps) in a.settings  # the service default is measured
-    assert a.guidances == [1.0, DEFAULT_SETTINGS.guidance] and a.n_per_class == 100 and a.tolerance == 0.05
+    assert a.guidances == [1.0, bench.CLASSIC_GUIDANCE] and a.n_per_class == 100 and a.tolerance == 0.05
+    # the service default guides inside an interval: its row is in the grid, held against guidance 4's reference
+    d = DEFAULT_SETTINGS
+    assert a.interval_guidances == ([(d.guidance, d.guidance_interval)] if d.guidance_interval else [])
+    assert a.reference_guidance == bench.CLASSIC_GUIDANCE
     assert a.bootstrap == 1000
     for bad in (["--tolerance", "-0.1"], ["--bootstrap", "-1"]):
         with pytest.raises(SystemExit):
@@ -114,7 +118,8 @@ def tiny(tmp_path):
 def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     data, ckpt = tiny
     argv = ["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings",
-            "ddpm:3,ddim:3,dpmpp:2", "--skip-ddpm", "--guidances", "1,1.5", "--k", "2", "--feature-classifier",
+            "ddpm:3,ddim:3,dpmpp:2", "--skip-ddpm", "--guidances", "1,1.5", "--interval-guidances", "", "--k", "2",
+            "--feature-classifier",
             "mlp", "--feature-width", "8", "--feature-epochs", "1", "--device", "cpu", "--threads", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out.json")]
     first = bench.main(argv)
@@ -176,7 +181,7 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     for png in sorted((entry / "images").glob("*/*.png"))[10:]:
         png.unlink()
     third = bench.main(argv[:-2] + ["--batch-size", "10", "--settings", f"{rows[0].sampler}:{rows[0].steps}",
-                                    "--guidances", str(rows[0].guidance)])
+                                    "--guidances", str(rows[0].guidance), "--interval-guidances", ""])
     (resumed,) = third["rows"]
     assert resumed.timing == "this run" and resumed.seconds_per_image > 0
     assert math.isclose(resumed.frechet_distance, rows[0].frechet_distance, rel_tol=1e-6, abs_tol=1e-9)
@@ -185,7 +190,8 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
 def test_precisions_pair_each_bf16_row_with_its_fp32_row(bench, tiny, tmp_path, capsys):
     data, ckpt = tiny
     result = bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings", "ddim:2",
-                         "--guidances", "1.5", "--precisions", "bf16,fp32", "--k", "2", "--feature-classifier", "mlp",
+                         "--guidances", "1.5", "--interval-guidances", "", "--precisions", "bf16,fp32", "--k", "2",
+                         "--feature-classifier", "mlp",
                          "--feature-width", "8", "--feature-epochs", "1", "--device", "cpu", "--threads", "1",
                          "--cache-dir", str(tmp_path / "cache")])
     rows = result["rows"]

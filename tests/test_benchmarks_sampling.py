@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from diffusion.checkpoint import save_checkpoint
-from diffusion.schedules import ScheduleConfig
+from diffusion.samplers import model_calls
+from diffusion.schedules import NoiseSchedule, ScheduleConfig
+from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings, format_guidance_interval
 from diffusion.unet import UNet, UNetConfig
 from tests.fixtures import CIFAR10_CLASSES
 
@@ -116,3 +118,26 @@ def test_diffusers_scheduler_takes_the_same_kind_of_step_for_every_sampler(bench
     for sampler, (cls, algorithm) in expected.items():
         sc = bench.diffusers_scheduler(schedule, sampler)
         assert type(sc).__name__ == cls and getattr(sc.config, "algorithm_type", None) == algorithm, sampler
+
+
+def test_interleaved_ab_times_every_variant_in_every_round(tiny_checkpoint, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmarks_sampling_ab", SCRIPT.with_name("sampling_ab.py"))
+    ab = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, ab)
+    spec.loader.exec_module(ab)
+    threads = torch.get_num_threads()
+    try:
+        result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "2",
+                          "--steps", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    d = DEFAULT_SETTINGS
+    schedule = NoiseSchedule(ScheduleConfig("linear", 1000))
+    default = f"default (interval {format_guidance_interval(d.guidance_interval)})"
+    names = list(result["rates"])
+    assert names == [default, "every step"] + ["diffusers"] * HAS_DIFFUSERS
+    assert all(len(v) == 2 and min(v) > 0 for v in result["rates"].values())
+    calls = model_calls(SamplerSettings(d.sampler, 3, d.guidance, guidance_interval=d.guidance_interval), schedule)
+    assert result["calls"] == {default: calls, "every step": 6, **({"diffusers": 6} if HAS_DIFFUSERS else {})}
+    assert "round 2:" in out and f"{default} / every step: " in out

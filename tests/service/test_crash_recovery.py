@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.spec import SamplerSettings
+from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings
 from training.generate import generate_to_dir
 
 from worker.jobs import JobStore, connect
@@ -22,6 +22,7 @@ from .conftest import client_for
 from .service_testlib import TERMINAL, png_pixels, poll_job, wait_for
 
 N, STEPS, SEED = 160, 10, 1234  # 40 batches of 4, ddpm: seconds even on a fast idle machine, so it is killed mid-run
+# no guidance_interval: the default one applies, and the reference below samples with it too
 QUERY = f"/generate?class=horse&n={N}&sampler=ddpm&steps={STEPS}&guidance=1.5&seed={SEED}"
 
 
@@ -34,7 +35,8 @@ def reference(settings, tmp_path_factory) -> dict[str, np.ndarray]:
     try:
         ckpt = model_for(settings.checkpoint, settings.torch_threads)
         out = tmp_path_factory.mktemp("reference")
-        generate_to_dir(ckpt, [(ckpt.class_names.index("horse"), N)], out, settings=SamplerSettings("ddpm", STEPS, 1.5),
+        generate_to_dir(ckpt, [(ckpt.class_names.index("horse"), N)], out, settings=SamplerSettings("ddpm", STEPS, 1.5,
+                                                    guidance_interval=DEFAULT_SETTINGS.guidance_interval),
                         base_seed=SEED, batch_size=settings.batch_size)
     finally:
         torch.set_num_threads(threads)

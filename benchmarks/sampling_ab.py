@@ -1,0 +1,114 @@
+"""The service's default sampler against the same sampler guided at every step and against diffusers,
+timed interleaved (issue 5).
+
+``benchmarks/sampling.py`` times its rows one after the other, so a machine whose speed drifts during
+its ~20 minutes (these shared machines do: the same row ran 10% slower late in a run than early)
+favours whichever rows came first. This script times only the three rows that the speed claims rest
+on, in rounds, each round running every variant once in a rotated order, and reports medians over
+the rounds:
+
+    default     ``DEFAULT_SETTINGS`` as the service samples (with its guidance interval, if any)
+    every step  the same sampler, steps and guidance, guided at every step (what diffusers does)
+    diffusers   a same-size diffusers UNet2DModel (random weights) in the same guided loop as
+                ``sampling.py``'s (b) rows, with the matching scheduler; its weights cast to the
+                service's precision, the way diffusers users run bf16
+
+All in the precision and layout the service picks on this machine (``diffusion.precision``), one batch
+of --batch images per timed run, after one short warm-up run each.
+
+    python benchmarks/sampling_ab.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch 50] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+
+from sampling import diffusers_scheduler, diffusers_unet, guided_pipeline, load_diffusers, set_layout  # noqa: E402
+
+from diffusion.checkpoint import load_for_sampling  # noqa: E402
+from diffusion.samplers import model_calls, sample  # noqa: E402
+from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,  # noqa: E402
+                            format_guidance_interval)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=50, help="images per timed run (default 50)")
+    p.add_argument("--rounds", type=int, default=5, help="timed runs per variant, one per round (default 5)")
+    p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps, help="sampler steps (default: the default's)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: $DREAMDATA_PRECISION or auto, as the service decides")
+    p.add_argument("--skip-diffusers", action="store_true")
+    a = p.parse_args(argv)
+    if a.batch < 1 or a.rounds < 1 or a.steps < 2:
+        p.error("--batch and --rounds must be at least 1, --steps at least 2")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    ckpt = load_for_sampling(a.checkpoint, "cpu", a.precision)
+    choice, model, schedule = ckpt.precision, ckpt.model, ckpt.schedule
+    d = DEFAULT_SETTINGS
+    default = SamplerSettings(d.sampler, a.steps, d.guidance, d.eta, d.guidance_interval)
+    every = SamplerSettings(d.sampler, a.steps, d.guidance, d.eta)
+    labels, seeds = torch.arange(a.batch) % model.config.num_classes, list(range(a.batch))
+
+    def ours(s: SamplerSettings) -> Callable[[int], object]:
+        return lambda steps: sample(model, schedule, labels, seeds, sampler=s.sampler, steps=steps,
+                                    guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=choice.bf16)
+
+    interval = format_guidance_interval(default.guidance_interval)
+    variants: dict[str, tuple[Callable[[int], object], int]] = {
+        f"default (interval {interval})": (ours(default), model_calls(default, schedule)),
+        "every step": (ours(every), model_calls(every, schedule)),
+    }
+    if not a.skip_diffusers and load_diffusers():
+        unet = diffusers_unet(model.config, True).to(torch.bfloat16 if choice.bf16 else torch.float32)
+        set_layout(unet, choice.layout)
+        pipe = guided_pipeline(unet, diffusers_scheduler(schedule, d.sampler))
+        null = unet.config.num_class_embeds - 1
+        variants["diffusers"] = (lambda steps: pipe(labels, null, d.guidance, steps,
+                                                     generator=torch.Generator().manual_seed(0)),
+                                 every.model_calls())
+    print(f"{d.sampler}, {a.steps} steps, guidance {d.guidance:g}; precision {choice.name} {choice.layout} "
+          f"({choice.reason}); batch {a.batch}, threads {a.threads}, {a.rounds} rounds")
+    names = list(variants)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers' notes on casting and deprecations
+        for n in names:
+            variants[n][0](2)  # warm-up
+        for r in range(a.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]  # rotated: no variant always runs first
+            for n in order:
+                t0 = time.perf_counter()
+                variants[n][0](a.steps)
+                rates[n].append(a.batch / (time.perf_counter() - t0))
+            print(f"round {r + 1}: " + ", ".join(f"{n} {rates[n][-1]:.3f}" for n in names), flush=True)
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    print(f"\n{'variant':<30} {'calls/img':>9} {'img/s':>8} {'min':>8} {'max':>8}")
+    for n in names:
+        print(f"{n:<30} {variants[n][1]:>9} {med[n]:>8.3f} {min(rates[n]):>8.3f} {max(rates[n]):>8.3f}")
+    first = names[0]
+    for n in names[1:]:
+        print(f"{first} / {n}: {med[first] / med[n]:.2f}x")
+    if "diffusers" in med:
+        print(f"every step / diffusers: {med['every step'] / med['diffusers']:.2f}x")
+    return {"rates": rates, "medians": med, "calls": {n: variants[n][1] for n in names}}
+
+
+if __name__ == "__main__":
+    main()
