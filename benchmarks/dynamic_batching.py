@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from diffusion.spec import DEFAULT_SETTINGS
+from diffusion.spec import DEFAULT_SETTINGS, format_guidance_interval, parse_guidance_interval
 from service import run_job, running_service, tiny_checkpoint
 from training.generate import default_checkpoint
 
@@ -61,7 +61,8 @@ def measure(mode: str, a, ckpt: Path, tmp: Path) -> list[tuple]:
     env = dict(MODES[mode], DREAMDATA_BATCH_SIZE=a.batch_size, DREAMDATA_MAX_N=max(a.jobs * a.n, 1))
     if mode == "threads":
         env["DREAMDATA_CONCURRENCY"] = a.jobs
-    common = {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance}
+    common = {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
+              "guidance_interval": format_guidance_interval(a.guidance_interval)}
     rows = []
     with running_service(tmp, ckpt, threads=a.threads, **env) as (base_url, _):
         with httpx.Client(base_url=base_url, timeout=60) as client:
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--sampler", default=DEFAULT_SETTINGS.sampler)
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps)
     p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
+    p.add_argument("--guidance-interval", type=parse_guidance_interval, default=DEFAULT_SETTINGS.guidance_interval,
+                   metavar="LO,HI|all")
     p.add_argument("--batch-size", type=int, default=100, help="the worker's batch size (most images merged)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each measurement (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in the worker")
@@ -101,7 +104,8 @@ def main() -> None:
             rows += measure(mode, a, ckpt, tmp / mode)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ncheckpoint {ckpt}; {a.sampler} {a.steps} steps, guidance {a.guidance}; worker batch {a.batch_size}; "
+    print(f"\ncheckpoint {ckpt}; {a.sampler} {a.steps} steps, guidance {a.guidance} "
+          f"(interval {format_guidance_interval(a.guidance_interval)}); worker batch {a.batch_size}; "
           f"{a.threads} torch threads; device {'cuda' if torch.cuda.is_available() else 'cpu'}; "
           f"median of {a.repeats}\n")
     width = max(len(r[1]) for r in rows)

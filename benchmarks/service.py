@@ -32,7 +32,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings, requested_precision
+from diffusion.spec import (DEFAULT_SETTINGS, SamplerSettings, format_guidance_interval, parse_guidance_interval,
+                            requested_precision)
 from training.generate import default_checkpoint, generate_to_dir, plan, sampling_autocast
 from worker.redis_server import RedisServer, die_with_parent, free_port
 
@@ -87,7 +88,8 @@ def direct(ckpt_dir: Path, n: int, s: SamplerSettings, batch: int, out: Path,
     for i in range(0, n, batch):
         b = specs[i:i + batch]
         sample(ckpt.model, ckpt.schedule, torch.tensor([x.class_index for x in b]), [x.seed for x in b],
-               sampler=s.sampler, steps=s.steps, guidance=s.guidance, autocast=sampling_autocast(ckpt))
+               sampler=s.sampler, steps=s.steps, guidance=s.guidance, guidance_interval=s.guidance_interval,
+               autocast=sampling_autocast(ckpt))
     t1 = time.perf_counter()
     generate_to_dir(ckpt, [(3, n)], out, settings=s, base_seed=0, batch_size=batch, make_zip=True)
     return t1 - t0, time.perf_counter() - t1
@@ -127,6 +129,8 @@ def main() -> None:
     p.add_argument("--sampler", default=DEFAULT_SETTINGS.sampler)
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps)
     p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
+    p.add_argument("--guidance-interval", type=parse_guidance_interval, default=DEFAULT_SETTINGS.guidance_interval,
+                   metavar="LO,HI|all")
     p.add_argument("--compile", default="off", help="the worker's --compile mode (off, default, ...); the direct "
                                                     "runs compile the same way")
     p.add_argument("--batch-size", type=int, default=100)
@@ -141,7 +145,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="dreamdata-bench-"))
     ckpt = tiny_checkpoint(tmp / "ckpt") if a.tiny else Path(a.checkpoint or default_checkpoint())
-    s = SamplerSettings(a.sampler, a.steps, a.guidance)
+    s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval)
     with running_service(tmp, ckpt, threads=a.threads, DREAMDATA_BATCH_SIZE=a.batch_size,
                          DREAMDATA_MAX_N=max(a.n, a.memory_n), DREAMDATA_COMPILE=a.compile,
                          DREAMDATA_PRECISION=requested_precision()) as (base_url, worker_pid):
@@ -196,7 +200,8 @@ def running_service(tmp: Path, ckpt: Path, threads: int, **env_settings):
 
 
 def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_pid: int) -> None:
-    params = {"class": "cat", "n": a.n, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "seed": 0}
+    params = {"class": "cat", "n": a.n, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+              "guidance_interval": format_guidance_interval(s.guidance_interval), "seed": 0}
     with httpx.Client(base_url=base_url, timeout=30) as client:
         run_job(client, dict(params, n=1))  # warm-up: the worker's model is loaded and used once
         e2e, sampler_only, with_files = [], [], []
@@ -220,7 +225,8 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
             mem_seconds, _ = run_job(client, dict(params, n=a.memory_n), poll=0.2)
             mem = (before, rss_kb(child, "VmHWM"), mem_seconds)
 
-    print(f"\ncheckpoint {ckpt}; {s.sampler} {s.steps} steps, guidance {s.guidance}; batch {a.batch_size}; "
+    print(f"\ncheckpoint {ckpt}; {s.sampler} {s.steps} steps, guidance {s.guidance} "
+          f"(interval {format_guidance_interval(s.guidance_interval)}); batch {a.batch_size}; "
           f"{a.threads} torch threads; device {'cuda' if torch.cuda.is_available() else 'cpu'}; compile {a.compile}; "
           f"precision {job['output'].get('precision')}\n")
     rows = [
