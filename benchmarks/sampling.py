@@ -27,7 +27,8 @@ in README.md: one guided 100-image run of DPM-Solver++ 20 steps takes over a min
 saves about a quarter of it.
 
     python benchmarks/sampling.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch-sizes 1,10,100]
-                                  [--repeats 3] [--sampler dpmpp --steps 20 --guidance 4]
+                                  [--repeats 3] [--sampler dpmpp_sde --steps 20 --guidance 6
+                                  --guidance-interval 0.28,4]
                                   [--skip-compile] [--skip-diffusers]
     python benchmarks/sampling.py --quick    # that it runs: tiny sizes, the numbers mean nothing
 """
