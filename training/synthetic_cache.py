@@ -51,15 +51,18 @@ ProgressFn = Callable[[float], None]  # fraction of the images sampled, 0..1; ma
 def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_seed: int, num_classes: int,
                bf16: bool = False) -> Path:
     s = asdict(settings)
-    if s["guidance_interval"] is None:  # entries guided at every step keep the keys they had before intervals
+    # entries guided at every step keep the keys they had before intervals; unguided ones (w 0 or 1) have no
+    # guided steps, so an interval changes nothing in them and stays out of their key
+    interval = settings.guidance_interval if settings.guided else None
+    if interval is None:
         del s["guidance_interval"]
     key = {"v": CACHE_VERSION, "sha256": sha256, "settings": s, "base_seed": base_seed,
            "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}
     if bf16:  # only then: fp32 entries keep the keys they had before precision was a choice
         key["precision"] = "bf16"
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    interval = "" if settings.guidance_interval is None else f"-i{format_guidance_interval(settings.guidance_interval)}"
-    name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}{interval}-seed{base_seed}"
+    tag = "" if interval is None else f"-i{format_guidance_interval(interval)}"
+    name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}{tag}-seed{base_seed}"
             f"{'-bf16' if bf16 else ''}-{h}")
     return Path(cache_dir) / "synthetic" / name
 

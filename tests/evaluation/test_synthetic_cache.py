@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from diffusion.samplers import SamplerSettings
-from training.synthetic_cache import CLASS_SEED_STRIDE, image_specs, missing, synthetic_images
+from training.synthetic_cache import CLASS_SEED_STRIDE, cache_path, image_specs, missing, synthetic_images
 
 SETTINGS = SamplerSettings("ddim", 2, 1.0)
 
@@ -79,3 +79,13 @@ def test_the_precision_keys_the_cache_and_a_loaded_checkpoint_brings_its_own(tin
     _, info = synthetic_images(load_for_sampling(tiny_checkpoint, precision="bf16"), 1, SETTINGS,
                                cache_dir=cache_dir, precision="fp32")
     assert info["cache_dir"] == info16["cache_dir"] and info["reused"] is True
+
+
+def test_the_guidance_interval_keys_guided_entries_only(tmp_path):
+    classic = cache_path(tmp_path, "ab" * 32, SamplerSettings("dpmpp_sde", 20, 4.0), 0, 10)
+    narrow = cache_path(tmp_path, "ab" * 32, SamplerSettings("dpmpp_sde", 20, 4.0, guidance_interval=(0.28, 4)), 0, 10)
+    assert classic != narrow and "-g4-i0.28,4-seed0-" in narrow.name and "-i" not in classic.name.split("-g4")[1]
+    # unguided: no step makes the second call, so the interval changes no image and no key
+    for w in (0.0, 1.0):
+        assert (cache_path(tmp_path, "ab" * 32, SamplerSettings("ddim", 5, w, guidance_interval=(0.28, 4)), 0, 10)
+                == cache_path(tmp_path, "ab" * 32, SamplerSettings("ddim", 5, w), 0, 10))
