@@ -70,7 +70,8 @@ from tqdm import tqdm
 from diffusion.checkpoint import load_for_sampling, read_config
 from diffusion.samplers import step_sigmas
 from diffusion.schedules import NoiseSchedule
-from diffusion.spec import DEFAULT_SETTINGS, SAMPLERS, GuidanceInterval, SamplerSettings, requested_precision
+from diffusion.spec import (DEFAULT_SETTINGS, SAMPLERS, GuidanceInterval, SamplerSettings, parse_guidance_interval,
+                            requested_precision)
 from training.data import default_cache_dir
 from training.generate import default_checkpoint
 from training.features_metrics import paired_bootstrap
@@ -247,11 +248,10 @@ def parse_interval_guidances(text: str) -> list[tuple[float, GuidanceInterval]]:
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         w, sep, interval = item.partition("@")
-        lo, sep2, hi = interval.partition(":")
         try:
-            if not (sep and sep2):
+            if not (sep and ":" in interval):
                 raise ValueError("expected W@LO:HI, e.g. 6@0.28:2.9")
-            s = SamplerSettings(guidance=float(w), guidance_interval=(float(lo), float(hi)))
+            s = SamplerSettings(guidance=float(w), guidance_interval=parse_guidance_interval(interval.split(":")))
             s.validate()
             if not s.guided:
                 raise ValueError("guidance 0 or 1 makes one call per step: an interval changes nothing")

@@ -93,24 +93,14 @@ def check_guidance_interval(interval: Sequence[float]) -> GuidanceInterval:
 def parse_guidance_interval(value: str | Sequence[float] | None) -> GuidanceInterval | None:
     """``"0.28,2.9"`` or ``[0.28, 2.9]`` -> (0.28, 2.9); ``"all"`` or None -> None (every step).
     Raises ValueError saying what is wrong."""
-    if value is None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == GUIDANCE_INTERVAL_ALL):
         return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == GUIDANCE_INTERVAL_ALL:
-            return None
-        parts = [p.strip() for p in text.split(",")]
-        try:
-            value = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"guidance interval must be 'lo,hi' (two numbers) or '{GUIDANCE_INTERVAL_ALL}', "
-                             f"got {text!r}") from None
     try:
-        value = [float(v) for v in value]
+        numbers = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
     except (TypeError, ValueError):
-        raise ValueError(f"guidance interval must be two numbers [lo, hi], 'lo,hi' or '{GUIDANCE_INTERVAL_ALL}', "
-                         f"got {value!r}") from None
-    return check_guidance_interval(value)
+        raise ValueError(f"guidance interval must be two numbers, 'lo,hi' or [lo, hi], or "
+                         f"'{GUIDANCE_INTERVAL_ALL}'; got {value!r}") from None
+    return check_guidance_interval(numbers)
 
 
 def format_guidance_interval(interval: GuidanceInterval | None) -> str:
