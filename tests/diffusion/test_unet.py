@@ -1,10 +1,11 @@
-"""UNet: the named architecture's size, shapes, class conditioning and config serialisation."""
+"""UNet: the named architecture's size, shapes, class conditioning, config serialisation and the folded upsampling."""
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from diffusion.unet import UNET_CONFIGS, ResBlock, UNet, UNetConfig, count_parameters
+from diffusion.unet import UNET_CONFIGS, ResBlock, UNet, UNetConfig, Upsample, count_parameters
 
 from diffusion_testlib import TINY_UNET, make_tiny_unet
 
@@ -113,3 +114,23 @@ def test_every_res_block_sees_the_embedding(width):
     emb = torch.randn(2, 4 * width)
     out = block(x, emb)
     assert (out[0] - out[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 8])
+def test_upsample_is_nearest_upsampling_then_its_3x3_conv(size):
+    """The folded transposed conv computes conv(interpolate(x, 2x nearest)): values and weight gradients."""
+    torch.manual_seed(0)
+    up = Upsample(6).double()
+    x = torch.randn(3, 6, size, size + 1, dtype=torch.double)
+    out = up(x)
+    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert out.shape == (3, 6, 2 * size, 2 * size + 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    (gw,) = torch.autograd.grad((out * g).sum(), [up.conv.weight])
+    (gw_ref,) = torch.autograd.grad((ref * g).sum(), [up.conv.weight])
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_upsample_keeps_the_checkpoint_keys():
+    assert set(Upsample(4).state_dict()) == {"conv.weight", "conv.bias"}
