@@ -12,15 +12,20 @@ the rounds:
     diffusers   a same-size diffusers UNet2DModel (random weights) in the same guided loop as
                 ``sampling.py``'s (b) rows, with the matching scheduler; its weights cast to the
                 service's precision, the way diffusers users run bf16
+    default, unfolded upsampling   (with --unfolded) the default on a copy of the model whose
+                ``Upsample`` layers run nearest upsampling then their 3x3 conv, as diffusers does,
+                instead of the folded transposed conv (``diffusion.unet.Upsample``)
 
 All in the precision and layout the service picks on this machine (``diffusion.precision``), one batch
 of --batch images per timed run, after one short warm-up run each.
 
     python benchmarks/sampling_ab.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch 50] [--rounds 5]
+        [--unfolded]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -38,6 +43,7 @@ from diffusion.checkpoint import load_for_sampling  # noqa: E402
 from diffusion.samplers import model_calls, sample  # noqa: E402
 from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,  # noqa: E402
                             format_guidance_interval)
+from diffusion.unet import set_upsample_folding  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: $DREAMDATA_PRECISION or auto, as the service decides")
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--unfolded", action="store_true",
+                   help="also time the default with plain interpolate-then-conv upsampling (the UNet before the fold)")
     a = p.parse_args(argv)
     if a.batch < 1 or a.rounds < 1 or a.steps < 2:
         p.error("--batch and --rounds must be at least 1, --steps at least 2")
@@ -66,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     every = SamplerSettings(d.sampler, a.steps, d.guidance, d.eta)
     labels, seeds = torch.arange(a.batch) % model.config.num_classes, list(range(a.batch))
 
-    def ours(s: SamplerSettings) -> Callable[[int], object]:
-        return lambda steps: sample(model, schedule, labels, seeds, sampler=s.sampler, steps=steps,
+    def ours(s: SamplerSettings, net: torch.nn.Module = model) -> Callable[[int], object]:
+        return lambda steps: sample(net, schedule, labels, seeds, sampler=s.sampler, steps=steps,
                                     guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=choice.bf16)
 
     interval = format_guidance_interval(default.guidance_interval)
@@ -75,6 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"default (interval {interval})": (ours(default), model_calls(default, schedule)),
         "every step": (ours(every), model_calls(every, schedule)),
     }
+    if a.unfolded:
+        unfolded = set_upsample_folding(copy.deepcopy(model), False)
+        variants["default, unfolded upsampling"] = (ours(default, unfolded), model_calls(default, schedule))
     if not a.skip_diffusers and load_diffusers():
         unet = diffusers_unet(model.config, True).to(torch.bfloat16 if choice.bf16 else torch.float32)
         set_layout(unet, choice.layout)

@@ -143,16 +143,29 @@ class Upsample(nn.Module):
     does 16 instead of 36 multiply-adds per input pixel and channel pair.  On 2 EPYC cores in bf16, batch 100:
     66 ms NCHW and 33 ms channels_last against 164 ms for the 16x16 -> 32x32 layer of the default model.
     The 4x4 kernel is folded from the 3x3 weights on every call (0.3 M adds for 128 channels), so training
-    updates ``conv.weight`` as before and checkpoints keep their keys.
+    updates ``conv.weight`` as before and checkpoints keep their keys.  ``folded = False`` (see
+    :func:`set_upsample_folding`) runs the plain interpolate-then-conv instead, the reference that tests
+    and ``benchmarks/sampling_ab.py --unfolded`` compare against.
     """
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.folded:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         w = _fold_upsample_taps(_fold_upsample_taps(self.conv.weight, 2), 3)  # [out, in, 4, 4]
         return F.conv_transpose2d(x, w.transpose(0, 1), self.conv.bias, stride=2, padding=1)
+
+
+def set_upsample_folding(model: nn.Module, folded: bool) -> nn.Module:
+    """Switch every :class:`Upsample` in ``model`` to the folded transposed conv or the plain reference."""
+    for m in model.modules():
+        if isinstance(m, Upsample):
+            m.folded = folded
+    return model
 
 
 class UNet(nn.Module):

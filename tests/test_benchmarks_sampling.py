@@ -141,3 +141,20 @@ def test_interleaved_ab_times_every_variant_in_every_round(tiny_checkpoint, caps
     calls = model_calls(SamplerSettings(d.sampler, 3, d.guidance, guidance_interval=d.guidance_interval), schedule)
     assert result["calls"] == {default: calls, "every step": 6, **({"diffusers": 6} if HAS_DIFFUSERS else {})}
     assert "round 2:" in out and f"{default} / every step: " in out
+
+
+def test_interleaved_ab_can_time_the_unfolded_upsampling_too(tiny_checkpoint, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmarks_sampling_ab", SCRIPT.with_name("sampling_ab.py"))
+    ab = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, ab)
+    spec.loader.exec_module(ab)
+    threads = torch.get_num_threads()
+    try:
+        result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "1",
+                          "--steps", "3", "--skip-diffusers", "--unfolded"])
+    finally:
+        torch.set_num_threads(threads)
+    names = list(result["rates"])
+    assert names[1:] == ["every step", "default, unfolded upsampling"]
+    assert result["calls"][names[0]] == result["calls"]["default, unfolded upsampling"]
+    assert f"{names[0]} / default, unfolded upsampling: " in capsys.readouterr().out

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.unet import UNET_CONFIGS, ResBlock, UNet, UNetConfig, Upsample, count_parameters
+from diffusion.unet import (UNET_CONFIGS, ResBlock, UNet, UNetConfig, Upsample, count_parameters,
+                           set_upsample_folding)
 
 from diffusion_testlib import TINY_UNET, make_tiny_unet
 
@@ -124,6 +125,8 @@ def test_upsample_is_nearest_upsampling_then_its_3x3_conv(size):
     x = torch.randn(3, 6, size, size + 1, dtype=torch.double)
     out = up(x)
     ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    up.folded = False
+    assert torch.equal(up(x), ref)
     assert out.shape == (3, 6, 2 * size, 2 * size + 2)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
@@ -134,3 +137,14 @@ def test_upsample_is_nearest_upsampling_then_its_3x3_conv(size):
 
 def test_upsample_keeps_the_checkpoint_keys():
     assert set(Upsample(4).state_dict()) == {"conv.weight", "conv.bias"}
+
+
+def test_unet_gives_the_same_eps_with_folded_and_plain_upsampling(tiny_unet):
+    torch.manual_seed(1)
+    x, t, y = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 4, (4,))
+    with torch.no_grad():
+        folded = tiny_unet(x, t, y)
+        plain = set_upsample_folding(tiny_unet, False)(x, t, y)
+        set_upsample_folding(tiny_unet, True)
+    assert sum(isinstance(m, Upsample) and m.folded for m in tiny_unet.modules()) >= 1
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
