@@ -44,6 +44,9 @@ from diffusion.samplers import model_calls, sample  # noqa: E402
 from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,  # noqa: E402
                             format_guidance_interval)
 from diffusion.unet import set_upsample_folding  # noqa: E402
+from training.plots import to_uint8  # noqa: E402
+
+UNFOLDED = "default, unfolded upsampling"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if a.unfolded:
         unfolded = set_upsample_folding(copy.deepcopy(model), False)
-        variants["default, unfolded upsampling"] = (ours(default, unfolded), model_calls(default, schedule))
+        variants[UNFOLDED] = (ours(default, unfolded), model_calls(default, schedule))
     if not a.skip_diffusers and load_diffusers():
         unet = diffusers_unet(model.config, True).to(torch.bfloat16 if choice.bf16 else torch.float32)
         set_layout(unet, choice.layout)
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"({choice.reason}); batch {a.batch}, threads {a.threads}, {a.rounds} rounds")
     names = list(variants)
     rates: dict[str, list[float]] = {n: [] for n in names}
+    images: dict[str, object] = {}  # each variant's last batch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers' notes on casting and deprecations
         for n in names:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             order = names[r % len(names):] + names[:r % len(names)]  # rotated: no variant always runs first
             for n in order:
                 t0 = time.perf_counter()
-                variants[n][0](a.steps)
+                images[n] = variants[n][0](a.steps)
                 rates[n].append(a.batch / (time.perf_counter() - t0))
             print(f"round {r + 1}: " + ", ".join(f"{n} {rates[n][-1]:.3f}" for n in names), flush=True)
     med = {n: statistics.median(v) for n, v in rates.items()}
@@ -118,7 +122,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{first} / {n}: {med[first] / med[n]:.2f}x")
     if "diffusers" in med:
         print(f"every step / diffusers: {med['every step'] / med['diffusers']:.2f}x")
-    return {"rates": rates, "medians": med, "calls": {n: variants[n][1] for n in names}}
+    result = {"rates": rates, "medians": med, "calls": {n: variants[n][1] for n in names}}
+    if a.unfolded:
+        result["unfolded_difference"] = diff = image_difference(images[first], images[UNFOLDED])
+        print(f"images, folded vs unfolded upsampling (same seeds), in 8-bit levels: {diff['changed']:.1%} of values "
+              f"differ, mean |difference| {diff['mean']:.2f}, max {diff['max']:.0f}")
+    return result
+
+
+def image_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """How two batches of images in [-1, 1] differ once written as 8-bit PNGs (as the service writes them)."""
+    d = (to_uint8(a).float() - to_uint8(b).float()).abs()
+    return {"changed": d.ne(0).float().mean().item(), "mean": d.mean().item(), "max": d.max().item()}
 
 
 if __name__ == "__main__":

@@ -120,17 +120,21 @@ def test_diffusers_scheduler_takes_the_same_kind_of_step_for_every_sampler(bench
         assert type(sc).__name__ == cls and getattr(sc.config, "algorithm_type", None) == algorithm, sampler
 
 
-def test_interleaved_ab_times_every_variant_in_every_round(tiny_checkpoint, capsys, monkeypatch):
+@pytest.fixture
+def ab(monkeypatch):
+    """benchmarks/sampling_ab.py as a module; torch's thread count restored afterwards."""
     spec = importlib.util.spec_from_file_location("benchmarks_sampling_ab", SCRIPT.with_name("sampling_ab.py"))
-    ab = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, ab)
-    spec.loader.exec_module(ab)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
     threads = torch.get_num_threads()
-    try:
-        result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "2",
-                          "--steps", "3"])
-    finally:
-        torch.set_num_threads(threads)
+    yield module
+    torch.set_num_threads(threads)
+
+
+def test_interleaved_ab_times_every_variant_in_every_round(ab, tiny_checkpoint, capsys):
+    result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "2",
+                      "--steps", "3"])
     out = capsys.readouterr().out
     d = DEFAULT_SETTINGS
     schedule = NoiseSchedule(ScheduleConfig("linear", 1000))
@@ -143,18 +147,20 @@ def test_interleaved_ab_times_every_variant_in_every_round(tiny_checkpoint, caps
     assert "round 2:" in out and f"{default} / every step: " in out
 
 
-def test_interleaved_ab_can_time_the_unfolded_upsampling_too(tiny_checkpoint, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("benchmarks_sampling_ab", SCRIPT.with_name("sampling_ab.py"))
-    ab = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, ab)
-    spec.loader.exec_module(ab)
-    threads = torch.get_num_threads()
-    try:
-        result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "1",
-                          "--steps", "3", "--skip-diffusers", "--unfolded"])
-    finally:
-        torch.set_num_threads(threads)
+def test_interleaved_ab_can_time_the_unfolded_upsampling_too(ab, tiny_checkpoint, capsys):
+    result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "1",
+                      "--steps", "3", "--skip-diffusers", "--unfolded"])
     names = list(result["rates"])
     assert names[1:] == ["every step", "default, unfolded upsampling"]
     assert result["calls"][names[0]] == result["calls"]["default, unfolded upsampling"]
     assert f"{names[0]} / default, unfolded upsampling: " in capsys.readouterr().out
+    diff = result["unfolded_difference"]
+    assert 0 <= diff["changed"] <= 1 and 0 <= diff["mean"] <= diff["max"] <= 255
+
+
+def test_image_difference_counts_8_bit_levels(ab):
+    a = torch.zeros(1, 3, 2, 2)
+    b = a.clone()
+    b[0, 0, 0, 0] = 2 / 127.5  # two levels up
+    diff = ab.image_difference(a, b)
+    assert diff == pytest.approx({"changed": 1 / 12, "mean": 2 / 12, "max": 2.0})

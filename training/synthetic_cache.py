@@ -17,7 +17,13 @@ all of its PNGs exist.  Missing images are sampled j-major (every class's image 
 j + 1), so an interrupted run toward a large set leaves the largest possible complete smaller set.
 ``CACHE`` defaults to ``training.data.default_cache_dir()`` (``$DREAMDATA_CACHE`` or ``~/.cache/dreamdata``).
 Any single image can be reproduced through the service: ``POST /generate`` with its class, n=1 and its seed
-(recorded in the PNG's metadata) when that seed is within the service's range (up to 2**31 - 1).
+(recorded in the PNG's metadata) when that seed is within the service's range (up to 2**31 - 1), on the
+same kind of machine and code.  The key holds what decides an image, not the rounding of the kernels that
+compute it: another CPU's bf16 kernels, another torch, or a change that computes the same function with
+other roundings (such as the folded upsampling of 2026-11-30, ``diffusion.unet.Upsample``) give images
+that differ by rounding noise that the stochastic sampler amplifies (``benchmarks/sampling_ab.py
+--unfolded`` prints how much), and an entry keeps the images it has.  They are draws from the same
+sampler, so a set whose images came from both sides of such a change is still a set from that sampler.
 """
 from __future__ import annotations
 
