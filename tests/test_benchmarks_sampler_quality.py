@@ -184,7 +184,9 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
                                     "--guidances", str(rows[0].guidance), "--interval-guidances", ""])
     (resumed,) = third["rows"]
     assert resumed.timing == "this run" and resumed.seconds_per_image > 0
-    assert math.isclose(resumed.frechet_distance, rows[0].frechet_distance, rel_tol=1e-6, abs_tol=1e-9)
+    # the resumed 10 were sampled in a batch of 10, not 20: the conv kernels round in a batch-dependent
+    # order (about 1e-6 in the model's output), which can move a PNG value by one level, so not to 1e-6
+    assert math.isclose(resumed.frechet_distance, rows[0].frechet_distance, rel_tol=1e-4)
 
 
 def test_precisions_pair_each_bf16_row_with_its_fp32_row(bench, tiny, tmp_path, capsys):
