@@ -106,12 +106,14 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
                  autocast: bool | None = None,    # bf16 autocast; default: sampling_autocast(ckpt)
                  progress: ProgressFn | None = None,
                  sample_fn: Callable = sample,    # the worker passes a batching sampler here
+                 on_batch: Callable[[int, float], None] | None = None,  # (images, seconds) once a batch is written
                  ) -> int:
     """Sample the images of ``specs`` whose files are not yet under ``out_dir``, in batches of ``batch_size``
     (in the order given), writing each PNG with its metadata; returns how many were sampled.
 
     Images already on disk (an earlier attempt, or a smaller set being grown) are skipped one by one: the
-    same seed gives the same image whichever batch it lands in.  ``progress`` counts the skipped ones as done.
+    same seed gives the same image whichever batch it lands in.  ``progress`` counts the skipped ones as done;
+    ``on_batch`` hears only of sampled ones, batch by batch, so an interrupted run has reported what it wrote.
     """
     out = Path(out_dir)
     settings.validate(ckpt.schedule.num_timesteps)
@@ -136,6 +138,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
             if progress:
                 progress(_done, total, step, steps)
 
+        t0 = time.perf_counter()
         labels = torch.tensor([s.class_index for s in batch], device=device)
         x = sample_fn(ckpt.model, ckpt.schedule, labels, [s.seed for s in batch], sampler=settings.sampler,
                       steps=settings.steps, guidance=settings.guidance, eta=settings.eta,
@@ -144,6 +147,8 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
         for s, img in zip(batch, imgs):
             _write_png(out / s.file, img, dict(common, **{"class": names[s.class_index], "class_index": s.class_index,
                                                           "seed": s.seed, "checkpoint_sha256": ckpt.sha256}))
+        if on_batch:
+            on_batch(len(batch), time.perf_counter() - t0)
         done += len(batch)
         if progress:
             progress(done, total, settings.steps, settings.steps)

@@ -152,10 +152,11 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
         log.info("sampling %d synthetic images into %s (%d on disk)", len(todo), folder, on_disk)
         t0 = time.perf_counter()
         # sample_specs looks again at what is on disk (another process may be filling the same entry)
+        # timing.json grows batch by batch, so a run stopped half way still accounts for the images it wrote
         info["sampled"] = sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, autocast=bf16,
-                                       progress=on_progress, sample_fn=sample_fn)
+                                       progress=on_progress, sample_fn=sample_fn,
+                                       on_batch=lambda n, seconds: _add_time(folder, n, seconds))
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        _add_time(folder, info["sampled"], info["seconds"])
         write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
     elif progress:
         progress(1.0)

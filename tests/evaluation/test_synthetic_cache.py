@@ -67,6 +67,25 @@ def test_an_interrupted_fill_keeps_its_images_and_images_do_not_depend_on_the_ba
     assert (refilled.images.int() - full.images.int()).abs().max() <= 1
 
 
+def test_a_stopped_fill_has_recorded_the_time_of_the_batches_it_wrote(tiny_checkpoint, cache_dir, sampling_calls):
+    class Stop(Exception):
+        pass
+
+    def stop_after_the_first_batch(fraction: float) -> None:
+        if any(cache_dir.rglob("*.png")):  # called again once the first batch (7 of 20) is written
+            raise Stop
+
+    with pytest.raises(Stop):
+        synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, batch_size=7,
+                         progress=stop_after_the_first_batch)
+    (folder,) = {png.parent.parent.parent for png in cache_dir.rglob("*.png")}  # <entry>/images/<class>/<j>.png
+    assert len(list(folder.glob("images/*/*.png"))) == 7
+    timing = json.loads((folder / "timing.json").read_text())
+    assert timing["images"] == 7 and timing["seconds"] > 0
+    _, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, batch_size=7)
+    assert info["sampled"] == 13 and json.loads((folder / "timing.json").read_text())["images"] == 20
+
+
 def test_the_precision_keys_the_cache_and_a_loaded_checkpoint_brings_its_own(tiny_checkpoint, cache_dir, sampling_calls):
     from diffusion.checkpoint import load_for_sampling
 
