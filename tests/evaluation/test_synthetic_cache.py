@@ -67,7 +67,7 @@ def test_an_interrupted_fill_keeps_its_images_and_images_do_not_depend_on_the_ba
     assert (refilled.images.int() - full.images.int()).abs().max() <= 1
 
 
-def test_a_stopped_fill_has_recorded_the_time_of_the_batches_it_wrote(tiny_checkpoint, cache_dir, sampling_calls):
+def test_a_stopped_fill_has_recorded_the_time_of_the_batches_it_wrote(tiny_checkpoint, cache_dir):
     class Stop(Exception):
         pass
 
