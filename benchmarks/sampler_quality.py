@@ -375,8 +375,7 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
                         interval_calls=calls if gi is not None else None))
         per_image[rows[-1].key] = result.pop("per_image")
         log.info("[%d/%d] %s-%d guidance %s: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps,
-                 label,
-                 gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
+                 label, gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
     return rows, result, per_image
 
 
@@ -416,8 +415,8 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
             fd_ci = f"[{v['frechet_distance_relative'][1]:+.1%}, {v['frechet_distance_relative'][2]:+.1%}]" if v else ""
             fid_ci = (f"[{100 * v['class_fidelity'][1]:+.1f}, {100 * v['class_fidelity'][2]:+.1f}]pp" if v else "")
             print(f"{r.sampler:<8} {r.steps:>5} {r.guidance_label:>12} {r.dtype:>4} {r.calls:>9} "
-                  f"{_fmt(r.seconds_per_image, '.3f'):>7} "
-                  f"{r.frechet_distance:>9.3f} {rel:>+9.1%} {fd_ci:>16} {r.class_fidelity:>8.3f} "
+                  f"{_fmt(r.seconds_per_image, '.3f'):>7} {r.frechet_distance:>9.3f} {rel:>+9.1%} {fd_ci:>16} "
+                  f"{r.class_fidelity:>8.3f} "
                   f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {fid_ci:>14} {r.recall:>6.3f} "
                   f"{r.coverage:>8.3f}  {', '.join(notes)}".rstrip())
     print("s/img: sampling wall time per image of the run that made the images (batch "
@@ -433,9 +432,8 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
               "over resampled sets, whose repeated images bias FD: they show the spread and may sit off the estimate")
     print()
     print(f"choice rule: per guidance (with the interval rows held to it), the setting with the fewest model "
-          f"calls per image whose FD is at most "
-          f"{a.tolerance:.0%} above the reference's (relative) and whose class fidelity is at most "
-          f"{100 * a.tolerance:g} percentage points below the reference's (absolute)")
+          f"calls per image whose FD is at most {a.tolerance:.0%} above the reference's (relative) and whose "
+          f"class fidelity is at most {100 * a.tolerance:g} percentage points below the reference's (absolute)")
     for c in choices:
         ref, ch = c.reference, c.chosen
         why = ("DDPM-1000, the report's method" if c.reference_is_ddpm1000 else
@@ -445,8 +443,7 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
         else:
             rel = ch.frechet_distance / ref.frechet_distance - 1 if ref.frechet_distance > 0 else float("nan")
             verdict = (f"chosen {ch.name} guidance {ch.guidance_label}: {ch.calls} model calls per image vs "
-                       f"{ref.calls} "
-                       f"({ref.calls / ch.calls:.1f}x fewer), FD {rel:+.1%}, "
+                       f"{ref.calls} ({ref.calls / ch.calls:.1f}x fewer), FD {rel:+.1%}, "
                        f"fidelity {100 * (ch.class_fidelity - ref.class_fidelity):+.1f} pp")
         print(f"guidance {c.guidance:g}: reference {ref.name} ({why}); {verdict}")
     print(f"service default now (diffusion/spec.py DEFAULT_SETTINGS): {d.sampler}-{d.steps} guidance "
