@@ -100,6 +100,20 @@ def _write_png(path: Path, img: torch.Tensor, meta: dict) -> None:
     tmp.replace(path)
 
 
+def progress_fraction(done: int, total: int, step: int, steps: int, batch_size: int) -> float:
+    """Share of ``total`` images finished, from a ``progress(done, total, step, steps)`` call of
+    :func:`sample_specs`: whole images done plus the current batch's share of its steps.
+
+    ``step == steps`` is read as "between batches": ``sample_specs`` reports a batch's last step only once
+    the batch is written, with ``done`` counting it, so the current batch counts only while ``step < steps``
+    and the fraction never goes back.
+    """
+    if total <= 0:
+        return 0.0
+    in_batch = min(batch_size, total - done) if step < steps else 0
+    return round(min(1.0, (done + in_batch * step / max(steps, 1)) / total), 4)
+
+
 def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os.PathLike, *,
                  settings: SamplerSettings = DEFAULT_SETTINGS,
                  batch_size: int = 100,
@@ -135,7 +149,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
         batch = missing[start: start + batch_size]
 
         def on_step(step: int, steps: int, _done=done) -> None:
-            if progress:
+            if progress and step < steps:  # the last step is reported once the batch is written, counted as done
                 progress(_done, total, step, steps)
 
         t0 = time.perf_counter()

@@ -45,7 +45,7 @@ from diffusion.samplers import SamplerSettings, sample
 from diffusion.spec import format_guidance_interval
 
 from .data import LabelledImages, default_cache_dir
-from .generate import ImageSpec, sample_specs, sampling_autocast, write_grid
+from .generate import ImageSpec, progress_fraction, sample_specs, sampling_autocast, write_grid
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
 
         def on_progress(done: int, total: int, step: int, steps: int) -> None:  # done, total: of ``todo``
             if progress:
-                in_batch = min(batch_size, total - done) if done < total else 0
-                progress(min(1.0, (on_disk + done + in_batch * step / max(1, steps)) / len(specs)))
+                progress(progress_fraction(on_disk + done, len(specs), step, steps, batch_size))
 
         log.info("sampling %d synthetic images into %s (%d on disk)", len(todo), folder, on_disk)
         t0 = time.perf_counter()

@@ -10,6 +10,8 @@ from typing import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from training.generate import progress_fraction as fraction  # the share of a job's images finished
+
 
 class JobCanceled(Exception):
     """Raised from the progress callback when the job's cancel flag is set."""
@@ -83,15 +85,3 @@ class StageProgress:
         self.writes += 1
         self.best = max(self.best, round(min(max(fraction, 0.0), 1.0), 4))
         self.write(progress=self.best, message=message)
-
-
-def fraction(done: int, total: int, step: int, steps: int, batch_size: int) -> float:
-    """Share of the job finished: whole images done plus the current batch's share of its steps.
-
-    ``step == steps`` is read as "between batches" (``generate_to_dir`` reports the batch as done
-    right after its last step), so the current batch counts only while ``step < steps``.
-    """
-    if total <= 0:
-        return 0.0
-    in_batch = min(batch_size, total - done) if step < steps else 0
-    return round(min(1.0, (done + in_batch * step / max(steps, 1)) / total), 4)
