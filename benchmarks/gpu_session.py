@@ -1,0 +1,240 @@
+"""One call on a lent GPU: train a checkpoint, then time sampling (issue 5's GPU part).
+
+The device machine is lent for minutes, once, and keeps nothing; this script does the whole visit in one
+command and writes everything worth keeping under --out (the device tool's $OUT), at most 8 files,
+each written as soon as it exists, so a call stopped at its time limit still brings back what it did:
+
+    session.json      what ran where (torch, GPU), the training summary, the sampling table
+    config.json       the trained EMA checkpoint (``dreamdata sample --checkpoint DIR`` reads the pair)
+    model.safetensors   (float16, about 13 MB for the shipped model's size)
+    metrics.jsonl     the training log (loss, images/s per --log-every steps) and loss.png, its curve
+    samples.png       10 images per class from the trained checkpoint, with the default sampler
+
+1. Training: ``training.train.train`` with ``--config`` (default ``cifar10-gpu``: the shipped model's
+   UNet, batch 512, bf16 autocast, channels_last, ``torch.compile``) for ``--train-minutes`` of
+   training wall time, compile included.
+2. Sampling: images/s of the default sampler (``DEFAULT_SETTINGS``) on the trained checkpoint at each
+   of ``--batch-sizes``, in bf16 autocast: eager, and ``torch.compile(mode="reduce-overhead")`` (inductor
+   kernels replayed as CUDA graphs; each batch shape compiles once, before timing), the median of
+   ``--repeats`` timed runs after one warm-up run; plus the share of a run spent drawing the per-image
+   noise on the CPU (``diffusion.samplers`` draws it from one generator per image seed, so an image does
+   not depend on its batch), and the model calls of the report's 1000-step DDPM loop (unguided, bf16) at
+   the largest batch, timed over ``--ddpm-probe-steps`` steps and scaled to 1000 (constant cost per step).
+
+It imports only ``diffusion`` and ``training`` (torch, numpy, Pillow, safetensors, tqdm, matplotlib), which
+the device machine's image has; the service's packages (celery, fastapi, redis) are not needed there.
+
+On the device (the data travels in an ignored folder: ``mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.gz
+.gpu/`` once, with ``.gpu/`` in ``.git/info/exclude``; ``carry: [".gpu"]``)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz --out $OUT \\
+        --train-minutes 3.5 2>&1 | tail -n 60        (run's timeout_s: 540)
+
+Expected cost there, estimated, not measured: about 15 s to decode the data set, the training minutes,
+then about a minute of eager sampling and four compiles (two batch sizes, each guided and unguided
+shapes) of roughly 30-60 s each: 8-9 minutes, of the 15 a task's device time allows.
+
+A smoke run on the CPU (what the tests do; seconds)::
+
+    python benchmarks/gpu_session.py --data DATA --out /tmp/gpu --config tiny --train-minutes 0.05 \\
+        --batch-sizes 2 --repeats 1 --ddpm-probe-steps 2 --steps 2 --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, not installed
+
+from diffusion.checkpoint import load_for_sampling  # noqa: E402
+from diffusion.samplers import _Noise, model_calls, sample  # noqa: E402
+from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings  # noqa: E402
+from training.configs import resolve_config  # noqa: E402
+from training.plots import image_grid, to_uint8  # noqa: E402
+from training.train import train  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="CIFAR-10 tar.gz (or any data set training.data reads)")
+    p.add_argument("--out", required=True, help="where the kept files go (the device tool's $OUT)")
+    p.add_argument("--work", default=None, help="training run directory (default: a folder beside --out)")
+    p.add_argument("--config", default="cifar10-gpu", help="training config (default cifar10-gpu)")
+    p.add_argument("--train-minutes", type=float, default=4.0, help="training wall time, compile included")
+    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch")
+    p.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
+    p.add_argument("--no-compile", action="store_true", help="train and sample without torch.compile")
+    p.add_argument("--skip-train", metavar="CHECKPOINT", default=None,
+                   help="time sampling of this checkpoint instead of training one")
+    p.add_argument("--batch-sizes", default="100,1000", help="images per timed sampling run (default 100,1000)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median; default 3)")
+    p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps, help="sampler steps (default: the default's)")
+    p.add_argument("--ddpm-probe-steps", type=int, default=20, help="timed steps of the 1000-step loop")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type,
+           "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count)
+    return env
+
+
+def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save) -> Path:
+    overrides = {"max_minutes": args.train_minutes, "max_steps": 10_000_000}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    if args.lr:
+        overrides["lr"] = args.lr
+    if args.no_compile:
+        overrides["compile"] = False
+    cfg = resolve_config(args.config, **overrides)
+    work = Path(args.work) if args.work else out.parent / (out.name + "-train")
+    log(f"training {args.config} for {args.train_minutes} min: batch {cfg.batch_size}, lr {cfg.lr}, "
+        f"bf16 {cfg.bf16}, compile {cfg.compile} -> {work}")
+    t0 = time.perf_counter()
+    ckpt_dir = train(cfg, args.data, work, resume=True, progress=False)
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1] if rows else {}
+    steady = [r["images_per_s"] for r in rows[len(rows) // 2:]]  # the second half: compile and warm-up behind
+    summary["training"] = {"config": args.config, "batch_size": cfg.batch_size, "lr": cfg.lr, "bf16": cfg.bf16,
+                           "compile": cfg.compile, "steps": last.get("step"), "images_seen": last.get("images_seen"),
+                           "wall_time_s": last.get("wall_time_s"), "final_loss": last.get("loss"),
+                           "images_per_s_median_second_half": statistics.median(steady) if steady else None,
+                           "process_seconds": round(time.perf_counter() - t0, 1)}
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(ckpt_dir / name, out / name)
+    for name in ("metrics.jsonl", "loss.png"):
+        if (work / name).exists():
+            shutil.copy2(work / name, out / name)
+    save()
+    log(f"trained {last.get('step')} steps, {last.get('images_seen')} images, loss {last.get('loss')}")
+    return ckpt_dir
+
+
+def _timed_run(model, ckpt, labels: torch.Tensor, settings: SamplerSettings, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    sample(model, ckpt.schedule, labels, list(range(len(labels))), sampler=settings.sampler, steps=settings.steps,
+           guidance=settings.guidance, eta=settings.eta, guidance_interval=settings.guidance_interval, autocast=True)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_sampling(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save) -> None:
+    settings = SamplerSettings(DEFAULT_SETTINGS.sampler, args.steps, DEFAULT_SETTINGS.guidance, DEFAULT_SETTINGS.eta,
+                               DEFAULT_SETTINGS.guidance_interval)
+    calls = model_calls(settings, ckpt.schedule)
+    k = len(ckpt.class_names)
+    variants = [("eager", ckpt.model)]
+    if not args.no_compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        variants.append(("compile reduce-overhead", torch.compile(ckpt.model, mode="reduce-overhead", dynamic=False)))
+    rows = summary.setdefault("sampling", [])
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        labels = (torch.arange(batch) % k).to(device)
+        for name, model in variants:
+            t0 = time.perf_counter()
+            warm = _timed_run(model, ckpt, labels, settings, device)  # compiles each shape on a first call
+            times = [_timed_run(model, ckpt, labels, settings, device) for _ in range(args.repeats)]
+            med = statistics.median(times)
+            rows.append({"variant": name, "batch": batch, "sampler": settings.sampler, "steps": settings.steps,
+                         "model_calls_per_image": calls, "images_per_s": round(batch / med, 1),
+                         "seconds_per_run": round(med, 4), "runs": [round(t, 4) for t in times],
+                         "first_run_s": round(warm, 2), "setup_s": round(time.perf_counter() - t0, 1)})
+            save()
+            log(f"{name:24s} batch {batch:5d}: {batch / med:9.1f} images/s (median of {len(times)}; "
+                f"first run {warm:.1f} s)")
+        noise = _Noise(list(range(batch)), (3, ckpt.model.config.image_size, ckpt.model.config.image_size), device)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(settings.steps + 1):  # initial noise plus one draw per step (the SDE sampler's most)
+            noise.next()
+        sync(device)
+        summary.setdefault("noise_seconds_per_run", {})[str(batch)] = round(time.perf_counter() - t0, 4)
+        save()
+
+
+def time_ddpm_loop(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save) -> None:
+    """The report's method: 1000 unguided ancestral steps; timed over a few, scaled (constant cost per step)."""
+    batch = max(int(b) for b in args.batch_sizes.split(","))
+    labels = (torch.arange(batch) % len(ckpt.class_names)).to(device)
+    x = torch.randn(batch, 3, ckpt.model.config.image_size, ckpt.model.config.image_size, device=device)
+    t = torch.full((batch,), 999, device=device, dtype=torch.long)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        ckpt.model(x, t, labels)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.ddpm_probe_steps):
+            x = x - 0.001 * ckpt.model(x, t, labels).float()
+        sync(device)
+    per_step = (time.perf_counter() - t0) / args.ddpm_probe_steps
+    summary["ddpm_1000_steps"] = {"batch": batch, "seconds_per_step": round(per_step, 5),
+                                  "images_per_s_extrapolated": round(batch / (per_step * 1000), 2),
+                                  "probe_steps": args.ddpm_probe_steps, "precision": "bf16"}
+    save()
+    log(f"DDPM 1000 steps, batch {batch}: {batch / (per_step * 1000):.2f} images/s (extrapolated from "
+        f"{args.ddpm_probe_steps} steps)")
+
+
+def sample_grid(ckpt, out: Path, device: torch.device, steps: int) -> None:
+    k = len(ckpt.class_names)
+    labels = torch.arange(k, device=device).repeat_interleave(10)
+    s = DEFAULT_SETTINGS
+    x = sample(ckpt.model, ckpt.schedule, labels, list(range(len(labels))), sampler=s.sampler, steps=steps,
+               guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=True)
+    image_grid(to_uint8(x.cpu()), nrow=10).save(out / "samples.png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    summary: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(device)}
+
+    def save() -> None:
+        (out / "session.json").write_text(json.dumps(summary, indent=1))
+
+    save()
+    log(f"on {summary['environment'].get('gpu', device.type)}, torch {torch.__version__}")
+    ckpt_dir = Path(args.skip_train) if args.skip_train else train_checkpoint(args, out, summary, save)
+    ckpt = load_for_sampling(ckpt_dir, device=device, precision="bf16")
+    summary["checkpoint"] = {"dir": str(ckpt_dir), "sha256": ckpt.sha256}
+    sample_grid(ckpt, out, device, args.steps)
+    log("samples.png written")
+    time_sampling(ckpt, args, device, summary, save)
+    time_ddpm_loop(ckpt, args, device, summary, save)
+    summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save()
+    print(f"\n{'variant':24s} {'batch':>6s} {'images/s':>10s} {'s/run':>8s} {'first run s':>12s}")
+    for r in summary["sampling"]:
+        print(f"{r['variant']:24s} {r['batch']:6d} {r['images_per_s']:10.1f} {r['seconds_per_run']:8.3f} "
+              f"{r['first_run_s']:12.1f}")
+    print(json.dumps({k: summary[k] for k in ("training", "ddpm_1000_steps", "noise_seconds_per_run")
+                      if k in summary}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

