@@ -52,7 +52,7 @@ class JobInput(BaseModel):
     guidance: float
     guidance_interval: list[float] | None = Field(
         None, description="guided only where lo < sigma_t <= hi; null: every step (and every job queued before "
-                          "intervals existed)")
+                          "intervals existed), or no step when guidance is 0 or 1")
     seed: int = Field(description="base seed; image i has seed + i")
     seed_drawn: bool = Field(False, description="true when the service drew the seed")
 
@@ -165,7 +165,7 @@ class EvaluationInput(EvaluationBody):
 
     # null for runs queued before intervals existed: they guided every step
     guidance_interval: list[float] | None = Field(None, description="guided only where lo < sigma_t <= hi; "
-                                                                    "null: every step")
+                                                                    "null: every step, or none at guidance 0 or 1")
 
 
 class EvaluationOutput(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from diffusion.spec import (DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed,
+from diffusion.spec import (DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed, is_guided,
                             parse_guidance_interval, resolve_class)
 from worker.settings import Settings
 
@@ -81,7 +81,8 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
     if errors:
         raise RequestValidationError(errors)
     return {"classes": counts, "sampler": sampler, "steps": steps, "guidance": float(guidance),
-            "guidance_interval": None if interval is None else list(interval),
+            # w 0 or 1 guides no step: no interval is recorded as if it applied (diffusion.spec.SamplerSettings)
+            "guidance_interval": None if interval is None or not is_guided(guidance) else list(interval),
             "seed": draw_seed() if seed is None else seed, "seed_drawn": seed is None}
 
 
@@ -100,4 +101,7 @@ def resolve_evaluation(body: EvaluationBody, info: ModelInfo) -> dict:
     errors = _steps_errors(("body", "steps"), body.sampler, body.steps, info)
     if errors:
         raise RequestValidationError(errors)
-    return body.model_dump()
+    resolved = body.model_dump()
+    if not is_guided(resolved["guidance"]):
+        resolved["guidance_interval"] = None
+    return resolved

@@ -33,6 +33,11 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifa
 MAX_SEED = 2**31 - 1                                 # a base seed is in 0..MAX_SEED
 
 
+def is_guided(guidance: float) -> bool:
+    """Whether guidance weight w makes any step take the second, unconditional, model call (w not 0 or 1)."""
+    return guidance not in (0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     sampler: SamplerName = "dpmpp"
@@ -44,11 +49,15 @@ class SamplerSettings:
     def __post_init__(self):
         if self.guidance_interval is not None:  # a JSON list -> a tuple of floats (hashable, one spelling)
             object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        if not self.guided and self.guidance_interval is not None:
+            # w 0 or 1 guides no step, so an interval changes nothing: checked, then not recorded as if it did
+            check_guidance_interval(self.guidance_interval)
+            object.__setattr__(self, "guidance_interval", None)
 
     @property
     def guided(self) -> bool:
         """Whether any step makes the second, unconditional, model call (w not 0 or 1)."""
-        return self.guidance not in (0.0, 1.0)
+        return is_guided(self.guidance)
 
     def guides_at(self, sigma: float) -> bool:
         """Whether the step at noise level ``sigma`` (see GuidanceInterval above) is guided."""

@@ -103,3 +103,12 @@ def test_settings_validate_and_normalise_the_interval(linear_schedule):
                guidance=2.0, guidance_interval=(3, 0.5), image_shape=(1, 2, 2))
     DEFAULT_SETTINGS.validate()
 
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_unguided_settings_carry_no_interval_but_a_bad_one_is_still_refused(guidance):
+    """w 0 or 1 guides no step: the interval is dropped, so manifests and reports do not record one as applied."""
+    s = SamplerSettings("dpmpp_sde", 20, guidance, guidance_interval=(0.28, 4))
+    assert s.guidance_interval is None and s == SamplerSettings("dpmpp_sde", 20, guidance)
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        SamplerSettings("dpmpp_sde", 20, guidance, guidance_interval=(4, 0.28))

@@ -56,6 +56,10 @@ def test_a_guidance_interval_from_json_reaches_the_sampler_settings():
     assert s.to_dict()["guidance_interval"] == (0.28, 2.9)
     assert EvaluationSettings.from_dict({"data": "x", "guidance_interval": None}).sampler_settings.guidance_interval \
         is None
+    # unguided: no interval recorded in the report's settings, a bad one still refused
+    assert EvaluationSettings(data="x", guidance=1.0, guidance_interval=(0.28, 4)).to_dict()["guidance_interval"] is None
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        EvaluationSettings(data="x", guidance=1.0, guidance_interval=(4, 0.28))
 
 
 def test_synthetic_labels_follow_the_data_set_class_order():

@@ -79,6 +79,10 @@ def test_bad_body_is_422_naming_the_field(idle, body, loc):
     (None, {"classes": {"cat": 2}, "guidance_interval": "1,2"}, [1.0, 2.0]),
     (None, {"classes": {"cat": 2}, "guidance_interval": "all"}, None),
     (None, {"classes": {"cat": 2}, "guidance_interval": None}, None),
+    # unguided (w 1 or 0): no step is guided, so no interval is recorded as if it applied
+    ("&guidance=1", None, None),
+    ("&guidance=0&guidance_interval=0.5,3", None, None),
+    (None, {"classes": {"cat": 2}, "guidance": 1, "guidance_interval": [0.5, 3]}, None),
 ])
 def test_guidance_interval_is_resolved_into_the_job_input(idle, query, body, expected):
     r = idle.post(f"/generate?class=cat&n=2{query}") if body is None else idle.post("/generate", json=body)
