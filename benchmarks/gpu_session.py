@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import shutil
 import statistics
@@ -208,6 +209,7 @@ def sample_grid(ckpt, out: Path, device: torch.device, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
