@@ -24,8 +24,8 @@ each written as soon as it exists, so a call stopped at its time limit still bri
 It imports only ``diffusion`` and ``training`` (torch, numpy, Pillow, safetensors, tqdm, matplotlib), which
 the device machine's image has; the service's packages (celery, fastapi, redis) are not needed there.
 
-On the device (the data travels in an ignored folder: ``mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.gz
-.gpu/`` once, with ``.gpu/`` in ``.git/info/exclude``; ``carry: [".gpu"]``)::
+On the device (the data travels in the ignored folder ``.gpu/``: ``mkdir -p .gpu && cp
+../shared/data/cifar10-jpeg.tar.gz .gpu/`` once, then ``carry: [".gpu"]``; 20 MB of the 64 MiB a call carries)::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz --out $OUT \\
         --train-minutes 3.5 2>&1 | tail -n 60        (run's timeout_s: 540)
