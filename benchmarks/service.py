@@ -38,7 +38,6 @@ from training.generate import default_checkpoint, generate_to_dir, plan, samplin
 from worker.redis_server import RedisServer, die_with_parent, free_port
 
 TERMINAL = ("succeeded", "failed", "canceled")
-_direct_precision_reason = "(not loaded)"  # how the direct runs' model_for decided, for the header
 
 
 def tiny_checkpoint(directory: Path) -> Path:
@@ -78,14 +77,13 @@ def run_job(client: httpx.Client, params: dict, poll: float = 0.02) -> tuple[flo
 
 
 def direct(ckpt_dir: Path, n: int, s: SamplerSettings, batch: int, out: Path,
-           compile_mode: str = "off", threads: int | None = None) -> tuple[float, float]:
-    """(seconds for the sampler alone, seconds for generate_to_dir with PNGs + zip) in this process."""
+           compile_mode: str = "off", threads: int | None = None) -> tuple[float, float, str]:
+    """(seconds for the sampler alone, seconds for generate_to_dir with PNGs + zip, how the model was loaded:
+    precision and layout) in this process."""
     from diffusion.samplers import sample
     from worker.generation import model_for
 
-    global _direct_precision_reason
     ckpt = model_for(ckpt_dir, threads, compile_mode)  # the worker's own loading: threads, precision, layout
-    _direct_precision_reason = ckpt.precision.reason
     specs = plan([(3, n)], 0)
     t0 = time.perf_counter()
     for i in range(0, n, batch):
@@ -95,7 +93,7 @@ def direct(ckpt_dir: Path, n: int, s: SamplerSettings, batch: int, out: Path,
                autocast=sampling_autocast(ckpt))
     t1 = time.perf_counter()
     generate_to_dir(ckpt, [(3, n)], out, settings=s, base_seed=0, batch_size=batch, make_zip=True)
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1, ckpt.precision.reason
 
 
 def latency(base_url: str, url: str, clients: int, requests: int) -> list[float]:
@@ -217,7 +215,8 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
             seconds, job = run_job(client, params, poll=a.poll)
             e2e.append(seconds)
             in_worker.append(job["timings"]["run_seconds"])  # started to finished, as the worker recorded them
-            t_sample, t_files = direct(ckpt, a.n, s, a.batch_size, tmp / f"direct-{r}", a.compile, a.threads)
+            t_sample, t_files, direct_precision = direct(ckpt, a.n, s, a.batch_size, tmp / f"direct-{r}", a.compile,
+                                                         a.threads)
             sampler_only.append(t_sample)
             with_files.append(t_files)
         t_e2e, t_worker, t_sample, t_files = (statistics.median(x) for x in (e2e, in_worker, sampler_only, with_files))
@@ -239,7 +238,7 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
           f"precision {job['output'].get('precision')}")
     loaded = [line.strip() for line in (tmp / "service.log").read_text(errors="replace").splitlines() if "precision" in line]
     print(f"worker: {loaded[0] if loaded else '(no load line in service.log)'}")
-    print(f"direct: {_direct_precision_reason}\n")
+    print(f"direct: {direct_precision}\n")
     rows = [
         ("overhead", f"{a.n}-image job, end to end (median of {a.repeats}, poll {a.poll:g} s)", f"{t_e2e:.3f} s"),
         ("", "  of it running in the worker (timings.run_seconds)", f"{t_worker:.3f} s"),
