@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from diffusion.spec import (DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed, is_guided,
+from diffusion.spec import (DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed, effective_interval,
                             parse_guidance_interval, resolve_class)
 from worker.settings import Settings
 
@@ -80,9 +80,9 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
         errors.append(_error((src, "seed"), f"seed must be in 0..{MAX_SEED}", seed))
     if errors:
         raise RequestValidationError(errors)
+    interval = effective_interval(guidance, interval)  # unguided: no interval recorded as if it applied
     return {"classes": counts, "sampler": sampler, "steps": steps, "guidance": float(guidance),
-            # w 0 or 1 guides no step: no interval is recorded as if it applied (diffusion.spec.SamplerSettings)
-            "guidance_interval": None if interval is None or not is_guided(guidance) else list(interval),
+            "guidance_interval": None if interval is None else list(interval),
             "seed": draw_seed() if seed is None else seed, "seed_drawn": seed is None}
 
 
@@ -102,6 +102,6 @@ def resolve_evaluation(body: EvaluationBody, info: ModelInfo) -> dict:
     if errors:
         raise RequestValidationError(errors)
     resolved = body.model_dump()
-    if not is_guided(resolved["guidance"]):
-        resolved["guidance_interval"] = None
+    if effective_interval(resolved["guidance"], resolved["guidance_interval"]) is None:
+        resolved["guidance_interval"] = None  # unguided: no interval recorded as if it applied
     return resolved

@@ -16,7 +16,7 @@ each written as soon as it exists, so a call stopped at its time limit still bri
 2. Sampling: images/s of the default sampler (``DEFAULT_SETTINGS``) on the trained checkpoint at each
    of ``--batch-sizes``, in bf16 autocast: eager, and ``torch.compile(mode="reduce-overhead")`` (inductor
    kernels replayed as CUDA graphs; each batch shape compiles once, before timing), the median of
-   ``--repeats`` timed runs after one warm-up run; plus the share of a run spent drawing the per-image
+   ``--repeats`` timed runs after one warm-up run; plus the seconds a run spends drawing the per-image
    noise on the CPU (``diffusion.samplers`` draws it from one generator per image seed, so an image does
    not depend on its batch), and the model calls of the report's 1000-step DDPM loop (unguided, bf16) at
    the largest batch, timed over ``--ddpm-probe-steps`` steps and scaled to 1000 (constant cost per step).

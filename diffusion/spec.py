@@ -38,6 +38,18 @@ def is_guided(guidance: float) -> bool:
     return guidance not in (0.0, 1.0)
 
 
+def effective_interval(guidance: float, interval: Sequence[float] | None) -> tuple[float, ...] | None:
+    """``interval`` as a tuple, or None at w 0 or 1: those guide no step, so an interval changes nothing and
+    is not recorded as if it applied (it is still checked: a malformed one is refused either way)."""
+    if interval is None:
+        return None
+    interval = tuple(float(v) for v in interval)
+    if not is_guided(guidance):
+        check_guidance_interval(interval)
+        return None
+    return interval
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     sampler: SamplerName = "dpmpp"
@@ -47,12 +59,8 @@ class SamplerSettings:
     guidance_interval: GuidanceInterval | None = None  # (lo, hi]: guide only where lo < sigma_t <= hi
 
     def __post_init__(self):
-        if self.guidance_interval is not None:  # a JSON list -> a tuple of floats (hashable, one spelling)
-            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
-        if not self.guided and self.guidance_interval is not None:
-            # w 0 or 1 guides no step, so an interval changes nothing: checked, then not recorded as if it did
-            check_guidance_interval(self.guidance_interval)
-            object.__setattr__(self, "guidance_interval", None)
+        # a JSON list -> a tuple of floats (hashable, one spelling); none when unguided
+        object.__setattr__(self, "guidance_interval", effective_interval(self.guidance, self.guidance_interval))
 
     @property
     def guided(self) -> bool:

@@ -43,7 +43,7 @@ import torch
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
-from diffusion.spec import (DEFAULT_SETTINGS, GuidanceInterval, check_guidance_interval, is_guided,
+from diffusion.spec import (DEFAULT_SETTINGS, GuidanceInterval, check_guidance_interval, effective_interval,
                             requested_precision)
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
@@ -88,11 +88,8 @@ class EvaluationSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if self.guidance_interval is not None:  # a JSON list -> a tuple
-            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
-        if self.guidance_interval is not None and not is_guided(self.guidance):
-            check_guidance_interval(self.guidance_interval)  # w 0 or 1 guides no step: checked, not recorded
-            object.__setattr__(self, "guidance_interval", None)
+        # a JSON list -> a tuple; none when unguided
+        object.__setattr__(self, "guidance_interval", effective_interval(self.guidance, self.guidance_interval))
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvaluationSettings":
