@@ -29,11 +29,24 @@ synthetic images per class at equal epochs, and lost 0.7 against a real-only run
 number of steps), which is why equal steps is the default.
 
 Writes ``report.json``, ``report.md`` and PNG plots into ``out_dir`` (see ``evaluate_report``).
+
+Resuming: every finished training run (one arm, one seed) is saved at once as
+``out_dir/runs/<arm>-seed<s>.json`` with a key of everything that decides its result (the settings,
+the checkpoint's and the synthetic set's identity, the classifier's training settings, the device
+type). A run of the same experiment into the same ``out_dir``, after a crash, a kill or a worker
+redelivery, reuses the runs whose key matches and trains only the rest; ``resume=False`` (CLI
+``--restart``) trains everything again. Runs are seeded end to end, so on one machine a resumed
+report equals an uninterrupted one; runs finished on another machine keep that machine's numbers
+(each saved run records its host).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -61,6 +74,10 @@ ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic")
 Budget = Literal["steps", "epochs"]
 BUDGETS: tuple[str, ...] = get_args(Budget)
 ProgressFn = Callable[[float, str], None]  # (fraction done 0..1, message); may raise to cancel the run
+RUNS_DIR = "runs"  # under out_dir: one JSON per finished training run (arm, seed), for resuming
+# Settings that do not change a training run's result, or that enter its key in another form
+# (checkpoint and cache_dir: the checkpoint's sha256 and the synthetic set's folder name).
+_NOT_IN_RUN_KEY = ("checkpoint", "cache_dir", "device", "precision", "sample_batch_size", "seeds")
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,41 @@ def _arm_data(arm: str, real: LabelledImages, synth: LabelledImages) -> tuple[to
     return torch.cat([real.images, synth.images]), torch.cat([real.labels, synth.labels])
 
 
+def run_key(settings: EvaluationSettings, *, checkpoint_sha256: str, synthetic_set: str, train_settings: dict,
+            device: torch.device, arm: str, seed: int) -> str:
+    """A digest of everything that decides the result of training ``arm`` with ``seed`` (module docstring)."""
+    parts = {k: v for k, v in settings.to_dict().items() if k not in _NOT_IN_RUN_KEY}
+    parts.update(checkpoint_sha256=checkpoint_sha256, synthetic_set=synthetic_set, train_settings=train_settings,
+                 device_type=device.type, arm=arm, seed=seed)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _run_file(out: Path, arm: str, seed: int) -> Path:
+    return out / RUNS_DIR / f"{arm.replace('+', '_')}-seed{seed}.json"
+
+
+def load_run(out: Path, arm: str, seed: int, key: str) -> dict | None:
+    """The saved result of a finished training run with this key, or None (none saved, unreadable, other key)."""
+    f = _run_file(out, arm, seed)
+    try:
+        run = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    if run.get("key") != key:
+        log.info("%s was saved by other settings; training %s seed %d again", f, arm, seed)
+        return None
+    return run
+
+
+def save_run(out: Path, arm: str, seed: int, run: dict) -> None:
+    """Write one finished run atomically (a crash leaves the old file or the new one, never half)."""
+    f = _run_file(out, arm, seed)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(run) + "\n")
+    tmp.replace(f)
+
+
 def summarize(class_names: Sequence[str], per_seed: dict[str, list[dict]]) -> dict:
     """Per-arm results from ``{arm: [{"accuracy", "confusion"}, ...one per seed]}``."""
     arms = {}
@@ -159,11 +211,14 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
                    checkpoint: Checkpoint | None = None, # an already loaded checkpoint (the worker's)
                    sample_fn: Callable = sample,         # the worker may pass its batching sampler
                    show_bars: bool = True,               # tqdm bars on stderr (off in the worker)
+                   resume: bool = True,                  # reuse the finished runs saved in out_dir/runs
                    ) -> dict:
     """Run the three-arm experiment (module docstring), write the outputs to ``out_dir``, return the report."""
     settings.validate()
     t_start = time.perf_counter()
     out = Path(out_dir)
+    if not resume:
+        shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(settings.device)
     report_progress = progress or (lambda f, m: None)
@@ -196,6 +251,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
     sizes = [tset.steps if tset.steps else len(_arm_data(arm, reals[s], synth)[1]) for s, arm in jobs]
     total_cost, done_cost = float(sum(sizes)), 0.0
     per_seed: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    reused: list[str] = []
     params = None
     for (seed, arm), size in zip(jobs, sizes):
         x, y = _arm_data(arm, reals[seed], synth)
@@ -204,19 +260,32 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         def on_train(f: float, _done=done_cost, _size=size, _msg=msg) -> None:
             report_progress(base + (1 - base) * (_done + f * _size) / total_cost, _msg)
 
-        report_progress(base + (1 - base) * done_cost / total_cost, msg)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_classifier(settings.classifier, len(names), settings.width)
         params = count_parameters(model)
-        info = train_classifier(model, x, y, tset, device=device, seed=seed, progress=on_train,
-                                desc=f"{arm} seed {seed}", show_bar=show_bars)
-        pred = predict(model, test.images, device)
-        per_seed[arm].append({"accuracy": (pred == test.labels).double().mean().item(),
-                              "confusion": confusion_matrix(test.labels, pred, len(names)),
-                              "train_images": len(y), "steps": info["steps"], "seconds": info["seconds"]})
+        key = run_key(settings, checkpoint_sha256=synth_info["checkpoint_sha256"],
+                      synthetic_set=Path(synth_info["cache_dir"]).name, train_settings=tset.to_dict(),
+                      device=device, arm=arm, seed=seed)
+        run = load_run(out, arm, seed, key) if resume else None
+        saved = run is not None
+        if saved:
+            reused.append(f"{arm} seed {seed}")
+            report_progress(base + (1 - base) * (done_cost + size) / total_cost, f"{msg}: reused the saved run")
+        else:
+            report_progress(base + (1 - base) * done_cost / total_cost, msg)
+            info = train_classifier(model, x, y, tset, device=device, seed=seed, progress=on_train,
+                                    desc=f"{arm} seed {seed}", show_bar=show_bars)
+            pred = predict(model, test.images, device)
+            run = {"key": key, "arm": arm, "seed": seed,
+                   "accuracy": (pred == test.labels).double().mean().item(),
+                   "confusion": confusion_matrix(test.labels, pred, len(names)).tolist(),
+                   "train_images": len(y), "steps": info["steps"], "seconds": info["seconds"],
+                   "host": platform.node(), "finished_at": time.time()}
+            save_run(out, arm, seed, run)
+        per_seed[arm].append(run)
         done_cost += size
-        log.info("%s seed %d: test accuracy %.4f", arm, seed, per_seed[arm][-1]["accuracy"])
+        log.info("%s seed %d: test accuracy %.4f%s", arm, seed, run["accuracy"], " (saved run)" if saved else "")
 
     arms = summarize(names, per_seed)
     delta = paired_delta(arms["real"]["accuracies"], arms["real+synthetic"]["accuracies"])
@@ -234,6 +303,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         "data": {"source": train.source, "train_images": len(train), "test_images": len(test),
                  "real_train_images_per_seed": len(reals[settings.seeds[0]])},
         "synthetic": dict(synth_info, images=len(synth)),
+        "runs": {"saved_in": RUNS_DIR, "reused": reused},
         "notes": {
             "confusion_matrix": "rows = true class, columns = predicted class; counts summed over seeds "
                                 "(confusion_matrix_per_seed has one matrix per seed)",
@@ -242,6 +312,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
             "delta": "real+synthetic minus real, paired by seed; ci95 = mean +- t(0.975, n-1) * sd / sqrt(n); "
                      "null with one seed",
             "synthetic": "one synthetic set shared by all seeds: the interval does not cover the draw of synthetic images",
+            "runs": "each finished training run is saved in runs/; 'reused' lists those taken from an earlier, "
+                    "interrupted run of the same experiment (their train_seconds are from that run)",
             "train_steps": "optimizer steps per run (batches of train_settings.batch_size; the last partial batch "
                            "of an epoch is dropped); budget 'steps' gives every arm the real arm's steps",
         },

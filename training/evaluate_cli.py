@@ -5,7 +5,9 @@
     dreamdata evaluate --checkpoint runs/cpu/checkpoint --data ... --classifier mlp --synthetic-per-class 1000 \\
         --real-fraction 1 --epochs 20 --seeds 0,1,2,3,4 --sampler ddim --steps 50 --guidance 2 --out out/eval-mlp
 
-Writes OUT/report.json, OUT/report.md and PNG plots; prints a one-line JSON summary.
+Writes OUT/report.json, OUT/report.md and PNG plots; prints a one-line JSON summary. Each finished
+training run is saved in OUT/runs/ at once: the same command after an interruption trains only what is
+left (``--restart`` trains everything again).
 """
 from __future__ import annotations
 
@@ -57,7 +59,11 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=None,
                    help="where synthetic sets and decoded data are cached (default $DREAMDATA_CACHE or ~/.cache/dreamdata)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder; a run into a folder that holds finished training runs of the same experiment "
+                        "(OUT/runs/, from a run that was stopped) reuses them and trains only the rest")
+    p.add_argument("--restart", action="store_true",
+                   help="train every run again instead of reusing the finished runs saved in OUT/runs/")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -77,10 +83,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
         bar.n = round(100 * fraction, 1)
         bar.set_description_str(message, refresh=True)
 
-    report = run_evaluation(settings, args.out, progress=progress, show_bars=False)  # one bar, not one per run
+    report = run_evaluation(settings, args.out, progress=progress, show_bars=False,  # one bar, not one per run
+                            resume=not args.restart)
     bar.close()
     print(json.dumps({
         "out": args.out,
         "accuracy": {arm: {"mean": a["accuracy_mean"], "std": a["accuracy_std"]} for arm, a in report["arms"].items()},
         "delta": {"mean": report["delta"]["mean"], "ci95": report["delta"]["ci95"]},
-        "report": f"{args.out}/report.md", "seconds": report["seconds"]}))
+        "report": f"{args.out}/report.md", "seconds": report["seconds"],
+        "reused_runs": len(report["runs"]["reused"])}))

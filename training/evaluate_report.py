@@ -153,6 +153,11 @@ def markdown(report: dict) -> str:
         lines.append(f"![confusion matrix, {arm}]({f})")
     lines += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in report["notes"].items()]
     lines.append(f"- total time: {report['seconds']:.0f} s on {s['device']}")
+    reused = report.get("runs", {}).get("reused")
+    if reused:
+        total = sum(len(a["accuracies"]) for a in arms.values())
+        lines.append(f"- resumed: {len(reused)} of {total} training runs were reused from an earlier, interrupted "
+                     f"run of this experiment ({', '.join(reused)}); the total time counts this run only")
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,8 @@ Output goes into ``<data dir>/jobs/<id>/``: ``report.json``, ``report.md``, ``ac
 ``per_class.png`` and ``confusion_<arm>.png`` (see ``training.evaluate_report``). The data set is
 the worker's own ``eval_data`` setting, never a path from the request, and the report a client
 downloads names files, not server paths. Decoded data and synthetic image sets are cached under
-``<data dir>/cache/``, so a job delivered again after a crash samples nothing twice.
+``<data dir>/cache/``, and every finished training run is saved in the job's ``runs/`` folder, so a
+job delivered again after a crash samples nothing twice and trains only the runs it had not finished.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from training.evaluate import EvaluationSettings, run_evaluation
+from training.evaluate import RUNS_DIR, EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
 from .generation import record_canceled, record_failed, start_job, worker_model, write_json
@@ -55,12 +56,23 @@ def plot_names(files: dict) -> list[str]:
     return [Path(f).stem for f in pngs]
 
 
+def clear_partial_report(out: Path) -> None:
+    """Remove what a crashed attempt wrote into ``out``, except its finished training runs (RUNS_DIR)."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name == RUNS_DIR and p.is_dir():
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings: Settings,
                        worker: str | None = None) -> dict:
     """Run the experiment of job ``job_id`` into ``<data dir>/jobs/<id>/``; returns a short summary.
 
     ``request``: the fields of ``app.schemas.EvaluationBody`` (as validated by the API). A job that
-    is already finished, canceled or unknown is skipped; one delivered again starts over.
+    is already finished, canceled or unknown is skipped; one delivered again keeps its finished training
+    runs (``training.evaluate`` resumes) and writes its report anew.
     """
     rec = start_job(store, job_id, settings, worker)
     if rec is None or rec["status"] != RUNNING:
@@ -73,7 +85,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
         ckpt = worker_model(settings)
         progress = StageProgress(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
                                  interval=settings.progress_interval, time_limit=settings.eval_time_limit)
-        shutil.rmtree(out, ignore_errors=True)  # a crashed attempt's partial report
+        clear_partial_report(out)
         report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False)
         publish(report, out)
     except JobCanceled:

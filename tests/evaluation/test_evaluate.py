@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -130,3 +131,55 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
         "real": 40 // 8, "real+synthetic": 60 // 8, "synthetic": 20 // 8}
     assert "1 epochs per arm" in (tmp_path / "run2" / "report.md").read_text()
     assert "undefined" in (tmp_path / "run2" / "report.md").read_text()
+
+
+def test_a_stopped_evaluation_resumes_from_its_saved_runs(data_tar, tiny_checkpoint, cache_dir, tmp_path,
+                                                          monkeypatch):
+    import training.evaluate as evaluate
+
+    settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
+                                  synthetic_per_class=2, real_fraction=0.5, epochs=2, seeds=(0, 1), steps=2,
+                                  guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
+    whole = run_evaluation(settings, tmp_path / "whole", show_bars=False)
+    assert whole["runs"] == {"saved_in": "runs", "reused": []}
+    assert len(list((tmp_path / "whole" / "runs").glob("*.json"))) == 6
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(fraction, message):  # as if the process were killed while training its third run
+        if len(list((tmp_path / "cut" / "runs").glob("*.json"))) == 2 and message.startswith("training"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_evaluation(settings, tmp_path / "cut", progress=stop_after_two, show_bars=False)
+    assert not (tmp_path / "cut" / "report.json").exists()
+
+    trained = []
+    real_train = evaluate.train_classifier
+    monkeypatch.setattr(evaluate, "train_classifier",
+                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    resumed = run_evaluation(settings, tmp_path / "cut", show_bars=False)
+    assert trained == ["synthetic seed 0", "real seed 1", "real+synthetic seed 1", "synthetic seed 1"]
+    assert resumed["runs"]["reused"] == ["real seed 0", "real+synthetic seed 0"]
+    for arm in ARMS:  # seeded end to end: the resumed report is the uninterrupted one
+        for k in ("accuracies", "confusion_matrix", "per_class_accuracy", "train_steps"):
+            assert resumed["arms"][arm][k] == whole["arms"][arm][k], (arm, k)
+    assert resumed["delta"] == whole["delta"]
+    assert "resumed: 2 of 6 training runs" in (tmp_path / "cut" / "report.md").read_text()
+
+    trained.clear()  # everything saved: nothing trains
+    assert len(run_evaluation(settings, tmp_path / "cut", show_bars=False)["runs"]["reused"]) == 6 and not trained
+    # other settings have other keys: every run trains again (and replaces the saved one)
+    other = run_evaluation(replace(settings, epochs=3), tmp_path / "cut", show_bars=False)
+    assert len(trained) == 6 and other["runs"]["reused"] == []
+    trained.clear()
+    run_evaluation(settings, tmp_path / "cut", show_bars=False, resume=False)   # --restart
+    assert len(trained) == 6
+
+    # a damaged run file is trained again, not trusted
+    trained.clear()
+    (tmp_path / "cut" / "runs" / "real_synthetic-seed1.json").write_text("{\"key\": ")
+    assert run_evaluation(settings, tmp_path / "cut", show_bars=False)["arms"]["real+synthetic"]["accuracies"] == \
+        whole["arms"]["real+synthetic"]["accuracies"]
+    assert trained == ["real+synthetic seed 1"]

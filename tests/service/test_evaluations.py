@@ -154,6 +154,42 @@ def test_task_fails_clearly_on_a_worker_without_the_data_set(make_settings, tmp_
     assert rec["status"] == "failed" and "not configured on the worker" in rec["error"]
 
 
+def test_an_evaluation_delivered_again_trains_only_the_runs_it_had_not_finished(make_settings, tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+
+    settings = make_settings(data_dir=tmp_path, key_prefix=f"body-{uuid.uuid4().hex[:8]}")
+    store = JobStore(connect(settings.redis_url), settings.key_prefix)
+    job_id = new_job_id()
+    store.create(new_record(job_id, QUICK, 20, 2, job_type="evaluation"), max_queued=10)
+
+    class WorkerLost(BaseException):  # not an Exception: nothing records it, as when the process dies
+        pass
+
+    trained, crash, real_train = [], [True], evaluate.train_classifier
+
+    def train(model, x, y, tset, **kw):  # the first attempt dies as its third run starts
+        if crash[0] and len(trained) == 2:
+            raise WorkerLost
+        trained.append(kw["desc"])
+        return real_train(model, x, y, tset, **kw)
+
+    monkeypatch.setattr(evaluate, "train_classifier", train)
+    with pytest.raises(WorkerLost):
+        run_evaluation_job(job_id, QUICK, store=store, settings=settings)
+    out = settings.jobs_dir / job_id
+    assert store.get(job_id)["status"] == "running" and len(list((out / "runs").glob("*.json"))) == 2
+    (out / "accuracy.png").write_bytes(b"half written")  # what else a crashed attempt may leave
+
+    crash[0] = False
+    done = run_evaluation_job(job_id, QUICK, store=store, settings=settings)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    assert trained == ["real seed 0", "real+synthetic seed 0", "synthetic seed 0", "real seed 1",
+                       "real+synthetic seed 1", "synthetic seed 1"]   # each run trained once over both attempts
+    report = json.loads((out / "report.json").read_text())
+    assert report["runs"]["reused"] == ["real seed 0", "real+synthetic seed 0"]
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_stage_progress_throttles_and_cancels():
     writes, clock, canceled = [], [0.0], [False]
     p = StageProgress(lambda **f: writes.append(f), lambda: canceled[0], interval=1.0, clock=lambda: clock[0])
