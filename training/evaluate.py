@@ -174,7 +174,7 @@ def load_run(out: Path, arm: str, seed: int, key: str) -> dict | None:
         run = json.loads(f.read_text())
     except (OSError, ValueError):
         return None
-    if run.get("key") != key:
+    if not isinstance(run, dict) or run.get("key") != key:
         log.info("%s was saved by other settings; training %s seed %d again", f, arm, seed)
         return None
     return run
