@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 BF16_MARGIN = 1.2   # auto picks bf16 on a CPU only if it is at least this much faster than fp32
 PROBE_BATCH = 32    # images per timed forward pass
-PROBE_REPEATS = 4   # timed passes per variant (median), interleaved ABBA, after one warm-up pass of each
+PROBE_REPEATS = 3   # timed passes per variant (median), after one warm-up pass
 
 
 @dataclass(frozen=True)
@@ -54,26 +54,23 @@ def _layout(channels_last: bool) -> str:
     return "channels_last" if channels_last else "NCHW"
 
 
-def _probe_inputs(model: torch.nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_BATCH, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-    t = torch.randint(0, 1000, (PROBE_BATCH,), generator=g)
-    y = torch.randint(0, max(1, cfg.num_classes), (PROBE_BATCH,), generator=g)
-    return x.to(device), t.to(device), y.to(device)
-
-
-def _time_pass(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], bf16: bool, channels_last: bool) -> float:
-    """Seconds of one forward pass of ``inputs`` in this variant (the layout change itself is not timed)."""
+def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, device: torch.device) -> float:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
-    x, t, y = inputs
+    cfg = model.config
+    x = torch.randn(PROBE_BATCH, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     x = x.contiguous(memory_format=fmt)
-    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    t = torch.randint(0, 1000, (PROBE_BATCH,), device=device)
+    y = torch.randint(0, max(1, cfg.num_classes), (PROBE_BATCH,), device=device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    times = []
     with torch.inference_mode(), ctx:
-        t0 = time.perf_counter()
-        model(x, t, y)
-        return time.perf_counter() - t0
+        for i in range(PROBE_REPEATS + 1):
+            t0 = time.perf_counter()
+            model(x, t, y)
+            if i:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 _AUTO_CACHE: dict[tuple, PrecisionChoice] = {}
@@ -104,22 +101,8 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
 
 
 def _measure_auto(model: torch.nn.Module, device: torch.device) -> PrecisionChoice:
-    """Time the four variants; the fastest layout of the faster precision, bf16 only with the margin.
-
-    The passes are interleaved: one warm-up pass of each variant, then rounds of one timed pass of
-    each, in order and reversed by turns (ABBA), and the median per variant kept. A machine that
-    speeds up or slows down steadily during the probe then shifts every variant alike, where timing
-    them one after another favoured the variant timed first.
-    """
-    variants = [(b, cl) for b in (False, True) for cl in (False, True)]
-    inputs = _probe_inputs(model, device)
-    for v in variants:
-        _time_pass(model, inputs, *v)
-    times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
-    for r in range(PROBE_REPEATS):
-        for v in (variants if r % 2 == 0 else variants[::-1]):
-            times[v].append(_time_pass(model, inputs, *v))
-    seconds = {v: statistics.median(ts) for v, ts in times.items()}
+    """Time the four variants; the fastest layout of the faster precision, bf16 only with the margin."""
+    seconds = {(b, cl): _time_forward(model, b, cl, device) for b in (False, True) for cl in (False, True)}
     fp32 = min((t, v) for v, t in seconds.items() if not v[0])
     bf16 = min((t, v) for v, t in seconds.items() if v[0])
     use_bf16 = bf16[0] * BF16_MARGIN <= fp32[0]
