@@ -102,6 +102,6 @@ def resolve_evaluation(body: EvaluationBody, info: ModelInfo) -> dict:
     if errors:
         raise RequestValidationError(errors)
     resolved = body.model_dump()
-    if effective_interval(resolved["guidance"], resolved["guidance_interval"]) is None:
-        resolved["guidance_interval"] = None  # unguided: no interval recorded as if it applied
+    interval = effective_interval(resolved["guidance"], resolved["guidance_interval"])  # unguided: none recorded
+    resolved["guidance_interval"] = None if interval is None else list(interval)
     return resolved

@@ -146,6 +146,11 @@ class EvaluationSettings:
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(self.seeds)}")
 
 
+def _arm_size(arm: str, real: LabelledImages, synth: LabelledImages) -> int:
+    """Training images of ``arm`` (what ``_arm_data`` would return, without concatenating them)."""
+    return {"real": len(real), "synthetic": len(synth)}.get(arm, len(real) + len(synth))
+
+
 def _arm_data(arm: str, real: LabelledImages, synth: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
     if arm == "real":
         return real.images, real.labels
@@ -248,14 +253,14 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         tset = replace(tset, steps=max(1, n_real // min(tset.batch_size, n_real)) * settings.epochs)
     # Training cost ~ images seen (x epochs, or steps x batch): share the remaining progress range out by that.
     jobs = [(s, arm) for s in settings.seeds for arm in ARMS]
-    sizes = [tset.steps if tset.steps else len(_arm_data(arm, reals[s], synth)[1]) for s, arm in jobs]
+    sizes = [tset.steps if tset.steps else _arm_size(arm, reals[s], synth) for s, arm in jobs]
     total_cost, done_cost = float(sum(sizes)), 0.0
     per_seed: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     reused: list[str] = []
     params = None
     for (seed, arm), size in zip(jobs, sizes):
-        x, y = _arm_data(arm, reals[seed], synth)
-        msg = f"training {settings.classifier} on {arm} ({len(y)} images), seed {seed}"
+        n_images = _arm_size(arm, reals[seed], synth)
+        msg = f"training {settings.classifier} on {arm} ({n_images} images), seed {seed}"
 
         def on_train(f: float, _done=done_cost, _size=size, _msg=msg) -> None:
             report_progress(base + (1 - base) * (_done + f * _size) / total_cost, _msg)
@@ -274,13 +279,14 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
             report_progress(base + (1 - base) * (done_cost + size) / total_cost, f"{msg}: reused the saved run")
         else:
             report_progress(base + (1 - base) * done_cost / total_cost, msg)
+            x, y = _arm_data(arm, reals[seed], synth)  # a copy of the images: only for a run that trains
             info = train_classifier(model, x, y, tset, device=device, seed=seed, progress=on_train,
                                     desc=f"{arm} seed {seed}", show_bar=show_bars)
             pred = predict(model, test.images, device)
             run = {"key": key, "arm": arm, "seed": seed,
                    "accuracy": (pred == test.labels).double().mean().item(),
                    "confusion": confusion_matrix(test.labels, pred, len(names)).tolist(),
-                   "train_images": len(y), "steps": info["steps"], "seconds": info["seconds"],
+                   "train_images": n_images, "steps": info["steps"], "seconds": info["seconds"],
                    "host": platform.node(), "finished_at": time.time()}
             save_run(out, arm, seed, run)
         per_seed[arm].append(run)
