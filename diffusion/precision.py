@@ -2,10 +2,15 @@
 
 bf16 autocast is the obvious choice on a GPU.  On a CPU it depends on the chip: on one 2-core Xeon
 (AVX512-BF16) the UNet ran 0.7-0.8x as fast in bf16 as in fp32; on a 2-core AMD EPYC (also AVX512-BF16)
-2.0x as fast.  So ``auto`` (the default everywhere) measures: on a CPU it times one forward pass of the
-model at a small batch in each precision and layout and keeps the fastest, and bf16 only if it is at
-least ``BF16_MARGIN`` times as fast as fp32 (a small gain is not worth images that differ from fp32
-ones).  ``fp32`` and ``bf16`` force the choice; ``DREAMDATA_PRECISION`` sets the default.
+2.0x as fast; on a 2-core AMD EPYC with AVX2 only (Zen 3, no bf16 instructions) 0.02-0.08x.  So ``auto``
+(the default everywhere) measures: on a CPU it times one forward pass of the model at a small batch in
+each precision and layout and keeps the fastest, and bf16 only if it is at least ``BF16_MARGIN`` times
+as fast as fp32 (a small gain is not worth images that differ from fp32 ones).  On a CPU that torch
+says has no bf16 instructions (neither AVX512-BF16 nor AMX) it does not time bf16 at all: there one bf16
+probe pass of the default model took 43 s against 0.9 s in fp32, and timing it made a worker's start
+take four minutes.  A variant whose warm-up pass is ``SLOW_FACTOR`` times slower than the best variant
+timed so far is not timed again (its warm-up time stands for it).  ``fp32`` and ``bf16`` force the
+choice; ``DREAMDATA_PRECISION`` sets the default.
 
 The choice changes the images a seed gives (bf16 rounds the model's output), so it is recorded in
 every PNG's metadata and manifest, and synthetic-set caches are keyed by it.  The sampler's own
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 BF16_MARGIN = 1.2   # auto picks bf16 on a CPU only if it is at least this much faster than fp32
 PROBE_BATCH = 32    # images per timed forward pass
 PROBE_REPEATS = 3   # timed passes per variant (median), after one warm-up pass
+SLOW_FACTOR = 10.0  # a variant whose warm-up pass is this much slower than the best median so far is not timed further
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,22 @@ def _layout(channels_last: bool) -> str:
     return "channels_last" if channels_last else "NCHW"
 
 
-def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, device: torch.device) -> float:
+def cpu_has_bf16() -> bool | None:
+    """Whether torch sees bf16 instructions on this CPU (AVX512-BF16 or AMX); None when it cannot tell."""
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [c for c in checks if callable(c)]
+    if not checks:
+        return None
+    try:
+        return any(bool(c()) for c in checks)
+    except Exception:  # a private torch API: any failure means "cannot tell", and auto times bf16
+        return None
+
+
+def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, device: torch.device,
+                  give_up_after: float = float("inf")) -> float:
+    """Median seconds of ``PROBE_REPEATS`` forward passes after a warm-up one; the warm-up's seconds alone
+    when it took longer than ``give_up_after`` (a variant far slower than another is not worth timing)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     cfg = model.config
@@ -65,11 +86,15 @@ def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, devic
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times = []
     with torch.inference_mode(), ctx:
-        for i in range(PROBE_REPEATS + 1):
+        t0 = time.perf_counter()
+        model(x, t, y)
+        warm_up = time.perf_counter() - t0
+        if warm_up > give_up_after:
+            return warm_up
+        for _ in range(PROBE_REPEATS):
             t0 = time.perf_counter()
             model(x, t, y)
-            if i:
-                times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -80,8 +105,9 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
     """Decide (and apply: the weight layout) the precision of ``model``'s sampling calls.
 
     ``precision``: auto, fp32 or bf16 (None: ``$DREAMDATA_PRECISION`` or auto).  On a CPU the weights
-    end in the layout chosen; ``auto`` on a CPU times the four variants (8.7 s for the default
-    model on 2 EPYC cores, load included; the result is cached per architecture and thread count for the process).
+    end in the layout chosen; ``auto`` on a CPU times the four variants, or the two fp32 ones where the
+    CPU has no bf16 instructions (8.7 s for the default model on 2 AVX512-BF16 EPYC cores, load included;
+    the result is cached per architecture and thread count for the process).
     """
     p = requested_precision(precision)
     device = next(model.parameters()).device
@@ -101,14 +127,25 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
 
 
 def _measure_auto(model: torch.nn.Module, device: torch.device) -> PrecisionChoice:
-    """Time the four variants; the fastest layout of the faster precision, bf16 only with the margin."""
-    seconds = {(b, cl): _time_forward(model, b, cl, device) for b in (False, True) for cl in (False, True)}
+    """Time the variants; the fastest layout of the faster precision, bf16 only with the margin, and only
+    on a CPU with bf16 instructions (or one torch cannot tell about)."""
+    time_bf16 = cpu_has_bf16() is not False
+    seconds: dict[tuple[bool, bool], float] = {}
+    for b in (False, True) if time_bf16 else (False,):
+        for cl in (False, True):
+            best = min(seconds.values(), default=float("inf"))
+            seconds[(b, cl)] = _time_forward(model, b, cl, device, give_up_after=SLOW_FACTOR * best)
     fp32 = min((t, v) for v, t in seconds.items() if not v[0])
-    bf16 = min((t, v) for v, t in seconds.items() if v[0])
-    use_bf16 = bf16[0] * BF16_MARGIN <= fp32[0]
+    if time_bf16:
+        bf16 = min((t, v) for v, t in seconds.items() if v[0])
+        use_bf16 = bf16[0] * BF16_MARGIN <= fp32[0]
+        why = f"bf16 {fp32[0] / bf16[0]:.2f}x the speed of fp32 in a timed batch-{PROBE_BATCH} forward; bf16 needs {BF16_MARGIN}x"
+    else:
+        use_bf16 = False
+        why = (f"no bf16 instructions (torch sees {torch.backends.cpu.get_cpu_capability()}), bf16 not timed; "
+               f"layouts timed in a batch-{PROBE_BATCH} forward")
     _, (_, channels_last) = bf16 if use_bf16 else fp32
-    reason = (f"auto: {_name(use_bf16)} {_layout(channels_last)} on this CPU (bf16 {fp32[0] / bf16[0]:.2f}x the "
-              f"speed of fp32 in a timed batch-{PROBE_BATCH} forward; bf16 needs {BF16_MARGIN}x)")
+    reason = f"auto: {_name(use_bf16)} {_layout(channels_last)} on this CPU ({why})"
     timings = {f"{_name(b)} {_layout(cl)}": round(t, 4) for (b, cl), t in seconds.items()}
     log.info("precision %s; timings %s", reason, timings)
     return PrecisionChoice(use_bf16, channels_last, reason, timings)

@@ -28,10 +28,11 @@ def test_requested_precision_argument_then_environment_then_auto(monkeypatch):
 
 @pytest.mark.parametrize("bf16_speedup,expect_bf16", [(2.0, True), (1.1, False), (0.7, False)])
 def test_auto_on_a_cpu_keeps_the_fastest_variant_and_bf16_only_with_a_margin(monkeypatch, bf16_speedup, expect_bf16):
-    def fake_time(model, bf16, channels_last, device):  # channels_last faster in fp32, NCHW in bf16
+    def fake_time(model, bf16, channels_last, device, give_up_after=float("inf")):  # cl faster in fp32, NCHW in bf16
         fp32 = 1.0 if channels_last else 1.3
         return (1.0 / bf16_speedup) * (1.0 if not channels_last else 1.1) if bf16 else fp32
 
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(precision, "_time_forward", fake_time)
     monkeypatch.setattr(precision, "_AUTO_CACHE", {})
     model = make_tiny_unet()
@@ -45,6 +46,68 @@ def test_auto_on_a_cpu_keeps_the_fastest_variant_and_bf16_only_with_a_margin(mon
     # decided once per architecture and thread count in a process
     monkeypatch.setattr(precision, "_time_forward", lambda *a: pytest.fail("timed twice"))
     assert precision.choose_precision(make_tiny_unet(seed=3), "auto") == choice
+
+
+@pytest.mark.parametrize("has_bf16", [False, None])
+def test_auto_does_not_time_bf16_on_a_cpu_without_bf16_instructions(monkeypatch, has_bf16):
+    timed = []
+
+    def fake_time(model, bf16, channels_last, device, give_up_after=float("inf")):
+        timed.append((bf16, channels_last))
+        return 50.0 if bf16 else (1.0 if channels_last else 1.3)  # bf16 emulated: far slower
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(precision, "_time_forward", fake_time)
+    monkeypatch.setattr(precision, "_AUTO_CACHE", {})
+    choice = precision.choose_precision(make_tiny_unet(), "auto")
+    assert (choice.name, choice.layout) == ("fp32", "channels_last")
+    if has_bf16 is False:  # torch says the CPU has no bf16 instructions: bf16 is not even timed
+        assert timed == [(False, False), (False, True)]
+        assert set(choice.timings) == {"fp32 NCHW", "fp32 channels_last"}
+        assert "no bf16 instructions" in choice.reason and "bf16 not timed" in choice.reason
+    else:  # torch cannot tell: all four are timed, and the margin rule decides
+        assert len(timed) == 4 and "0.02x" in choice.reason
+
+
+def test_a_variant_far_slower_than_the_best_so_far_is_timed_once(monkeypatch):
+    model = make_tiny_unet()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    monkeypatch.setattr(precision, "PROBE_BATCH", 2)
+    # the warm-up pass takes longer than it may: its seconds stand for the variant, no repeats
+    seconds = precision._time_forward(model, False, False, torch.device("cpu"), give_up_after=0.0)
+    assert seconds > 0 and len(calls) == 1
+    calls.clear()
+    precision._time_forward(model, False, False, torch.device("cpu"))
+    assert len(calls) == 1 + precision.PROBE_REPEATS
+    # and the probe hands each variant the bound of SLOW_FACTOR x the best so far
+    bounds = []
+
+    def fake_time(model, bf16, channels_last, device, give_up_after=float("inf")):
+        bounds.append(give_up_after)
+        return {(False, False): 2.0, (False, True): 1.0, (True, False): 30.0, (True, True): 0.5}[(bf16, channels_last)]
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_time_forward", fake_time)
+    monkeypatch.setattr(precision, "_AUTO_CACHE", {})
+    choice = precision.choose_precision(model, "auto")
+    f = precision.SLOW_FACTOR
+    assert bounds == [float("inf"), 2.0 * f, 1.0 * f, 1.0 * f]
+    assert (choice.name, choice.layout) == ("bf16", "channels_last")
+
+
+def test_cpu_has_bf16_answers_or_says_it_cannot_tell(monkeypatch):
+    assert precision.cpu_has_bf16() in (True, False, None)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert precision.cpu_has_bf16() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert precision.cpu_has_bf16() is False
+
+    def broken():
+        raise RuntimeError("private API changed")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    assert precision.cpu_has_bf16() is None
 
 
 def test_auto_really_times_the_model(monkeypatch):
