@@ -12,7 +12,9 @@ every variant side by side in one process, against three references:
 (c) the machine's limit: FLOPs of one model call (torch.utils.flop_counter) and the peak torch.mm
     throughput at the same thread count, so each row says which fraction of peak it reaches.
 
-Our variants: diffusion.samplers.sample at fp32 and bf16 autocast, NCHW and channels_last weights,
+Our variants: diffusion.samplers.sample at fp32 and bf16 autocast (--precisions; bf16 only where the CPU
+has bf16 instructions unless asked for: on an AVX2-only CPU one bf16 forward is 10-50x slower than fp32,
+and its rows would take hours), NCHW and channels_last weights,
 and torch.compile (fp32 and bf16, in the service's layout), at each of --batch-sizes (one batch per
 timed run). A row is the median, min and max images/s over --repeats timed runs after a warm-up run of
 --warmup-steps sampler steps on the same batch; for torch.compile that warm-up compiles, and its
@@ -29,7 +31,7 @@ saves about a quarter of it.
     python benchmarks/sampling.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch-sizes 1,10,100]
                                   [--repeats 3] [--sampler dpmpp_sde --steps 20 --guidance 6
                                   --guidance-interval 0.28,4]
-                                  [--skip-compile] [--skip-diffusers]
+                                  [--skip-compile] [--skip-diffusers] [--precisions fp32,bf16]
     python benchmarks/sampling.py --quick    # that it runs: tiny sizes, the numbers mean nothing
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffusion.checkpoint import load_for_sampling
+from diffusion.precision import cpu_has_bf16
 from diffusion.samplers import model_calls, sample
 from diffusion.schedules import NoiseSchedule
 from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,
@@ -293,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="what the service would use, which marks the default row (default: $DREAMDATA_PRECISION or "
                         "auto: timed here, as the worker does at start)")
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated, of fp32,bf16: the precisions of the rows (default: both, or fp32 alone on a "
+                        "CPU without bf16 instructions; fp32 and the service's own precision are always measured)")
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny settings to check that it runs: " +
@@ -317,6 +323,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     torch.set_num_threads(a.threads)
     ckpt = load_for_sampling(a.checkpoint, "cpu", a.precision)  # the service's choice of precision and layout
     service = ckpt.precision
+    has_bf16 = cpu_has_bf16()
+    if a.precisions is None:
+        precisions = ["fp32", "bf16"] if has_bf16 is not False else ["fp32"]
+    else:
+        precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
+        if not precisions or set(precisions) - {"fp32", "bf16"}:
+            raise SystemExit(f"--precisions: a comma-separated list of fp32 and bf16, not {a.precisions!r}")
+    # fp32 is every comparison's reference, and the service's own precision makes the default row
+    precisions = [p for p in ("fp32", "bf16") if p in precisions or p in ("fp32", service.name)]
     service_layout = service.layout
     model, schedule, cfg = ckpt.model, ckpt.schedule, ckpt.model.config
     s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval)
@@ -364,6 +379,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     elif not a.skip_diffusers:
         print("diffusers is not installed (pip install -e '.[test]'): the (b) rows are left out")
     print(f"the service's precision here ({requested_precision(a.precision)}): {service.reason}")
+    if "bf16" not in precisions:
+        print("bf16 rows left out: " + ("this CPU has no bf16 instructions (--precisions fp32,bf16 times them anyway)"
+                                        if a.precisions is None else f"--precisions {a.precisions}"))
     print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}"
           + (f" in the noise interval ({format_guidance_interval(s.guidance_interval)}] (guidance column "
              f"'{glabel(s)}')" if interval else "")
@@ -374,6 +392,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     progress("peak matmul")
     peak = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name not in precisions:
+            continue
         per_size = {n: peak_matmul(n, dtype, a.gemm_repeats) for n in map(int, a.gemm_sizes.split(","))}
         peak[name] = max(per_size.values())
         print(f"peak {name} torch.mm (threads {a.threads}, median of {a.gemm_repeats}): "
@@ -405,7 +425,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         model_calls(settings, schedule), flops, rates, note))
 
     # ---- 1. ours, eager: every precision, layout and batch size
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for layout in LAYOUTS:
             set_layout(model, layout)
             for b in batches:
@@ -416,7 +436,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     # ---- 1b. ours, torch.compile, in the service's layout; one compilation per batch size
     if not a.skip_compile:
         set_layout(model, service_layout)
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             for b in batches:
                 torch._dynamo.reset()
                 try:
@@ -438,7 +458,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     # ---- ours unguided (one model call per step), like with like for (a) and (b); and guided at every step
     if guided:
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             for layout in LAYOUTS:
                 set_layout(model, layout)
                 ours(model, precision, layout, big, unguided_s, "unguided, for (a) and (b)")
@@ -449,7 +469,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers' deprecation notes, numpy 2's __array__ copy warning
         for key, (unet, f) in theirs.items():
-            for precision in ("fp32", "bf16"):
+            for precision in precisions:
                 for layout in LAYOUTS:
                     progress(f"(b) diffusers, {key}, {precision}, {layout}, batch {big}")
                     emit(run_diffusers(unet, f, schedule, every_step if key == "guided" else unguided_s, big,

@@ -45,7 +45,7 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys):
     rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--threads", "1",
-                       "--guidance", "1.5", "--guidance-interval", "all"])
+                       "--guidance", "1.5", "--guidance-interval", "all", "--precisions", "fp32,bf16"])
     out = capsys.readouterr().out
 
     expected = {("ours", p, layout, "1.5") for p in ("fp32", "bf16") for layout in ("NCHW", "channels_last")}
@@ -82,7 +82,7 @@ def test_quick_run_measures_and_prints_every_row(bench, tiny_checkpoint, capsys)
 def test_a_guidance_interval_adds_rows_guided_at_every_step_for_diffusers(bench, tiny_checkpoint, capsys):
     # --quick runs 2 steps, at sigma 157 and 0.01: the interval (0, 1] guides the second only
     rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--threads", "1",
-                       "--guidance", "1.5", "--guidance-interval", "0,1"])
+                       "--guidance", "1.5", "--guidance-interval", "0,1", "--precisions", "fp32,bf16"])
     out = capsys.readouterr().out
     calls = {(r.name, r.guidance, r.note.split(",")[0]): r.calls for r in rows}
     assert {c for (name, g, _), c in calls.items() if name == "ours" and g == "1.5i"} == {3}
@@ -98,11 +98,38 @@ def test_a_guidance_interval_adds_rows_guided_at_every_step_for_diffusers(bench,
 
 def test_unguided_settings_need_no_extra_row(bench, tiny_checkpoint, capsys):
     rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--skip-diffusers",
-                       "--threads", "1", "--guidance", "1", "--batch-sizes", "1,3", "--n", "2"])
+                       "--threads", "1", "--guidance", "1", "--batch-sizes", "1,3", "--n", "2",
+                       "--precisions", "fp32,bf16"])
     assert sorted({r.batch for r in rows if r.name == "ours"}) == [1, 2]  # --n caps the batch sizes
     assert all(r.guidance == "1.0" and r.calls == r.steps for r in rows)
     assert len([r for r in rows if r.name == "ours"]) == 4 * 2  # no separate unguided row
     assert "the same unguided" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("has_bf16", [True, False, None])
+def test_bf16_rows_by_default_only_where_the_cpu_has_bf16_instructions(bench, tiny_checkpoint, capsys, monkeypatch,
+                                                                       has_bf16):
+    monkeypatch.setattr(bench, "cpu_has_bf16", lambda: has_bf16)
+    rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--skip-diffusers",
+                       "--threads", "1", "--guidance", "1"])
+    out = capsys.readouterr().out
+    precisions = {r.precision for r in rows if r.name == "ours"}
+    assert precisions == ({"fp32"} if has_bf16 is False else {"fp32", "bf16"})
+    assert ("peak bf16 torch.mm" in out) is (has_bf16 is not False)
+    assert ("bf16 rows left out: this CPU has no bf16 instructions" in out) is (has_bf16 is False)
+
+
+def test_precisions_asked_for_and_the_ones_always_measured(bench, tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "cpu_has_bf16", lambda: True)
+    args = ["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--skip-diffusers", "--threads", "1",
+            "--guidance", "1"]
+    rows = bench.main(args + ["--precisions", "fp32"])
+    assert {r.precision for r in rows} == {"fp32"} and "bf16 rows left out: --precisions fp32" in capsys.readouterr().out
+    # the service's precision makes the default row, and fp32 is every comparison's reference
+    rows = bench.main(args + ["--precisions", "bf16", "--precision", "bf16"])
+    assert {r.precision for r in rows if r.name == "ours"} == {"fp32", "bf16"}
+    with pytest.raises(SystemExit, match="--precisions"):
+        bench.main(args + ["--precisions", "fp16"])
 
 
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not installed")
