@@ -1,4 +1,5 @@
-"""One call on a lent GPU: train a checkpoint, then time sampling (issue 5's GPU part).
+"""One call on a lent GPU: the augmentation experiment at the report's size (optional, first), train a
+checkpoint, then time sampling (issue 5's GPU part).
 
 The device machine is lent for minutes, once, and keeps nothing; this script does the whole visit in one
 command and writes everything worth keeping under --out (the device tool's $OUT), at most 8 files,
@@ -9,7 +10,14 @@ each written as soon as it exists, so a call stopped at its time limit still bri
     model.safetensors   (float16, about 13 MB for the shipped model's size)
     metrics.jsonl     the training log (loss, images/s per --log-every steps) and loss.png, its curve
     samples.png       10 images per class from the trained checkpoint, with the default sampler
+    evaluation.tar.gz with --evaluate-per-class: report.json, report.md, the plots and runs/ of the experiment
 
+0. With ``--evaluate-per-class K`` (off by default), first: ``training.evaluate.run_evaluation`` on the
+   *shipped* checkpoint (``--evaluate-checkpoint``), the CNN (``--evaluate-classifier``), the whole real
+   training set (``--evaluate-real-fraction 1``), K synthetic images per class sampled on the GPU in batches
+   of ``--evaluate-batch`` (bf16, as ``auto`` picks on a GPU), 10 epochs, seeds 0, 1, 2: the row that the
+   CPU machines cannot afford (50,000 images at 0.4-0.9 s each there).  Its folder is packed into
+   ``evaluation.tar.gz`` (the synthetic images stay behind) and its accuracies go into session.json.
 1. Training: ``training.train.train`` with ``--config`` (default ``cifar10-gpu``: the shipped model's
    UNet, batch 512, bf16 autocast, channels_last, ``torch.compile``) for ``--train-minutes`` of
    training wall time, compile included.
@@ -30,6 +38,12 @@ On the device (the data travels in the ignored folder ``.gpu/``: ``mkdir -p .gpu
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz --out $OUT \\
         --train-minutes 3.5 2>&1 | tail -n 60        (run's timeout_s: 540)
 
+and with the experiment at the report's size first (its time there is not known; shorter training leaves
+room for it)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz --out $OUT \\
+        --evaluate-per-class 5000 --train-minutes 2 2>&1 | tail -n 60        (run's timeout_s: 560)
+
 Expected cost there, estimated, not measured: about 15 s to decode the data set, the training minutes,
 then about a minute of eager sampling and four compiles (two batch sizes, each guided and unguided
 shapes) of roughly 30-60 s each: 8-9 minutes, of the 15 a task's device time allows.
@@ -48,6 +62,7 @@ import platform
 import shutil
 import statistics
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -79,6 +94,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median; default 3)")
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps, help="sampler steps (default: the default's)")
     p.add_argument("--ddpm-probe-steps", type=int, default=20, help="timed steps of the 1000-step loop")
+    e = p.add_argument_group("the augmentation experiment (stage 0, off unless --evaluate-per-class is given)")
+    e.add_argument("--evaluate-per-class", type=int, default=0, metavar="K",
+                   help="synthetic images per class (the report's size: 5000); 0: no experiment (default)")
+    e.add_argument("--evaluate-checkpoint", default=None, help="default: the shipped checkpoint")
+    e.add_argument("--evaluate-classifier", default="cnn", choices=("mlp", "cnn"))
+    e.add_argument("--evaluate-real-fraction", type=float, default=1.0)
+    e.add_argument("--evaluate-epochs", type=int, default=10)
+    e.add_argument("--evaluate-seeds", default="0,1,2")
+    e.add_argument("--evaluate-batch", type=int, default=1000, help="images per sampling batch")
     return p.parse_args(argv)
 
 
@@ -198,6 +222,35 @@ def time_ddpm_loop(ckpt, args: argparse.Namespace, device: torch.device, summary
         f"{args.ddpm_probe_steps} steps)")
 
 
+def evaluate_at_size(args: argparse.Namespace, out: Path, device: torch.device, summary: dict, save) -> None:
+    """Stage 0: the three-arm experiment on the shipped checkpoint, its folder packed into evaluation.tar.gz."""
+    from training.evaluate import EvaluationSettings, run_evaluation
+
+    work = out.parent / (out.name + "-evaluation")
+    settings = EvaluationSettings(
+        data=args.data, checkpoint=args.evaluate_checkpoint, classifier=args.evaluate_classifier,
+        synthetic_per_class=args.evaluate_per_class, real_fraction=args.evaluate_real_fraction,
+        epochs=args.evaluate_epochs, seeds=tuple(int(x) for x in args.evaluate_seeds.split(",")),
+        sample_batch_size=args.evaluate_batch, device=device.type, cache_dir=str(work / "cache"))
+    log(f"evaluation: {settings.classifier}, k {settings.synthetic_per_class} per class, f {settings.real_fraction}, "
+        f"{settings.epochs} epochs, seeds {list(settings.seeds)} -> {work / 'report'}")
+    t0 = time.perf_counter()
+    report = run_evaluation(settings, work / "report", show_bars=False,
+                            progress=lambda f, m: None)
+    seconds = round(time.perf_counter() - t0, 1)
+    with tarfile.open(out / "evaluation.tar.gz", "w:gz") as tar:
+        tar.add(work / "report", arcname="evaluation")
+    arms = report["arms"]
+    summary["evaluation"] = {
+        "settings": settings.to_dict(), "seconds": seconds,
+        "accuracy": {arm: {"mean": a["accuracy_mean"], "std": a["accuracy_std"], "runs": a["accuracies"]}
+                     for arm, a in arms.items()},
+        "delta": report["delta"]}
+    save()
+    log(f"evaluation done in {seconds} s: " + ", ".join(f"{arm} {a['accuracy_mean']:.2f}" for arm, a in arms.items())
+        + f"; delta {report['delta']}")
+
+
 def sample_grid(ckpt, out: Path, device: torch.device, steps: int) -> None:
     k = len(ckpt.class_names)
     labels = torch.arange(k, device=device).repeat_interleave(10)
@@ -220,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     save()
     log(f"on {summary['environment'].get('gpu', device.type)}, torch {torch.__version__}")
+    if args.evaluate_per_class > 0:
+        evaluate_at_size(args, out, device, summary, save)
     ckpt_dir = Path(args.skip_train) if args.skip_train else train_checkpoint(args, out, summary, save)
     ckpt = load_for_sampling(ckpt_dir, device=device, precision="bf16")
     summary["checkpoint"] = {"dir": str(ckpt_dir), "sha256": ckpt.sha256}

@@ -63,3 +63,46 @@ def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
     ckpt = load_checkpoint(ckpt_dir)
     assert ckpt.provenance["steps"] == t["steps"] and ckpt.sha256 == summary["checkpoint"]["sha256"]
     assert set(load_file(str(ckpt_dir / "model.safetensors"))) == set(ckpt.model.state_dict())
+
+
+def test_the_experiment_at_size_runs_first_and_comes_back_as_one_archive(tmp_path):
+    import tarfile
+
+    import torch
+
+    from diffusion.checkpoint import save_checkpoint
+    from diffusion.schedules import ScheduleConfig
+    from diffusion.unet import UNet, UNetConfig
+
+    data = write_tar(tmp_path / "cifar10-jpeg.tar.gz", make_images(CIFAR10_CLASSES, 2),
+                     make_images(CIFAR10_CLASSES, 2, offset=5))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "tiny", UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                                              attn_resolutions=(), dropout=0.0)),
+                           ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {"note": "random weights, for tests"})
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--skip-train", str(ckpt), "--batch-sizes", "2", "--repeats", "1",
+            "--ddpm-probe-steps", "1", "--steps", "2", "--no-compile",
+            "--evaluate-per-class", "1", "--evaluate-checkpoint", str(ckpt), "--evaluate-classifier", "mlp",
+            "--evaluate-epochs", "1", "--evaluate-seeds", "0,1", "--evaluate-batch", "4"]
+    code = RUN.format(absent=ABSENT_THERE, script=str(SCRIPT), argv=argv)
+    env = {"DREAMDATA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    kept = sorted(p.name for p in out.iterdir())
+    assert kept == ["evaluation.tar.gz", "samples.png", "session.json"] and len(kept) <= 8
+    with tarfile.open(out / "evaluation.tar.gz") as tar:
+        names = set(tar.getnames())
+        report = json.loads(tar.extractfile("evaluation/report.json").read())
+    assert {"evaluation/report.json", "evaluation/report.md", "evaluation/runs/real-seed0.json",
+            "evaluation/runs/real_synthetic-seed1.json"} <= names
+    assert not any(n.endswith(".png") and "/images/" in n for n in names)  # the synthetic images stay behind
+    e = json.loads((out / "session.json").read_text())["evaluation"]
+    assert e["settings"]["synthetic_per_class"] == 1 and e["settings"]["real_fraction"] == 1.0
+    assert e["settings"]["checkpoint"] == str(ckpt) and e["seconds"] > 0
+    assert set(e["accuracy"]) == {"real", "real+synthetic", "synthetic"}
+    assert all(len(a["runs"]) == 2 for a in e["accuracy"].values())
+    assert e["delta"] == report["delta"] and report["arms"]["real"]["accuracies"] == e["accuracy"]["real"]["runs"]
+    assert r.stdout.index("evaluation done") < r.stdout.index("samples.png written")
