@@ -258,6 +258,10 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
     print(f"{'measure':<9} {'what':<{width}} {'value':>10}")
     for m, what, value in rows:
         print(f"{m:<9} {what:<{width}} {value:>10}")
+    # each round on its own: the end-to-end job, then the same work called directly, in that order
+    print("\nrounds (s):  end to end   in the worker   sampler directly   generate_to_dir directly")
+    for r, row in enumerate(zip(e2e, in_worker, sampler_only, with_files)):
+        print(f"  {r + 1:<10}" + "".join(f"{x:>{w}.3f}" for x, w in zip(row, (12, 16, 19, 27))))
 
 
 if __name__ == "__main__":

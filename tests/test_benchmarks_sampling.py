@@ -191,3 +191,30 @@ def test_image_difference_counts_8_bit_levels(ab):
     b[0, 0, 0, 0] = 2 / 127.5  # two levels up
     diff = ab.image_difference(a, b)
     assert diff == pytest.approx({"changed": 1 / 12, "mean": 2 / 12, "max": 2.0})
+
+
+def test_sampling_batch_times_every_size_in_rotated_rounds(tiny_checkpoint, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmarks_sampling_batch", SCRIPT.with_name("sampling_batch.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        order = []
+        real = module.sample
+
+        def recording(model, schedule, labels, seeds, **kw):
+            order.append(len(labels))
+            return real(model, schedule, labels, seeds, **kw)
+        monkeypatch.setattr(module, "sample", recording)
+        times = module.main(["--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1,2,3", "--rounds", "3",
+                             "--steps", "2", "--threads", "1", "--precision", "fp32"])
+    finally:
+        torch.set_num_threads(threads)
+    assert order == [1, 1, 2, 3, 2, 3, 1, 3, 1, 2]  # the warm-up, then each round starting one size later
+    assert set(times) == {1, 2, 3} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    out = capsys.readouterr().out
+    assert "the default batch here (diffusion.precision.sampling_batch): 50" in out
+    assert re.search(r"^ +3 +\d+\.\d{3} +\d+\.\d{3} +\d+\.\d{3} +\d+\.\d\dx  ", out, re.M), out
+    with pytest.raises(SystemExit):
+        module.main(["--checkpoint", str(tiny_checkpoint), "--batch-sizes", "0,2"])

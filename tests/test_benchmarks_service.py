@@ -25,3 +25,5 @@ def test_quick_run_prints_every_row_and_how_the_worker_loaded_the_model():
                 r"GET /jobs/\{id\}, 2 clients, 20 requests: median +\d+\.\d ms",
                 r"peak RSS during the job +\d+ MiB"):
         assert re.search(row, out), (row, out)
+    # each round on its own, in the order the table's medians come from
+    assert re.search(r"^  1 +(\d+\.\d{3} +){3}\d+\.\d{3}$", out, re.M), out

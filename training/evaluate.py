@@ -97,7 +97,7 @@ class EvaluationSettings:
     eta: float = 0.0
     guidance_interval: GuidanceInterval | None = DEFAULT_SETTINGS.guidance_interval  # None: every step
     synthetic_seed: int = 0                     # image j of class c: seed synthetic_seed + c * 1e6 + j
-    sample_batch_size: int = 100
+    sample_batch_size: int | None = None        # None: diffusion.precision.sampling_batch (50 on a CPU, 256 on a GPU)
     train_batch_size: int | None = None         # None: the classifier's default
     device: str = "auto"                        # auto, cpu, cuda, cuda:1 ...
     cache_dir: str | None = None                # None: training.data.default_cache_dir()

@@ -53,7 +53,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
     add_sampler_args(p)
     p.add_argument("--synthetic-seed", type=int, default=0, help="seed base of the synthetic set: image j of class c gets seed S + c x 1,000,000 + j (default 0)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampling batch (default 50 on a CPU, 256 on a GPU)")
     p.add_argument("--train-batch-size", type=int, default=None, help="classifier batch size (default mlp 256, cnn 512)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

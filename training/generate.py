@@ -27,6 +27,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from diffusion.checkpoint import Checkpoint
+from diffusion.precision import sampling_batch
 from diffusion.samplers import SamplerSettings, sample
 from diffusion.spec import (DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, draw_seed,  # noqa: F401  (re-exported)
                             format_guidance_interval, resolve_class)
@@ -116,7 +117,7 @@ def progress_fraction(done: int, total: int, step: int, steps: int, batch_size: 
 
 def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os.PathLike, *,
                  settings: SamplerSettings = DEFAULT_SETTINGS,
-                 batch_size: int = 100,
+                 batch_size: int | None = None,   # default: diffusion.precision.sampling_batch of the model's device
                  autocast: bool | None = None,    # bf16 autocast; default: sampling_autocast(ckpt)
                  progress: ProgressFn | None = None,
                  sample_fn: Callable = sample,    # the worker passes a batching sampler here
@@ -139,6 +140,9 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
     for d in {(out / s.file).parent for s in missing}:
         d.mkdir(parents=True, exist_ok=True)
     device = next(ckpt.model.parameters()).device
+    batch_size = sampling_batch(device) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if autocast is None:
         autocast = sampling_autocast(ckpt)
     common = _common_meta(settings, autocast)
@@ -172,7 +176,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
 def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], out_dir: str | os.PathLike, *,
                     settings: SamplerSettings = DEFAULT_SETTINGS,
                     base_seed: int = 0,
-                    batch_size: int = 100,
+                    batch_size: int | None = None,   # default: diffusion.precision.sampling_batch of the model's device
                     autocast: bool | None = None,    # bf16 autocast; default: sampling_autocast(ckpt)
                     make_zip: bool = False,
                     progress: ProgressFn | None = None,

@@ -114,7 +114,7 @@ class MetricsSettings:
     eta: float = 0.0
     guidance_interval: GuidanceInterval | None = DEFAULT_SETTINGS.guidance_interval  # None: every step
     seed: int = 0                               # image j of class c: sampler seed seed + c * 1e6 + j
-    batch_size: int = 100                       # images per sampling batch
+    batch_size: int | None = None               # images per sampling batch (None: 50 on a CPU, 256 on a GPU)
     k: int = 5                                  # neighbours for precision/recall and density/coverage
     feature_classifier: ClassifierKind = "cnn"
     feature_width: int | None = None

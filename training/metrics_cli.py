@@ -38,7 +38,7 @@ def add_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-per-class", type=int, default=100, help="generated images per class (default 100)")
     add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed base: generated image j of class c gets seed S + c x 1,000,000 + j (default 0)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per sampling batch (default 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampling batch (default 50 on a CPU, 256 on a GPU)")
     p.add_argument("--k", type=int, default=5, help="neighbours for precision/recall, density/coverage (default 5)")
     p.add_argument("--inception-weights", default=None,
                    help="local torchvision inception_v3 state dict: adds an Inception-space Frechet distance")

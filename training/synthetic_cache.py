@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoint import Checkpoint, load_for_sampling
+from diffusion.precision import sampling_batch
 from diffusion.samplers import SamplerSettings, sample
 from diffusion.spec import format_guidance_interval
 
@@ -113,7 +114,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
                      cache_dir: str | os.PathLike | None = None,
                      device: str | torch.device = "cpu",
                      precision: str | None = None,            # auto, fp32, bf16 (diffusion.precision)
-                     batch_size: int = 100,                   # images per model batch
+                     batch_size: int | None = None,           # images per model batch (default: the device's)
                      sample_fn: Callable = sample,            # the worker may pass its batching sampler
                      progress: ProgressFn | None = None,
                      ) -> tuple[LabelledImages, dict]:
@@ -132,6 +133,9 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     sha, names = ckpt.sha256, ckpt.class_names
     settings.validate(ckpt.schedule.num_timesteps)
     bf16 = sampling_autocast(ckpt)
+    batch_size = sampling_batch(next(ckpt.model.parameters()).device) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = cache_path(cache_dir, sha, settings, base_seed, len(names), bf16)
     specs = image_specs(per_class, len(names), base_seed)

@@ -35,7 +35,7 @@ def evaluation_settings(request: dict, settings: Settings) -> EvaluationSettings
         raise RuntimeError("evaluation data set not configured on the worker (set DREAMDATA_EVAL_DATA)")
     chosen = {k: request[k] for k in REQUEST_KEYS if k in request}
     return EvaluationSettings.from_dict(dict(chosen, data=str(settings.eval_data), checkpoint=str(settings.checkpoint),
-                                             sample_batch_size=settings.batch_size,
+                                             sample_batch_size=settings.model_batch,
                                              cache_dir=str(settings.cache_dir)))
 
 

@@ -74,7 +74,7 @@ def batcher_for(max_batch: int, window: float, pad: bool = False) -> BatchingSam
 
 
 def job_sampler(settings: Settings) -> BatchingSampler:
-    return batcher_for(settings.batch_size, settings.batch_window if settings.batching else 0.0,
+    return batcher_for(settings.model_batch, settings.batch_window if settings.batching else 0.0,
                        pad=settings.compile != "off")
 
 
@@ -142,10 +142,10 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]),
                                   guidance_interval=request.get("guidance_interval"))
         reporter = ProgressReporter(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
-                                    batch_size=settings.batch_size, interval=settings.progress_interval,
+                                    batch_size=settings.model_batch, interval=settings.progress_interval,
                                     time_limit=settings.job_time_limit)
         manifest = generate_to_dir(ckpt, counts, out, settings=sampler, base_seed=int(request["seed"]),
-                                   batch_size=settings.batch_size, make_zip=True, progress=reporter,
+                                   batch_size=settings.model_batch, make_zip=True, progress=reporter,
                                    sample_fn=job_sampler(settings))
     except JobCanceled:
         return record_canceled(store, job_id, out)

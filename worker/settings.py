@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     max_queued: int = Field(100, ge=0, description="queued jobs beyond which POST /generate answers 429")
     api_key: SecretStr | None = Field(None, description="when set, every job route needs header X-API-Key")
     allow_public: bool = Field(False, description="allow binding the API to a non-loopback host without an API key")
-    batch_size: int = Field(100, ge=1, description="images per model batch in the worker (also the most images "
-                                                   "that concurrent jobs merge into one batch)")
+    batch_size: int | None = Field(None, ge=1, description="images per model batch in the worker (also the most "
+                                                           "images that concurrent jobs merge into one batch); "
+                                                           "default: 50 on a CPU, 256 on a GPU")
     pool: Literal["prefork", "threads"] = Field(
         "prefork", description="worker pool: prefork runs one job per process (a crashed job is requeued at once, "
                                "hard time limits kill it); threads runs `concurrency` jobs in one process and merges "
@@ -85,6 +86,17 @@ class Settings(BaseSettings):
         # One timeout for every task on the broker connection: it must outlast the longest job.
         longest = max(self.hard_time_limit, self.eval_hard_time_limit)
         return self.visibility_timeout if self.visibility_timeout is not None else longest + 300
+
+    @property
+    def model_batch(self) -> int:
+        """``batch_size``, or where it is not set the default of the device the worker samples on (imports torch:
+        the worker's side only)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        import torch
+
+        from diffusion.precision import sampling_batch
+        return sampling_batch("cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def batching(self) -> bool:

@@ -132,3 +132,19 @@ def test_requested_precision_is_kept_and_recorded_in_every_image(tmp_path):
     # bf16 rounds the model's output: the same seed gives a nearby image, not the same one
     diff = (out["bf16"] - out["fp32"]).abs().float()
     assert diff.mean() < 8
+
+
+def test_the_default_sampling_batch_is_the_devices_and_a_bad_one_is_refused(tmp_path):
+    assert precision.sampling_batch("cpu") == precision.CPU_SAMPLING_BATCH == 50
+    assert precision.sampling_batch(torch.device("cuda", 1)) == precision.GPU_SAMPLING_BATCH == 256
+    ckpt = load_for_sampling(save_checkpoint(tmp_path / "ckpt", make_tiny_unet(), ScheduleConfig("linear", 1000),
+                                             CLASSES, {}), precision="fp32")
+    batches = []
+
+    def counting_sample(model, schedule, labels, seeds, **kw):
+        batches.append(len(labels))
+        return torch.zeros(len(labels), 3, 8, 8)
+    generate_to_dir(ckpt, [(0, 60)], tmp_path / "out", sample_fn=counting_sample)
+    assert batches == [50, 10]  # no batch size given: the CPU's default
+    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
+        generate_to_dir(ckpt, [(0, 2)], tmp_path / "zero", batch_size=0, sample_fn=counting_sample)

@@ -37,7 +37,7 @@ def reference(settings, tmp_path_factory) -> dict[str, np.ndarray]:
         out = tmp_path_factory.mktemp("reference")
         generate_to_dir(ckpt, [(ckpt.class_names.index("horse"), N)], out, settings=SamplerSettings("ddpm", STEPS, 1.5,
                                                     guidance_interval=DEFAULT_SETTINGS.guidance_interval),
-                        base_seed=SEED, batch_size=settings.batch_size)
+                        base_seed=SEED, batch_size=settings.model_batch)
     finally:
         torch.set_num_threads(threads)
     return {f"images/{i:05d}.png": png_pixels((out / f"images/{i:05d}.png").read_bytes()) for i in range(N)}

@@ -30,6 +30,21 @@ def test_settings_from_environment(monkeypatch):
         get_settings.cache_clear()
 
 
+def test_the_model_batch_is_the_devices_unless_set(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("DREAMDATA_BATCH_SIZE", raising=False)
+    assert Settings().batch_size is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Settings().model_batch == 50
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings().model_batch == 256
+    monkeypatch.setenv("DREAMDATA_BATCH_SIZE", "7")
+    assert Settings().model_batch == 7
+    with pytest.raises(ValidationError, match="batch_size"):
+        Settings(batch_size=0)
+
+
 def test_visibility_timeout_must_exceed_the_longest_hard_limit():
     s = Settings(job_time_limit=100, eval_time_limit=50, job_kill_grace=10)
     assert s.hard_time_limit == 110 and s.effective_visibility_timeout == 410
