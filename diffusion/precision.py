@@ -34,8 +34,9 @@ BF16_MARGIN = 1.2   # auto picks bf16 on a CPU only if it is at least this much 
 PROBE_BATCH = 32    # images per timed forward pass
 PROBE_REPEATS = 3   # timed passes per variant (median), after one warm-up pass
 # Images per sampling batch where a caller does not say: on the 2-core AVX2 EPYC the default sampler took
-# 0.97-1.03 s per image at batch 100 against 0.77-0.86 at 25 and 50 (guided steps run twice the rows, and
-# batch 100's activations outgrow the cache); a GPU wants large batches (the Docker worker's 256).
+# 0.97-1.06 s per image at batch 100 against 0.77-0.92 at 25 and 50 (three runs of interleaved rounds,
+# benchmarks/sampling_batch.py; guided steps run twice the rows, and batch 100's activations outgrow the
+# caches); a GPU wants large batches (the Docker worker's 256).
 CPU_SAMPLING_BATCH = 50
 GPU_SAMPLING_BATCH = 256
 
