@@ -29,16 +29,22 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
-    data = write_tar(tmp_path / "cifar10-jpeg.tar.gz", make_images(CIFAR10_CLASSES, 2))
-    out = tmp_path / "out"
-    argv = ["--data", str(data), "--out", str(out), "--config", "tiny", "--train-minutes", "0.02",
-            "--batch-sizes", "2,3", "--repeats", "2", "--ddpm-probe-steps", "2", "--steps", "2", "--no-compile"]
+def run_there(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script in a fresh interpreter without the service's packages; it must succeed."""
     code = RUN.format(absent=ABSENT_THERE, script=str(SCRIPT), argv=argv)
     env = {"DREAMDATA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
+    data = write_tar(tmp_path / "cifar10-jpeg.tar.gz", make_images(CIFAR10_CLASSES, 2))
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--config", "tiny", "--train-minutes", "0.02",
+            "--batch-sizes", "2,3", "--repeats", "2", "--ddpm-probe-steps", "2", "--steps", "2", "--no-compile"]
+    r = run_there(argv, tmp_path)
 
     kept = sorted(p.name for p in out.iterdir())
     assert kept == ["config.json", "loss.png", "metrics.jsonl", "model.safetensors", "samples.png", "session.json"]
@@ -85,11 +91,7 @@ def test_the_experiment_at_size_runs_first_and_comes_back_as_one_archive(tmp_pat
             "--ddpm-probe-steps", "1", "--steps", "2", "--no-compile",
             "--evaluate-per-class", "1", "--evaluate-checkpoint", str(ckpt), "--evaluate-classifier", "mlp",
             "--evaluate-epochs", "1", "--evaluate-seeds", "0,1", "--evaluate-batch", "4"]
-    code = RUN.format(absent=ABSENT_THERE, script=str(SCRIPT), argv=argv)
-    env = {"DREAMDATA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_there(argv, tmp_path)
 
     kept = sorted(p.name for p in out.iterdir())
     assert kept == ["evaluation.tar.gz", "samples.png", "session.json"] and len(kept) <= 8
