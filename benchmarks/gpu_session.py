@@ -235,8 +235,7 @@ def evaluate_at_size(args: argparse.Namespace, out: Path, device: torch.device, 
     log(f"evaluation: {settings.classifier}, k {settings.synthetic_per_class} per class, f {settings.real_fraction}, "
         f"{settings.epochs} epochs, seeds {list(settings.seeds)} -> {work / 'report'}")
     t0 = time.perf_counter()
-    report = run_evaluation(settings, work / "report", show_bars=False,
-                            progress=lambda f, m: None)
+    report = run_evaluation(settings, work / "report", show_bars=False)
     seconds = round(time.perf_counter() - t0, 1)
     with tarfile.open(out / "evaluation.tar.gz", "w:gz") as tar:
         tar.add(work / "report", arcname="evaluation")
