@@ -74,6 +74,7 @@ from diffusion.checkpoint import load_for_sampling  # noqa: E402
 from diffusion.samplers import _Noise, model_calls, sample  # noqa: E402
 from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings  # noqa: E402
 from training.configs import resolve_config  # noqa: E402
+from training.evaluate_cli import parse_seeds  # noqa: E402
 from training.plots import image_grid, to_uint8  # noqa: E402
 from training.train import train  # noqa: E402
 
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e.add_argument("--evaluate-classifier", default="cnn", choices=("mlp", "cnn"))
     e.add_argument("--evaluate-real-fraction", type=float, default=1.0)
     e.add_argument("--evaluate-epochs", type=int, default=10)
-    e.add_argument("--evaluate-seeds", default="0,1,2")
+    e.add_argument("--evaluate-seeds", type=parse_seeds, default=(0, 1, 2), help="e.g. 0,1,2 or 0-4")
     e.add_argument("--evaluate-batch", type=int, default=1000, help="images per sampling batch")
     return p.parse_args(argv)
 
@@ -230,7 +231,7 @@ def evaluate_at_size(args: argparse.Namespace, out: Path, device: torch.device, 
     settings = EvaluationSettings(
         data=args.data, checkpoint=args.evaluate_checkpoint, classifier=args.evaluate_classifier,
         synthetic_per_class=args.evaluate_per_class, real_fraction=args.evaluate_real_fraction,
-        epochs=args.evaluate_epochs, seeds=tuple(int(x) for x in args.evaluate_seeds.split(",")),
+        epochs=args.evaluate_epochs, seeds=args.evaluate_seeds,
         sample_batch_size=args.evaluate_batch, device=device.type, cache_dir=str(work / "cache"))
     log(f"evaluation: {settings.classifier}, k {settings.synthetic_per_class} per class, f {settings.real_fraction}, "
         f"{settings.epochs} epochs, seeds {list(settings.seeds)} -> {work / 'report'}")

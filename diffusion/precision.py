@@ -2,12 +2,12 @@
 
 bf16 autocast is the obvious choice on a GPU.  On a CPU it depends on the chip: on one 2-core Xeon
 (AVX512-BF16) the UNet ran 0.7-0.8x as fast in bf16 as in fp32; on a 2-core AMD EPYC (also AVX512-BF16)
-2.0x as fast; on a 2-core AMD EPYC with AVX2 only (Zen 3, no bf16 instructions) 0.02-0.08x.  So ``auto``
+2.0x as fast; on a 2-core AMD EPYC with AVX2 only (Zen 3, no bf16 instructions) 0.02-0.10x.  So ``auto``
 (the default everywhere) measures: on a CPU it times one forward pass of the model at a small batch in
 each precision and layout and keeps the fastest, and bf16 only if it is at least ``BF16_MARGIN`` times
 as fast as fp32 (a small gain is not worth images that differ from fp32 ones).  On a CPU that torch
 says has no bf16 instructions (neither AVX512-BF16 nor AMX) it does not time bf16 at all: there one bf16
-probe pass of the default model took 43 s against 0.9 s in fp32, and timing it made a worker's start
+probe pass of the default model took 43 s against 0.7-1.3 s in fp32, and timing it made a worker's start
 take four minutes.  A variant whose warm-up pass is ``SLOW_FACTOR`` times slower than the best variant
 timed so far is not timed again (its warm-up time stands for it).  ``fp32`` and ``bf16`` force the
 choice; ``DREAMDATA_PRECISION`` sets the default.
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 BF16_MARGIN = 1.2   # auto picks bf16 on a CPU only if it is at least this much faster than fp32
 PROBE_BATCH = 32    # images per timed forward pass
 PROBE_REPEATS = 3   # timed passes per variant (median), after one warm-up pass
+SLOW_FACTOR = 10.0  # a variant whose warm-up pass is this much slower than the best median so far is not timed further
+
 # Images per sampling batch where a caller does not say: on the 2-core AVX2 EPYC the default sampler took
 # 0.97-1.06 s per image at batch 100 against 0.77-0.92 at 25 and 50 (three runs of interleaved rounds,
 # benchmarks/sampling_batch.py; guided steps run twice the rows, and batch 100's activations outgrow the
@@ -44,9 +46,6 @@ GPU_SAMPLING_BATCH = 256
 def sampling_batch(device: torch.device | str) -> int:
     """The default images per sampling batch on ``device``."""
     return GPU_SAMPLING_BATCH if torch.device(device).type == "cuda" else CPU_SAMPLING_BATCH
-
-
-SLOW_FACTOR = 10.0  # a variant whose warm-up pass is this much slower than the best median so far is not timed further
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,21 @@ HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 TABLE_ROW = re.compile(r"^(ours|ours\+compile|\(a\) report|\(b\) diffusers) +(fp32|bf16) ")
 
 
-@pytest.fixture
-def bench(monkeypatch):
-    """The script as a module (benchmarks/ is not a package); torch's thread count restored afterwards."""
-    spec = importlib.util.spec_from_file_location("benchmarks_sampling", SCRIPT)
+def script_module(filename: str, monkeypatch):
+    """benchmarks/<filename> as a module (benchmarks/ is not a package); torch's thread count restored afterwards."""
+    spec = importlib.util.spec_from_file_location("benchmarks_" + filename.removesuffix(".py"),
+                                                  SCRIPT.with_name(filename))
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     yield module
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    yield from script_module("sampling.py", monkeypatch)
 
 
 @pytest.fixture
@@ -149,14 +154,12 @@ def test_diffusers_scheduler_takes_the_same_kind_of_step_for_every_sampler(bench
 
 @pytest.fixture
 def ab(monkeypatch):
-    """benchmarks/sampling_ab.py as a module; torch's thread count restored afterwards."""
-    spec = importlib.util.spec_from_file_location("benchmarks_sampling_ab", SCRIPT.with_name("sampling_ab.py"))
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    yield module
-    torch.set_num_threads(threads)
+    yield from script_module("sampling_ab.py", monkeypatch)
+
+
+@pytest.fixture
+def batch_bench(monkeypatch):
+    yield from script_module("sampling_batch.py", monkeypatch)
 
 
 def test_interleaved_ab_times_every_variant_in_every_round(ab, tiny_checkpoint, capsys):
@@ -193,24 +196,17 @@ def test_image_difference_counts_8_bit_levels(ab):
     assert diff == pytest.approx({"changed": 1 / 12, "mean": 2 / 12, "max": 2.0})
 
 
-def test_sampling_batch_times_every_size_in_rotated_rounds(tiny_checkpoint, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("benchmarks_sampling_batch", SCRIPT.with_name("sampling_batch.py"))
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        order = []
-        real = module.sample
+def test_sampling_batch_times_every_size_in_rotated_rounds(batch_bench, tiny_checkpoint, capsys, monkeypatch):
+    module = batch_bench
+    order = []
+    real = module.sample
 
-        def recording(model, schedule, labels, seeds, **kw):
-            order.append(len(labels))
-            return real(model, schedule, labels, seeds, **kw)
-        monkeypatch.setattr(module, "sample", recording)
-        times = module.main(["--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1,2,3", "--rounds", "3",
-                             "--steps", "2", "--threads", "1", "--precision", "fp32"])
-    finally:
-        torch.set_num_threads(threads)
+    def recording(model, schedule, labels, seeds, **kw):
+        order.append(len(labels))
+        return real(model, schedule, labels, seeds, **kw)
+    monkeypatch.setattr(module, "sample", recording)
+    times = module.main(["--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1,2,3", "--rounds", "3",
+                         "--steps", "2", "--threads", "1", "--precision", "fp32"])
     assert order == [1, 1, 2, 3, 2, 3, 1, 3, 1, 2]  # the warm-up, then each round starting one size later
     assert set(times) == {1, 2, 3} and all(len(v) == 3 and min(v) > 0 for v in times.values())
     out = capsys.readouterr().out
