@@ -50,7 +50,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffusion.checkpoint import load_for_sampling
-from diffusion.precision import cpu_has_bf16
+from diffusion.precision import benchmark_precisions
 from diffusion.samplers import model_calls, sample
 from diffusion.schedules import NoiseSchedule
 from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,
@@ -323,13 +323,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     torch.set_num_threads(a.threads)
     ckpt = load_for_sampling(a.checkpoint, "cpu", a.precision)  # the service's choice of precision and layout
     service = ckpt.precision
-    has_bf16 = cpu_has_bf16()
-    if a.precisions is None:
-        precisions = ["fp32", "bf16"] if has_bf16 is not False else ["fp32"]
-    else:
-        precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
-        if not precisions or set(precisions) - {"fp32", "bf16"}:
-            raise SystemExit(f"--precisions: a comma-separated list of fp32 and bf16, not {a.precisions!r}")
+    try:
+        precisions, left_out = benchmark_precisions(a.precisions)
+    except ValueError as e:
+        raise SystemExit(str(e))
     # fp32 is every comparison's reference, and the service's own precision makes the default row
     precisions = [p for p in ("fp32", "bf16") if p in precisions or p in ("fp32", service.name)]
     service_layout = service.layout
@@ -380,8 +377,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print("diffusers is not installed (pip install -e '.[test]'): the (b) rows are left out")
     print(f"the service's precision here ({requested_precision(a.precision)}): {service.reason}")
     if "bf16" not in precisions:
-        print("bf16 rows left out: " + ("this CPU has no bf16 instructions (--precisions fp32,bf16 times them anyway)"
-                                        if a.precisions is None else f"--precisions {a.precisions}"))
+        print(left_out)
     print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}"
           + (f" in the noise interval ({format_guidance_interval(s.guidance_interval)}] (guidance column "
              f"'{glabel(s)}')" if interval else "")

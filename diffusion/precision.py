@@ -84,6 +84,24 @@ def cpu_has_bf16() -> bool | None:
         return None
 
 
+def benchmark_precisions(arg: str | None) -> tuple[list[str], str | None]:
+    """The precisions a benchmark times, in the order fp32, bf16: those of ``arg`` (comma-separated), or by
+    default both, but fp32 alone on a CPU without bf16 instructions (there each bf16 row would take ten to
+    fifty times as long).  Also the line to print when bf16 is left out (else None).  A bad ``arg`` is a
+    ValueError."""
+    if arg is None:
+        chosen = ["fp32", "bf16"] if cpu_has_bf16() is not False else ["fp32"]
+    else:
+        chosen = [p.strip() for p in arg.split(",") if p.strip()]
+        if not chosen or set(chosen) - {"fp32", "bf16"}:
+            raise ValueError(f"--precisions: a comma-separated list of fp32 and bf16, not {arg!r}")
+    chosen = [p for p in ("fp32", "bf16") if p in chosen]
+    if "bf16" in chosen:
+        return chosen, None
+    return chosen, "bf16 rows left out: " + ("this CPU has no bf16 instructions (--precisions fp32,bf16 times them "
+                                             "anyway)" if arg is None else f"--precisions {arg}")
+
+
 def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, device: torch.device,
                   give_up_after: float = float("inf")) -> float:
     """Median seconds of ``PROBE_REPEATS`` forward passes after a warm-up one; the warm-up's seconds alone

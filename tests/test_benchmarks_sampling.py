@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion import precision
 from diffusion.checkpoint import save_checkpoint
 from diffusion.samplers import model_calls
 from diffusion.schedules import NoiseSchedule, ScheduleConfig
@@ -114,7 +115,7 @@ def test_unguided_settings_need_no_extra_row(bench, tiny_checkpoint, capsys):
 @pytest.mark.parametrize("has_bf16", [True, False, None])
 def test_bf16_rows_by_default_only_where_the_cpu_has_bf16_instructions(bench, tiny_checkpoint, capsys, monkeypatch,
                                                                        has_bf16):
-    monkeypatch.setattr(bench, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
     rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--skip-diffusers",
                        "--threads", "1", "--guidance", "1"])
     out = capsys.readouterr().out
@@ -125,7 +126,7 @@ def test_bf16_rows_by_default_only_where_the_cpu_has_bf16_instructions(bench, ti
 
 
 def test_precisions_asked_for_and_the_ones_always_measured(bench, tiny_checkpoint, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     args = ["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--skip-diffusers", "--threads", "1",
             "--guidance", "1"]
     rows = bench.main(args + ["--precisions", "fp32"])
@@ -214,3 +215,20 @@ def test_sampling_batch_times_every_size_in_rotated_rounds(batch_bench, tiny_che
     assert re.search(r"^ +3 +\d+\.\d{3} +\d+\.\d{3} +\d+\.\d{3} +\d+\.\d\dx  ", out, re.M), out
     with pytest.raises(SystemExit):
         module.main(["--checkpoint", str(tiny_checkpoint), "--batch-sizes", "0,2"])
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_training_throughput_times_bf16_only_where_the_cpu_has_it(monkeypatch, capsys, has_bf16):
+    bench = next(script_module("training_throughput.py", monkeypatch))
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    args = ["--config", "tiny", "--threads", "1", "--steps", "1", "--warmup", "0", "--repeats", "1"]
+    bench.main(args)
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(fp32|bf16) +(NCHW|channels_last) +\d", out, re.M)
+    assert rows == [("fp32", "NCHW"), ("fp32", "channels_last")] + (
+        [("bf16", "NCHW"), ("bf16", "channels_last")] if has_bf16 else [])
+    assert ("bf16 rows left out: this CPU has no bf16 instructions" in out) is (not has_bf16)
+    bench.main(args + ["--precisions", "bf16"])  # asked for: timed anyway
+    assert re.findall(r"^(fp32|bf16) ", capsys.readouterr().out, re.M) == ["bf16", "bf16"]
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--precisions", "fp16"])

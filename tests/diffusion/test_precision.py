@@ -148,3 +148,17 @@ def test_the_default_sampling_batch_is_the_devices_and_a_bad_one_is_refused(tmp_
     assert batches == [50, 10]  # no batch size given: the CPU's default
     with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
         generate_to_dir(ckpt, [(0, 2)], tmp_path / "zero", batch_size=0, sample_fn=counting_sample)
+
+
+@pytest.mark.parametrize("has_bf16, default", [(True, ["fp32", "bf16"]), (None, ["fp32", "bf16"]), (False, ["fp32"])])
+def test_benchmarks_time_bf16_by_default_unless_the_cpu_has_no_bf16_instructions(monkeypatch, has_bf16, default):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    chosen, left_out = precision.benchmark_precisions(None)
+    assert chosen == default
+    assert (left_out == "bf16 rows left out: this CPU has no bf16 instructions (--precisions fp32,bf16 times them "
+                        "anyway)") if has_bf16 is False else left_out is None
+    assert precision.benchmark_precisions("bf16, fp32") == (["fp32", "bf16"], None)  # asked for: in fp32, bf16 order
+    assert precision.benchmark_precisions("fp32") == (["fp32"], "bf16 rows left out: --precisions fp32")
+    for bad in ("fp16", "", " , ", "fp32,fp16"):
+        with pytest.raises(ValueError, match="--precisions: a comma-separated list of fp32 and bf16"):
+            precision.benchmark_precisions(bad)

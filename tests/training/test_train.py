@@ -15,7 +15,8 @@ from diffusion.unet import UNet
 from tests.fixtures import CIFAR10_CLASSES
 from training.configs import CONFIGS
 from training.data import load_dataset, to_model_range
-from training.train import diffusion_loss, ema_decay_at, ema_update, lr_at, train
+from training import train as train_module
+from training.train import diffusion_loss, ema_decay_at, ema_update, lr_at, train, training_autocast
 
 TINY = CONFIGS["tiny"]
 FAST = replace(TINY, bf16=False)  # fp32 is several times faster than bf16 autocast on CPU
@@ -118,6 +119,7 @@ def test_train_end_to_end_with_the_tiny_config(data10, tmp_path):
     assert prov["world_size"] == 1 and prov["num_images"] == 20 and prov["device"] == "cpu"
     assert prov["config"] == json.loads(json.dumps(TINY.to_dict()))
     assert prov["parameters"] == sum(p.numel() for p in ck.model.parameters())
+    assert prov["precision"] == ("bf16" if training_autocast(TINY, torch.device("cpu")) else "fp32")
 
     st = _state(out)
     assert st["step"] == 4 and st["images_seen"] == 32
@@ -128,6 +130,25 @@ def test_train_end_to_end_with_the_tiny_config(data10, tmp_path):
     with torch.no_grad():  # the loaded model runs
         x = ck.model(torch.zeros(2, 3, 32, 32), torch.tensor([0, 999]), torch.tensor([0, 10]))
     assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, True), (None, True), (False, False)])
+def test_bf16_training_falls_back_to_fp32_on_a_cpu_without_bf16_instructions(monkeypatch, caplog, has_bf16, expected):
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: has_bf16)
+    with caplog.at_level("WARNING", logger="training.train"):
+        assert training_autocast(TINY, torch.device("cpu")) is expected
+    assert ("training in fp32" in caplog.text) is (not expected)
+    assert training_autocast(FAST, torch.device("cpu")) is False  # fp32 asked for: fp32, whatever the CPU
+    assert training_autocast(TINY, torch.device("cuda")) is True  # the CPU's instructions do not matter there
+
+
+@pytest.mark.parametrize("has_bf16, precision", [(True, "bf16"), (False, "fp32")])
+def test_the_checkpoint_records_the_precision_it_trained_in(monkeypatch, data10, tmp_path, has_bf16, precision):
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: has_bf16)
+    cfg = replace(TINY, max_steps=1)
+    assert load_checkpoint(train(cfg, str(data10), tmp_path / "a", progress=False)).provenance["precision"] == precision
+    assert load_checkpoint(train(replace(cfg, bf16=False), str(data10), tmp_path / "b",
+                                 progress=False)).provenance["precision"] == "fp32"
 
 
 def test_mismatched_class_count_is_a_clear_error(image_folder3, tmp_path):
