@@ -6,9 +6,12 @@ the worker by Celery task name, and model facts come from the checkpoint's confi
 from __future__ import annotations
 
 import logging
+import math
 
 import redis
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
@@ -46,6 +49,23 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"job store (Redis) unreachable: {type(exc).__name__}"}, status_code=503)
 
 
+def json_safe(value: object) -> object:
+    """``value`` with every NaN or infinite float, which JSON cannot hold, as its string ('nan', 'inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422, except that a NaN or infinite input is echoed as a string: the default handler
+    cannot encode one, so ``guidance=nan`` would be a 500."""
+    return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
 async def _no_checkpoint(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503)
 
@@ -61,4 +81,5 @@ def create_app() -> FastAPI:
     app.add_exception_handler(redis.exceptions.TimeoutError, _store_down)
     app.add_exception_handler(OperationalError, _store_down)
     app.add_exception_handler(CheckpointMissing, _no_checkpoint)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     return app

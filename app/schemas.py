@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from diffusion.spec import (DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, SamplerName,
                             format_guidance_interval, parse_guidance_interval, request_defaults)
@@ -19,8 +19,11 @@ def _interval(value: object) -> list[float] | None:
     return None if interval is None else list(interval)
 
 
-# What a request may send; after validation [lo, hi] or None
-RequestedInterval = Annotated[list[float] | None, BeforeValidator(_interval)]
+# What a request may send; after validation [lo, hi] or None.  Its schema in /docs says what is sent.
+RequestedInterval = Annotated[list[float] | None, BeforeValidator(_interval), WithJsonSchema({"anyOf": [
+    {"type": "string", "description": "'lo,hi' or 'all'", "examples": ["0.28,4", "all"]},
+    {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+    {"type": "null"}]}, mode="validation")]
 _DEFAULT_INTERVAL = _interval(DEFAULT_SETTINGS.guidance_interval)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -29,7 +32,8 @@ _ID = "3f2b8c9d0e1f4a5b8c7d6e5f4a3b2c1d"
 
 class GenerateBody(BaseModel):
     """Several classes at once; every setting but ``classes`` may be left out."""
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    # strict: true is not 1 image, nor "5" five, nor 5.5 anything
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"classes": {"cat": 50, "dog": 50}, **request_defaults(), "seed": 0}]})
 
     classes: dict[str, int] = Field(min_length=1, description="class name (any case) or index 0-9 -> images",
@@ -129,7 +133,7 @@ class EvaluationBody(BaseModel):
 
     Every field may be left out; there is no data-set field (the server's DREAMDATA_EVAL_DATA is used).
     """
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVAL_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [_EVAL_EXAMPLE]})
 
     classifier: ClassifierName = Field("cnn", description="mlp (fast) or cnn (ResNet-9)")
     synthetic_per_class: int = Field(500, ge=1, le=5000, description="k: synthetic images added per class")

@@ -59,6 +59,9 @@ class SamplerSettings:
     guidance_interval: GuidanceInterval | None = None  # (lo, hi]: guide only where lo < sigma_t <= hi
 
     def __post_init__(self):
+        # one spelling of each number (guidance 6 and 6.0 are one setting: one cache key, one run key)
+        object.__setattr__(self, "guidance", float(self.guidance))
+        object.__setattr__(self, "eta", float(self.eta))
         # a JSON list -> a tuple of floats (hashable, one spelling); none when unguided
         object.__setattr__(self, "guidance_interval", effective_interval(self.guidance, self.guidance_interval))
 
@@ -93,8 +96,16 @@ class SamplerSettings:
         g_lo, g_hi = GUIDANCE_RANGE
         if not g_lo <= self.guidance <= g_hi:
             raise ValueError(f"guidance={self.guidance} out of range {g_lo:g}..{g_hi:g}")
+        check_eta(self.eta)
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
+
+
+def check_eta(eta: float) -> None:
+    """DDIM's eta must be in 0..1 (0 deterministic, 1 DDPM-like): below 0 it shrinks the noise prediction's
+    term without adding noise, above 1 its variance outgrows the step.  ValueError otherwise."""
+    if not 0 <= eta <= 1:  # NaN too
+        raise ValueError(f"eta={eta} out of range 0..1")
 
 
 def check_guidance_interval(interval: Sequence[float]) -> GuidanceInterval:
@@ -113,6 +124,8 @@ def parse_guidance_interval(value: str | Sequence[float] | None) -> GuidanceInte
     if value is None or (isinstance(value, str) and value.strip().lower() == GUIDANCE_INTERVAL_ALL):
         return None
     try:
+        if not isinstance(value, (str, list, tuple)):  # a dict or set would give its keys
+            raise TypeError
         numbers = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
     except (TypeError, ValueError):
         raise ValueError(f"guidance interval must be two numbers, 'lo,hi' or [lo, hi], or "
@@ -145,7 +158,7 @@ def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:
     lower = [c.lower() for c in class_names]
     if s.lower() in lower:
         return lower.index(s.lower())
-    if s.isdigit() and int(s) < len(class_names):
+    if s.isascii() and s.isdigit() and int(s) < len(class_names):  # not '²' or '٣'
         return int(s)
     raise ValueError(f"unknown class {spec!r}; valid: {', '.join(class_names)} or 0-{len(class_names) - 1}")
 

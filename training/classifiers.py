@@ -206,6 +206,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     device = torch.device(device)
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images (got {len(images)} images, {len(labels)} labels)")
+    if settings.batch_size < 1:  # else no step is ever taken, and the loop below never ends
+        raise ValueError(f"batch size must be at least 1, got {settings.batch_size}")
     model.to(device).train()
     x_all, y_all = images.to(device), labels.to(device)
     n = len(x_all)

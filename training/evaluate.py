@@ -56,8 +56,8 @@ import torch
 
 from diffusion.checkpoint import Checkpoint
 from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
-from diffusion.spec import (DEFAULT_SETTINGS, GuidanceInterval, check_guidance_interval, effective_interval,
-                            requested_precision)
+from diffusion.spec import (DEFAULT_SETTINGS, GuidanceInterval, check_eta, check_guidance_interval,
+                            effective_interval, requested_precision)
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
                           default_train_settings, predict, train_classifier)
@@ -136,6 +136,10 @@ class EvaluationSettings:
             raise ValueError(f"real_fraction must be in (0, 1], got {self.real_fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        for name in ("width", "sample_batch_size", "train_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_eta(self.eta)
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
         if self.precision is not None:

@@ -29,9 +29,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
             a, dash, b = part.partition("-")
+            if dash and int(b) < int(a):
+                raise ValueError
             seeds.extend(range(int(a), int(b) + 1) if dash else [int(a)])
     except ValueError:
-        raise ValueError(f"expected comma-separated seeds or a range like 0-4, got {text!r}") from None
+        raise ValueError(f"expected comma-separated seeds or a rising range like 0-4, got {text!r}") from None
     return tuple(seeds)
 
 

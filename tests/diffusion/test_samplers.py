@@ -1,4 +1,7 @@
 """Sampler contract: validation, timestep grids, classifier-free guidance, batch independence, seeds."""
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -48,6 +51,20 @@ def test_guidance_out_of_range(guidance, linear_schedule):
                guidance=guidance, image_shape=SHAPE)
     SamplerSettings("ddim", 10, 0.0).validate()
     SamplerSettings("ddim", 10, 20.0).validate()
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
+def test_eta_out_of_range(eta):
+    with pytest.raises(ValueError, match="eta"):
+        SamplerSettings("ddim", 10, eta=eta).validate()
+    SamplerSettings("ddim", 10, eta=0.0).validate()
+    SamplerSettings("ddim", 10, eta=1.0).validate()
+
+
+def test_a_number_has_one_spelling_so_equal_settings_key_caches_alike():
+    a, b = SamplerSettings("dpmpp_sde", 20, 6, 0), SamplerSettings("dpmpp_sde", 20, 6.0, 0.0)
+    assert a == b and json.dumps(asdict(a)) == json.dumps(asdict(b))
+    assert isinstance(a.guidance, float) and isinstance(a.eta, float)
 
 
 def test_labels_and_seeds_must_match(linear_schedule):

@@ -76,6 +76,9 @@ def test_a_step_budget_overrides_epochs_and_may_end_mid_epoch(separable):
                                                                                           steps=10),
                             progress=seen.append, show_bar=False)
     assert (info["steps"], info["epochs"]) == (10, 2.5) and seen[-1] == 1.0
+    with pytest.raises(ValueError, match="batch size must be at least 1, got -5"):  # it used to loop forever
+        train_classifier(build_classifier("mlp", 10, 16), x, y, default_train_settings("mlp", 1, batch_size=-5,
+                                                                                          steps=2), show_bar=False)
     with pytest.raises(ValueError, match="steps must be at least 1"):
         train_classifier(build_classifier("mlp", 10, 16), x, y, default_train_settings("mlp", 1, steps=0),
                          show_bar=False)

@@ -10,6 +10,7 @@ import dreamdata_cli
 from diffusion.spec import DEFAULT_SETTINGS
 from training.data import LabelledImages
 from training.evaluate import ARMS, EvaluationSettings, run_evaluation
+from training.evaluate_cli import parse_seeds
 from training.evaluation_stats import mean_std, paired_delta, t_quantile
 from training.synthetic_cache import align_classes
 
@@ -49,6 +50,23 @@ def test_settings_are_validated():
         EvaluationSettings.from_dict({"data": "x", "epoch": 3})
     with pytest.raises(ValueError, match="0 <= lo < hi"):
         EvaluationSettings(data="x", guidance_interval=(3, 1)).validate()
+    for name in ("width", "sample_batch_size", "train_batch_size"):
+        with pytest.raises(ValueError, match=f"{name} must be at least 1, got -5"):
+            EvaluationSettings(data="x", **{name: -5}).validate()
+    with pytest.raises(ValueError, match="eta"):
+        EvaluationSettings(data="x", sampler="ddim", eta=-1).validate()
+
+
+@pytest.mark.parametrize("text, seeds", [("0,1,2", (0, 1, 2)), ("0-4", (0, 1, 2, 3, 4)), ("3", (3,)),
+                                         ("0, 5-6", (0, 5, 6)), ("2-2", (2,))])
+def test_seeds_parse(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["4-2", "0,4-2", "a", "1-", "-1", "1.5"])
+def test_bad_seeds_are_refused(text):
+    with pytest.raises(ValueError, match="comma-separated seeds or a rising range"):
+        parse_seeds(text)
 
 
 def test_a_guidance_interval_from_json_reaches_the_sampler_settings():

@@ -8,6 +8,8 @@ import pytest
 
 from diffusion.spec import DEFAULT_SETTINGS
 
+from app.routers.health import router as health_router
+
 from .conftest import client_for
 
 
@@ -37,6 +39,8 @@ def idle(make_settings):
     ("/generate?class=cat&n=5&seed=2147483648", ["query", "seed"], ["0..2147483647"]),
     ("/generate?n=5", ["query", "class"], ["required"]),
     ("/generate?class=10&n=5", ["query", "class"], ["0-9"]),
+    ("/generate?class=%C2%B2&n=5", ["query", "class"], ["airplane", "0-9"]),      # a superscript 2
+    ("/generate?class=%D9%A3&n=5", ["query", "class"], ["airplane", "0-9"]),      # an Arabic-Indic 3
     ("/generate?class=cat&n=5&guidance_interval=2.9,0.28", ["query", "guidance_interval"], ["0 <= lo < hi"]),
     ("/generate?class=cat&n=5&guidance_interval=0.28", ["query", "guidance_interval"], ["two noise levels"]),
     ("/generate?class=cat&n=5&guidance_interval=low,high", ["query", "guidance_interval"], ["'lo,hi'", "all"]),
@@ -64,11 +68,36 @@ def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
     ({"classes": {"cat": 5}, "guidance_interval": [3, 1]}, ["body", "guidance_interval"]),
     ({"classes": {"cat": 5}, "guidance_interval": "0,inf"}, ["body", "guidance_interval"]),
     ({"classes": {"cat": 5}, "guidance_interval": 2}, ["body", "guidance_interval"]),
+    ({"classes": {"cat": 5}, "guidance_interval": {"0": 1, "3": 2}}, ["body", "guidance_interval"]),  # not its keys
+    ({"classes": {"cat": True}}, ["body", "classes", "cat"]),               # not 1 image
+    ({"classes": {"cat": "5"}}, ["body", "classes", "cat"]),
+    ({"classes": {"cat": 5.5}}, ["body", "classes", "cat"]),
+    ({"classes": {"cat": 5}, "steps": True}, ["body", "steps"]),
+    ({"classes": {"cat": 5}, "seed": "7"}, ["body", "seed"]),
 ])
 def test_bad_body_is_422_naming_the_field(idle, body, loc):
     r = idle.post("/generate", json=body)
     assert r.status_code == 422, r.text
     assert loc in _locs(r), r.json()
+
+
+@pytest.mark.parametrize("method, url, raw, loc", [
+    ("post", "/generate?class=cat&n=1&guidance=nan", None, ["query", "guidance"]),
+    ("post", "/generate?class=cat&n=1&guidance=inf", None, ["query", "guidance"]),
+    ("post", "/generate?class=cat&n=1&guidance=1e400", None, ["query", "guidance"]),
+    ("post", "/generate", '{"classes": {"cat": 1}, "guidance": NaN}', ["body", "guidance"]),
+    ("post", "/generate", '{"classes": {"cat": 1}, "guidance": -Infinity}', ["body", "guidance"]),
+    ("post", "/generate", '{"classes": {"cat": 1}, "guidance_interval": [1e308, 1e309]}', ["body", "guidance_interval"]),
+    ("post", "/evaluations", '{"real_fraction": NaN}', ["body", "real_fraction"]),
+    ("post", "/evaluations", '{"guidance": Infinity}', ["body", "guidance"]),
+])
+def test_nan_and_infinity_are_422_not_500(idle, method, url, raw, loc):
+    """JSON has no NaN or infinity: the error echoes them as strings rather than failing to encode them."""
+    r = idle.request(method, url, content=raw, headers={"Content-Type": "application/json"} if raw else None)
+    assert r.status_code == 422, r.text
+    assert loc in _locs(r), r.json()
+    assert {str(e.get("input")) for e in r.json()["detail"] if e["loc"] == loc} & {
+        "nan", "inf", "-inf", "[1e+308, 'inf']"}, r.json()
 
 
 @pytest.mark.parametrize("query, body, expected", [
@@ -177,6 +206,14 @@ def test_api_key_when_configured(make_settings):
         assert c.get("/classes", headers={"X-API-Key": "s3cret"}).status_code == 200
         assert c.post("/generate?class=cat&n=1").status_code == 401
         assert c.get("/healthz").status_code == 200  # probes stay open
+        spec = c.get("/openapi.json")  # the API's description stays open, as README says ...
+        assert spec.status_code == 200 and c.get("/docs").status_code == 200
+        health = {r.path for r in health_router.routes}
+        params = {"job_id": uuid.uuid4().hex, "i": "0", "name": "accuracy"}
+        for path, methods in spec.json()["paths"].items():  # ... and every route but the probes needs the key
+            for method in methods:
+                code = c.request(method, path.format(**params)).status_code
+                assert (code != 401) if path in health else code == 401, (method, path, code)
 
 
 def test_classes_and_models_come_from_the_checkpoint(idle, tiny_checkpoint):
@@ -220,5 +257,14 @@ def test_openapi_documents_every_route_with_examples(idle):
     assert spec["components"]["schemas"]["EvaluationJob"]["examples"]
     evaluation = spec["paths"]["/evaluations"]["post"]
     assert evaluation["requestBody"]["content"]["application/json"]["examples"]
+    # the guidance interval is documented as what a client sends: 'lo,hi', 'all', [lo, hi] or null
+    for body in ("GenerateBody", "EvaluationBody"):
+        interval = spec["components"]["schemas"][body]["properties"]["guidance_interval"]
+        assert sorted(t["type"] for t in interval["anyOf"]) == ["array", "null", "string"], interval
+        assert interval["description"].startswith("guide only the steps")
+    example = gen["requestBody"]["content"]["application/json"]["examples"]
+    sent = next(iter(example.values()))["value"] if isinstance(example, dict) else example[0]
+    assert isinstance(sent["guidance_interval"], str)
+    assert idle.post("/generate", json=sent).status_code == 202  # the documented example is accepted
     plot = spec["paths"]["/jobs/{job_id}/plots/{name}.png"]["get"]
     assert all(p.get("examples") or p["schema"].get("examples") for p in plot["parameters"])
