@@ -36,6 +36,14 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
 """
 
+# KEYS: record.  ARGV: field, value, ...  Only an existing record: a job forgotten at submit (its message
+# reached the broker after all) must not come back as a record without a status.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 
 class QueueFull(Exception):
     """As many jobs are queued as the service allows."""
@@ -67,6 +75,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "dreamdata"):
         self.r, self.prefix = client, prefix
         self._create = client.register_script(_CREATE)
+        self._update = client.register_script(_UPDATE)
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -87,8 +96,10 @@ class JobStore:
             raise QueueFull(f"{max_queued} jobs are queued already; try again later")
 
     def get(self, job_id: str) -> dict | None:
+        """The record, or None for an unknown job (or a remnant without a status, which no job has)."""
         raw = self.r.hgetall(self.key(job_id))
-        return {k.decode(): json.loads(v) for k, v in raw.items()} if raw else None
+        record = {k.decode(): json.loads(v) for k, v in raw.items()}
+        return record if "status" in record else None
 
     def recent(self, limit: int = 20, status: str | None = None) -> list[dict]:
         """Newest first; with ``status``, only jobs in that status (scans at most 1000 recent ids)."""
@@ -127,9 +138,10 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.key(job_id) + ":cancel"))
 
-    def update(self, job_id: str, **fields: Any) -> None:
-        """Set some fields (progress, output ...) of an existing record."""
-        self.r.hset(self.key(job_id), mapping=dict(_pairs(dict(fields, updated_at=time.time()))))
+    def update(self, job_id: str, **fields: Any) -> bool:
+        """Set some fields (progress, output ...) of an existing record; False (and nothing written) if there is
+        none."""
+        return bool(self._update(keys=[self.key(job_id)], args=_flatten(dict(fields, updated_at=time.time()))))
 
     def transition(self, job_id: str, allowed: Iterable[str], fields: dict) -> dict | None:
         """Atomically apply ``fields`` if the status is in ``allowed``; returns the old record, else None.

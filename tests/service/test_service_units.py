@@ -81,6 +81,20 @@ def test_store_queue_position_cancel_and_limits(settings):
     assert store.get(new_job_id()) is None
 
 
+def test_progress_of_a_forgotten_job_does_not_bring_its_record_back(settings):
+    """The API forgets a job whose message it could not send; if the message got through after all, the
+    worker's progress writes must not leave a record without a status (GET /jobs/{id} would be a 500)."""
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    job_id = new_job_id()
+    store.create(new_record(job_id, {"steps": 2}, 1, 2), max_queued=3)
+    assert store.update(job_id, progress=0.5) is True and store.get(job_id)["progress"] == 0.5
+    store.forget(job_id)
+    assert store.update(job_id, progress=0.75, step=1) is False
+    assert store.get(job_id) is None and not store.r.exists(store.key(job_id))
+    store.r.hset(store.key(job_id), "progress", "1.0")  # a remnant written before this rule: still no job
+    assert store.get(job_id) is None
+
+
 def test_progress_is_throttled_monotonic_and_cancels():
     now = [0.0]
     writes, cancel = [], [False]
