@@ -10,12 +10,16 @@
 Image i of a request gets seed ``base_seed + i``; images are produced in batches and written as
 they come, so memory holds at most one batch. Images already on disk (a previous attempt that
 crashed) are skipped one by one: the same seed gives the same image whichever batch it lands in,
-so a retried job completes with the same files.
+so a retried job completes with the same files. An image on disk whose metadata says it was made
+otherwise (another checkpoint or precision, say: the attempt ran on another worker) is made again, so
+the manifest is true of every image.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -33,6 +37,8 @@ from diffusion.spec import (DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, draw_seed,  # 
                             format_guidance_interval, resolve_class)
 
 from .plots import image_grid, to_uint8
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 GRID_PER_CLASS = 10
@@ -91,14 +97,51 @@ def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageS
     return specs
 
 
+def tmp_path(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: a name of this process and thread only, so two
+    writers of the same file (two jobs filling one synthetic-set cache entry) never share a temporary file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
+def _image_meta(common: dict, spec: ImageSpec, class_names: Sequence[str], checkpoint_sha256: str) -> dict:
+    """The PNG text metadata of one image."""
+    return dict(common, **{"class": class_names[spec.class_index], "class_index": spec.class_index,
+                           "seed": spec.seed, "checkpoint_sha256": checkpoint_sha256})
+
+
 def _write_png(path: Path, img: torch.Tensor, meta: dict) -> None:
     """img: [3, H, W] uint8.  Written atomically so a crash never leaves a truncated file."""
     info = PngImagePlugin.PngInfo()
     for k, v in meta.items():
         info.add_text(k, str(v))
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp, format="PNG", pnginfo=info)
     tmp.replace(path)
+
+
+def drop_stale_images(out: Path, specs: Sequence[ImageSpec], common: dict, class_names: Sequence[str],
+                      checkpoint_sha256: str) -> int:
+    """Delete the images of ``specs`` on disk under ``out`` whose PNG metadata differs from what this call
+    would write (an earlier attempt with another checkpoint, precision or sampler), so they are made again;
+    returns how many."""
+    stale = 0
+    for s in specs:
+        f = out / s.file
+        if not f.exists():
+            continue
+        want = {k: str(v) for k, v in _image_meta(common, s, class_names, checkpoint_sha256).items()}
+        try:
+            with Image.open(f) as im:
+                have = {k: im.text.get(k) for k in want}
+        except (OSError, ValueError):  # unreadable: made again too
+            have = {}
+        if have != want:
+            f.unlink(missing_ok=True)
+            stale += 1
+    if stale:
+        log.warning("%d of %d images in %s were made with other settings (another checkpoint or precision?): "
+                    "making them again", stale, len(specs), out)
+    return stale
 
 
 def progress_fraction(done: int, total: int, step: int, steps: int, batch_size: int) -> float:
@@ -163,8 +206,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
                       guidance_interval=settings.guidance_interval, autocast=autocast, progress=on_step)
         imgs = to_uint8(x.cpu())
         for s, img in zip(batch, imgs):
-            _write_png(out / s.file, img, dict(common, **{"class": names[s.class_index], "class_index": s.class_index,
-                                                          "seed": s.seed, "checkpoint_sha256": ckpt.sha256}))
+            _write_png(out / s.file, img, _image_meta(common, s, names, ckpt.sha256))
         if on_batch:
             on_batch(len(batch), time.perf_counter() - t0)
         done += len(batch)
@@ -191,6 +233,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
         autocast = sampling_autocast(ckpt)
     common = _common_meta(settings, autocast)
     t0 = time.perf_counter()
+    drop_stale_images(out, specs, common, names, ckpt.sha256)
     sample_specs(ckpt, specs, out, settings=settings, batch_size=batch_size, autocast=autocast, progress=progress,
                  sample_fn=sample_fn)
     manifest = {
@@ -206,7 +249,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
     write_grid(out, specs, class_counts)
     if make_zip:
         write_zip(out, specs)
-    tmp = out / "manifest.json.tmp"
+    tmp = tmp_path(out / "manifest.json")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(out / "manifest.json")
     return manifest
@@ -224,12 +267,14 @@ def write_grid(out: Path, specs: Sequence[ImageSpec], class_counts: Sequence[tup
                 for s in mine]
         blank = torch.full_like(imgs[0], 255)
         rows.extend(imgs + [blank] * (per - len(imgs)))
-    image_grid(torch.stack(rows), nrow=per).save(out / "grid.png")
+    tmp = tmp_path(out / "grid.png")
+    image_grid(torch.stack(rows), nrow=per).save(tmp, format="PNG")
+    tmp.replace(out / "grid.png")
 
 
 def write_zip(out: Path, specs: Sequence[ImageSpec]) -> Path:
     """images.zip with every image (PNG is already compressed: stored, not deflated)."""
-    tmp = out / "images.zip.tmp"
+    tmp = tmp_path(out / "images.zip")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         for s in specs:
             z.write(out / s.file, arcname=s.file)

@@ -46,7 +46,7 @@ from diffusion.samplers import SamplerSettings, sample
 from diffusion.spec import format_guidance_interval
 
 from .data import LabelledImages, default_cache_dir
-from .generate import ImageSpec, progress_fraction, sample_specs, sampling_autocast, write_grid
+from .generate import ImageSpec, progress_fraction, sample_specs, sampling_autocast, tmp_path, write_grid
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def sampling_time(folder: Path) -> dict:
 def _add_time(folder: Path, images: int, seconds: float) -> None:
     t = sampling_time(folder)
     t = {"images": t.get("images", 0) + images, "seconds": round(t.get("seconds", 0.0) + seconds, 3)}
-    tmp = folder / f"timing.json.{os.getpid()}.tmp"
+    tmp = tmp_path(folder / "timing.json")
     tmp.write_text(json.dumps(t) + "\n")
     tmp.replace(folder / "timing.json")
 

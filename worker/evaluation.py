@@ -17,7 +17,7 @@ from pathlib import Path
 from training.evaluate import RUNS_DIR, EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
-from .generation import record_canceled, record_failed, start_job, worker_model, write_json
+from .generation import not_run, record_canceled, record_failed, start_job, worker_model, write_json
 from .jobs import RUNNING, SUCCEEDED, JobStore
 from .progress import JobCanceled, StageProgress
 from .settings import Settings
@@ -40,14 +40,23 @@ def evaluation_settings(request: dict, settings: Settings) -> EvaluationSettings
 
 
 def publish(report: dict, out: Path) -> None:
-    """Rewrite report.json and report.md with names in place of server paths (the plots hold none)."""
+    """Rewrite report.json and report.md with names in place of server paths (the plots hold none).
+
+    report.md links its plots where the API serves them beside it: ``/jobs/{id}/plots/<name>.png`` from
+    ``/jobs/{id}/report.md``."""
     s = report["settings"]
     s["data"] = report["data"]["source"] = Path(s["data"]).name
     s["checkpoint"] = Path(s["checkpoint"]).name
     s["cache_dir"] = None
     report["synthetic"]["cache_dir"] = Path(report["synthetic"]["cache_dir"]).name
-    (out / report["files"]["report_md"]).write_text(markdown(report))
-    write_json(out / report["files"]["report_json"], report)
+    files = report["files"]
+
+    def served(f: str) -> str:
+        return f"plots/{Path(f).name}"
+    links = dict(files, accuracy=served(files["accuracy"]), per_class=served(files["per_class"]),
+                 confusion={arm: served(f) for arm, f in files["confusion"].items()})
+    (out / files["report_md"]).write_text(markdown(dict(report, files=links)))
+    write_json(out / files["report_json"], report)
 
 
 def plot_names(files: dict) -> list[str]:
@@ -74,12 +83,10 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     is already finished, canceled or unknown is skipped; one delivered again keeps its finished training
     runs (``training.evaluate`` resumes) and writes its report anew.
     """
+    out = settings.jobs_dir / job_id
     rec = start_job(store, job_id, settings, worker)
     if rec is None or rec["status"] != RUNNING:
-        status = rec["status"] if rec else "skipped"
-        log.info("evaluation %s not run: %s", job_id, status)
-        return {"id": job_id, "status": status}
-    out = settings.jobs_dir / job_id
+        return not_run(job_id, rec, out, "evaluation")
     try:
         config = evaluation_settings(request, settings)
         ckpt = worker_model(settings)

@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from diffusion.checkpoint import Checkpoint, load_for_sampling
 from diffusion.spec import SamplerSettings, requested_precision
-from training.generate import generate_to_dir, resolve_class
+from training.generate import generate_to_dir, resolve_class, tmp_path
 
 from .batching import BatchingSampler
 from .jobs import ACTIVE, CANCELED, FAILED, RUNNING, SUCCEEDED, JobStore
@@ -91,6 +91,18 @@ def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:
     return {"id": job_id, "status": CANCELED}
 
 
+def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
+    """A delivery that ``start_job`` did not turn into a run (the job is finished, canceled or unknown).
+
+    A canceled job keeps no files: a cancel asked for while its worker was down is applied here, at the
+    next delivery, after that worker had written some (as :func:`record_canceled` drops them)."""
+    status = rec["status"] if rec else "skipped"
+    if status == CANCELED:
+        shutil.rmtree(out, ignore_errors=True)
+    log.info("%s %s not run: %s", what, job_id, status)
+    return {"id": job_id, "status": status}
+
+
 def record_failed(store: JobStore, job_id: str, exc: BaseException, time_limit: int) -> None:
     """A run that raised: mark the job failed with the message a user sees (the caller re-raises)."""
     store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
@@ -129,12 +141,10 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     ``request``: {"classes": {name: n, ...}, "sampler", "steps", "guidance", "guidance_interval", "seed"} (as
     validated by the API). A job that is already finished, canceled or unknown is skipped.
     """
+    out = settings.jobs_dir / job_id
     rec = start_job(store, job_id, settings, worker)
     if rec is None or rec["status"] != RUNNING:
-        status = rec["status"] if rec else "skipped"
-        log.info("job %s not run: %s", job_id, status)
-        return {"id": job_id, "status": status}
-    out = settings.jobs_dir / job_id
+        return not_run(job_id, rec, out, "job")
     try:
         ckpt = worker_model(settings)
         counts = [(resolve_class(name, ckpt.class_names), int(n)) for name, n in request["classes"].items()]
@@ -170,6 +180,6 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     tmp.replace(path)

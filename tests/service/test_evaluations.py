@@ -6,8 +6,10 @@ images per class) with synthetic images from the width-8 checkpoint: a few secon
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import get_args
+from urllib.parse import urljoin
 
 import pytest
 
@@ -112,6 +114,11 @@ def test_evaluation_end_to_end(client, worker, settings, eval_data):
     md = client.get(out["report_md"])
     assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown")
     assert md.text.startswith("# Augmentation experiment")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.text)
+    assert len(links) == len(PLOTS)
+    for link in links:  # the plots load from where the served report.md links them
+        got = client.get(urljoin(out["report_md"], link))
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png", link
     for text in (served.text, md.text):  # names, never server paths
         assert str(eval_data) not in text and str(settings.data_dir.resolve()) not in text
     assert sorted(out["plots"]) == sorted(PLOTS)

@@ -116,6 +116,23 @@ def test_redelivered_job_resumes_and_gives_up_after_max_attempts(store, body_set
     assert "gave up" in store.get(job_id)["error"]
 
 
+def test_a_cancel_asked_for_while_the_worker_was_down_drops_the_crashed_attempts_images(store, body_settings):
+    job_id = _submit(store)
+    run_generation(job_id, REQUEST, store=store, settings=body_settings)
+    out = body_settings.jobs_dir / job_id
+    (out / "images" / "00004.png").unlink()       # the worker died during the last batch ...
+    store.update(job_id, status="running")
+    store.request_cancel(job_id)                   # ... and the user canceled before it came back
+    assert store.get(job_id)["status"] == "running"
+    assert run_generation(job_id, REQUEST, store=store, settings=body_settings)["status"] == "canceled"
+    assert store.get(job_id)["status"] == "canceled" and not out.exists()  # no images of a canceled job
+    # a finished job delivered again keeps its files
+    done = _submit(store)
+    run_generation(done, REQUEST, store=store, settings=body_settings)
+    assert run_generation(done, REQUEST, store=store, settings=body_settings)["status"] == "succeeded"
+    assert len(list((body_settings.jobs_dir / done / "images").iterdir())) == 5
+
+
 def test_unknown_job_is_skipped(store, body_settings):
     assert run_generation(new_job_id(), REQUEST, store=store, settings=body_settings)["status"] == "skipped"
 
