@@ -60,6 +60,14 @@ class LabelledImages:
         keep = torch.cat(keep).sort().values
         return LabelledImages(self.images[keep], self.labels[keep], self.class_names, self.source)
 
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the pixels, labels and class names: the set's content, wherever it lies."""
+        h = hashlib.sha256()
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        h.update("|".join(self.class_names).encode())
+        return h.hexdigest()[:16]
+
 
 EXPECTED = (
     "expected one of: a .tar.gz of an ImageFolder tree (e.g. cifar10/train/<class>/*.jpg), "

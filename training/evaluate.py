@@ -32,8 +32,8 @@ Writes ``report.json``, ``report.md`` and PNG plots into ``out_dir`` (see ``eval
 
 Resuming: every finished training run (one arm, one seed) is saved at once as
 ``out_dir/runs/<arm>-seed<s>.json`` with a key of everything that decides its result (the settings,
-the checkpoint's and the synthetic set's identity, the classifier's training settings, the device
-type). A run of the same experiment into the same ``out_dir``, after a crash, a kill or a worker
+the data set's content, the checkpoint's and the synthetic set's identity, the classifier's width and
+training settings, the device type). A run of the same experiment into the same ``out_dir``, after a crash, a kill or a worker
 redelivery, reuses the runs whose key matches and trains only the rest; ``resume=False`` (CLI
 ``--restart``) trains everything again. Runs are seeded end to end, so on one machine a resumed
 report equals an uninterrupted one; runs finished on another machine keep that machine's numbers
@@ -77,7 +77,7 @@ ProgressFn = Callable[[float, str], None]  # (fraction done 0..1, message); may 
 RUNS_DIR = "runs"  # under out_dir: one JSON per finished training run (arm, seed), for resuming
 # Settings that do not change a training run's result, or that enter its key in another form
 # (checkpoint and cache_dir: the checkpoint's sha256 and the synthetic set's folder name).
-_NOT_IN_RUN_KEY = ("checkpoint", "cache_dir", "device", "precision", "sample_batch_size", "seeds")
+_NOT_IN_RUN_KEY = ("data", "checkpoint", "cache_dir", "device", "precision", "sample_batch_size", "seeds")
 
 
 @dataclass(frozen=True)
@@ -163,12 +163,17 @@ def _arm_data(arm: str, real: LabelledImages, synth: LabelledImages) -> tuple[to
     return torch.cat([real.images, synth.images]), torch.cat([real.labels, synth.labels])
 
 
-def run_key(settings: EvaluationSettings, *, checkpoint_sha256: str, synthetic_set: str, train_settings: dict,
-            device: torch.device, arm: str, seed: int) -> str:
-    """A digest of everything that decides the result of training ``arm`` with ``seed`` (module docstring)."""
+def run_key(settings: EvaluationSettings, *, data_fingerprint: str, width: int, checkpoint_sha256: str,
+            synthetic_set: str, train_settings: dict, device: torch.device, arm: str, seed: int) -> str:
+    """A digest of everything that decides the result of training ``arm`` with ``seed`` (module docstring).
+
+    The data set counts by its content (``data_fingerprint``: train and test split), not its path, so a set
+    rebuilt at the same path trains again and one moved elsewhere does not; ``width`` is the classifier's
+    actual width (the setting may be None, the default)."""
     parts = {k: v for k, v in settings.to_dict().items() if k not in _NOT_IN_RUN_KEY}
-    parts.update(checkpoint_sha256=checkpoint_sha256, synthetic_set=synthetic_set, train_settings=train_settings,
-                 device_type=device.type, arm=arm, seed=seed)
+    parts.update(data_fingerprint=data_fingerprint, width=width, checkpoint_sha256=checkpoint_sha256,
+                 synthetic_set=synthetic_set, train_settings=train_settings, device_type=device.type, arm=arm,
+                 seed=seed)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -238,6 +243,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
     if tuple(train.class_names) != tuple(test.class_names):
         raise ValueError(f"train classes {list(train.class_names)} differ from test classes {list(test.class_names)}")
     names = tuple(train.class_names)
+    data_fingerprint = f"{train.fingerprint()}-{test.fingerprint()}"
 
     gen_share = 0.25
     synth, synth_info = synthetic_images(
@@ -273,7 +279,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
             torch.manual_seed(seed)
             model = build_classifier(settings.classifier, len(names), settings.width)
         params = count_parameters(model)
-        key = run_key(settings, checkpoint_sha256=synth_info["checkpoint_sha256"],
+        key = run_key(settings, data_fingerprint=data_fingerprint, width=model.width,
+                      checkpoint_sha256=synth_info["checkpoint_sha256"],
                       synthetic_set=Path(synth_info["cache_dir"]).name, train_settings=tset.to_dict(),
                       device=device, arm=arm, seed=seed)
         run = load_run(out, arm, seed, key) if resume else None

@@ -21,7 +21,6 @@ distance is also computed on Inception v3 pool3 features (test statistics cached
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,22 +47,13 @@ from .synthetic_cache import ProgressFn, align_classes, synthetic_images
 log = logging.getLogger(__name__)
 
 
-def fingerprint(ds: LabelledImages) -> str:
-    """sha256 (16 hex digits) of a data set's pixels, labels and class names."""
-    h = hashlib.sha256()
-    h.update(ds.images.contiguous().numpy().tobytes())
-    h.update(ds.labels.numpy().tobytes())
-    h.update("|".join(ds.class_names).encode())
-    return h.hexdigest()[:16]
-
-
 def real_data_classifier(train: LabelledImages, *, kind: ClassifierKind = "cnn", width: int | None = None,
                          epochs: int = 10, seed: int = 0, cache_dir: str | os.PathLike | None = None,
                          device: str | torch.device = "cpu", test: LabelledImages | None = None,
                          show_bar: bool = True) -> tuple[torch.nn.Module, dict]:
     """A classifier trained on all of ``train``, from the cache or trained into it; returns (model, info)."""
     width = width or DEFAULT_WIDTH[kind]
-    fp = fingerprint(train)
+    fp = train.fingerprint()
     folder = Path(cache_dir or default_cache_dir()) / "feature-classifier" / f"{kind}-w{width}-e{epochs}-seed{seed}-{fp}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -180,7 +170,7 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
     if s.inception_weights:
         inception = load_inception(s.inception_weights, device)
         wsha = file_sha256(Path(s.inception_weights))[:16]
-        stats_file = cache_dir / "inception-stats" / f"{fingerprint(test)}-{wsha}.pt"
+        stats_file = cache_dir / "inception-stats" / f"{test.fingerprint()}-{wsha}.pt"
         if stats_file.exists():
             d = torch.load(stats_file, weights_only=True)
             inc_stats = (d["mu"], d["sigma"])

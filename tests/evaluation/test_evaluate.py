@@ -201,3 +201,29 @@ def test_a_stopped_evaluation_resumes_from_its_saved_runs(data_tar, tiny_checkpo
     assert run_evaluation(settings, tmp_path / "cut", show_bars=False)["arms"]["real+synthetic"]["accuracies"] == \
         whole["arms"]["real+synthetic"]["accuracies"]
     assert trained == ["real+synthetic seed 1"]
+
+
+def test_saved_runs_are_keyed_by_the_data_sets_content_not_its_path(data_tar, tiny_checkpoint, cache_dir, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+
+    import training.evaluate as evaluate
+    from tests.evaluation.conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, write_tar
+
+    trained = []
+    real_train = evaluate.train_classifier
+    monkeypatch.setattr(evaluate, "train_classifier",
+                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    data = shutil.copy(data_tar, tmp_path / "data.tar.gz")
+    settings = EvaluationSettings(data=str(data), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
+                                  synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0,), steps=2,
+                                  guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
+    run_evaluation(settings, tmp_path / "out", show_bars=False)
+    assert len(trained) == 3
+    moved = shutil.move(data, tmp_path / "elsewhere.tar.gz")  # the same images under another name: reused
+    trained.clear()
+    assert len(run_evaluation(replace(settings, data=str(moved)), tmp_path / "out",
+                              show_bars=False)["runs"]["reused"]) == 3 and trained == []
+    # other images at the first path (the data set rebuilt): trained again, not mixed into one report
+    write_tar(tmp_path / "data.tar.gz", {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS}, seed=1)
+    assert run_evaluation(settings, tmp_path / "out", show_bars=False)["runs"]["reused"] == [] and len(trained) == 3
