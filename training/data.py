@@ -106,6 +106,8 @@ def _split_members(names: list[str], split: str) -> dict[str, list[str]]:
         return by_class
     if any(len(Path(n).parts) >= 3 and Path(n).parts[-3] in ("train", "test") for n in names):
         return {}  # split folders exist but not this one
+    if split == "test":
+        return {}  # a flat <root>/<class>/ tree is training data only: never test on the images trained on
     for n in names:
         if n.lower().endswith(IMAGE_EXTS) and len(Path(n).parts) >= 2:
             by_class.setdefault(Path(n).parts[-2], []).append(n)
@@ -161,7 +163,10 @@ def _decode_tree(source: Path, names: list[str], read, split: str, image_size: i
     """Decode the ImageFolder tree among ``names`` (``read(name) -> bytes``); classes in sorted order."""
     by_class = _split_members(names, split)
     if not by_class:
-        raise DatasetError(f"{source}: no images found for split {split!r}; {EXPECTED}")
+        flat = split == "test" and _split_members(names, "train")
+        raise DatasetError(f"{source}: no images found for split {split!r}"
+                           + (" (a <root>/<class>/ tree without train/ and test/ folders is training data only: "
+                              "a test split needs <root>/test/<class>/)" if flat else "") + f"; {EXPECTED}")
     classes = tuple(sorted(by_class))
     arrays, labels = [], []
     for ci, c in enumerate(classes):
@@ -174,7 +179,10 @@ def _decode_tree(source: Path, names: list[str], read, split: str, image_size: i
 
 def _cache_key(path: Path, split: str, image_size: int | None) -> str:
     st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{split}|{image_size}|v1"
+    # nanosecond mtime, inode and ctime too: a tar re-packed to the same size within the same second, or copied
+    # with its old mtime (cp -p, rsync -t), must not be served from the old decode (ctime cannot be set back)
+    raw = (f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}|{split}|{image_size}"
+           f"|v2")
     if path.is_dir():
         # A directory's own mtime does not change when files inside its sub-folders are added,
         # removed or rewritten: fingerprint every file, or a stale cache would be served.

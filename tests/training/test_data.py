@@ -73,6 +73,13 @@ def test_image_folder(image_folder3):
     _check(ds, TRAIN_PER_CLASS)
 
 
+def test_a_flat_tree_has_no_test_split(image_folder3):
+    """A <root>/<class>/ tree is training data only: its "test" split used to be the training images."""
+    assert len(load_dataset(image_folder3, "train")) == 12
+    with pytest.raises(DatasetError, match="(?s)no images found for split 'test'.*training data only"):
+        load_dataset(image_folder3, "test")
+
+
 def test_image_folder_with_split_folders(tmp_path, three_class_train, three_class_test):
     root = tmp_path / "split"
     write_image_folder(root / "train", three_class_train)
@@ -115,6 +122,26 @@ def test_cache_dir_argument_and_image_folder_change_invalidates(image_folder3, t
     extra = make_images(("apple",), 1, offset=9)
     (image_folder3 / "apple" / "9999.png").write_bytes(encode(extra["apple"][0], "PNG"))
     assert len(load_dataset(image_folder3, cache_dir=cache)) == 13
+
+
+def test_a_tar_rewritten_to_the_same_size_and_mtime_is_decoded_again(tmp_path, three_class_train):
+    """Re-packed with the classes swapped (same bytes in all, same size) and given the old mtime back, as
+    ``cp -p`` or ``rsync -t`` would: the old decode must not be served."""
+    import os
+
+    cache = tmp_path / "cache"
+    tar = write_tar(tmp_path / "d.tar", three_class_train)
+    first = load_dataset(tar, cache_dir=cache)
+    st = os.stat(tar)
+    swapped = {"apple": three_class_train["zebra"], "mango": three_class_train["mango"],
+               "zebra": three_class_train["apple"]}
+    tmp = write_tar(tmp_path / "d2.tar", swapped)
+    assert os.stat(tmp).st_size == st.st_size
+    os.replace(tmp, tar)
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = load_dataset(tar, cache_dir=cache)
+    assert not torch.equal(first.images, second.images)
+    assert torch.equal(second.images, data_mod._from_tar(tar, "train", 32).images)
 
 
 def test_unwritable_cache_does_not_stop_loading(image_folder3, tmp_path):
