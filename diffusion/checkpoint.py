@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from .precision import PrecisionChoice, choose_precision
 from .schedules import NoiseSchedule, ScheduleConfig
@@ -131,13 +132,21 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{d}: missing {WEIGHTS_FILE}")
-    unet_cfg = UNetConfig.from_dict(cfg["unet"])
-    model = UNet(unet_cfg)
     try:
-        model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+        unet_cfg = UNetConfig.from_dict(cfg["unet"])
+        schedule = NoiseSchedule(ScheduleConfig(**cfg["schedule"]))
+    except (TypeError, ValueError) as e:  # unknown or mistyped keys, an unknown schedule name
+        raise CheckpointError(f"{d / CONFIG_FILE}: invalid model or schedule config: {e}") from e
+    class_names = tuple(cfg["class_names"])
+    if len(class_names) != unet_cfg.num_classes:
+        raise CheckpointError(f"{d / CONFIG_FILE}: {len(class_names)} class names for a model with "
+                              f"{unet_cfg.num_classes} classes")
+    model = UNet(unet_cfg)
+    # One read: the sha256 is of the very bytes loaded, even if a training run rewrites the file meanwhile.
+    blob = weights.read_bytes()
+    try:
+        model.load_state_dict(load_safetensors(blob), strict=True)
     except (RuntimeError, SafetensorError) as e:  # missing/extra/mis-shaped tensors, unreadable file
         raise CheckpointError(f"{weights}: weights do not match {CONFIG_FILE} or are unreadable: {e}") from e
     model.to(device).eval().requires_grad_(False)
-    schedule = NoiseSchedule(ScheduleConfig(**cfg["schedule"]))
-    return Checkpoint(model, schedule, tuple(cfg["class_names"]), cfg.get("provenance", {}), d,
-                      file_sha256(weights))
+    return Checkpoint(model, schedule, class_names, cfg.get("provenance", {}), d, hashlib.sha256(blob).hexdigest())

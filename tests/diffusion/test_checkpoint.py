@@ -194,9 +194,35 @@ def test_weights_missing_a_tensor(ckpt):
 
 def test_weights_of_another_architecture(ckpt):
     unet = read_config(ckpt)["unet"]
-    edit_config(ckpt, unet={**unet, "num_classes": 5})  # class_emb has 4 rows in the file, 6 expected
+    # class_emb has 4 rows in the file, 6 expected
+    edit_config(ckpt, unet={**unet, "num_classes": 5}, class_names=["a", "b", "c", "d", "e"])
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(ckpt)
+
+
+def test_class_names_must_match_the_models_classes(ckpt):
+    unet = read_config(ckpt)["unet"]
+    edit_config(ckpt, unet={**unet, "num_classes": 5})
+    with pytest.raises(CheckpointError, match="3 class names for a model with 5 classes"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"schedule": {"name": "sigmoid", "timesteps": 1000}}, "unknown beta schedule 'sigmoid'"),
+    ({"schedule": {"name": "linear", "steps": 1000}}, "invalid model or schedule config"),
+    ({"unet": {"base_chanels": 8}}, "unknown UNet config keys"),
+])
+def test_a_bad_model_or_schedule_config_is_a_checkpoint_error(ckpt, change, words):
+    if "unet" in change:
+        change = {"unet": {**read_config(ckpt)["unet"], **change["unet"]}}
+    edit_config(ckpt, **change)
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(ckpt)
+
+
+def test_the_sha256_is_of_the_bytes_loaded(ckpt):
+    loaded = load_checkpoint(ckpt)
+    assert loaded.sha256 == hashlib.sha256((ckpt / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def test_corrupt_weights_file(ckpt):
