@@ -3,7 +3,8 @@
 Schedules are computed in float64 and cast on use. Named schedules may be added but a
 shipped name never changes meaning (checkpoints refer to them by name).
 
-- ``linear``: Ho et al. 2020, beta_1 = 1e-4 ... beta_T = 0.02, T = 1000.
+- ``linear``: Ho et al. 2020, beta_1 = 1e-4 ... beta_T = 0.02, T = 1000 (scaled by 1000/T for other T,
+  clipped at 0.999).
 - ``cosine``: Nichol & Dhariwal 2021, abar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008,
   betas clipped at 0.999.
 """
@@ -30,10 +31,14 @@ class ScheduleConfig:
 
 def make_betas(name: str, timesteps: int) -> torch.Tensor:
     """betas: [T] float64, index t-1 holds beta_t."""
+    if not isinstance(timesteps, int) or timesteps < 1:
+        raise ValueError(f"a schedule needs at least 1 timestep, got {timesteps!r}")
     if name == "linear":
-        # Scaled so T=1000 gives exactly Ho et al.'s 1e-4 .. 0.02 (improved-diffusion convention).
+        # Scaled so T=1000 gives exactly Ho et al.'s 1e-4 .. 0.02 (improved-diffusion convention).  Clipped at
+        # 0.999 as cosine is: only T <= 20 reaches it (beta_T = 20/T), where a beta of 1 or more made abar_T
+        # zero or negative and the noise levels NaN.
         scale = 1000.0 / timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
     if name == "cosine":
         s = 0.008
         t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps

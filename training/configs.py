@@ -5,8 +5,27 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from diffusion.schedules import ScheduleConfig
+from diffusion.schedules import ScheduleConfig, make_betas
 from diffusion.unet import UNET_CONFIGS, UNetConfig
+
+
+CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _schedule(value: object) -> ScheduleConfig:
+    """A config's schedule: a name (``"cosine"``, 1000 timesteps) or ``{"name", "timesteps"}``; checked now, so a
+    bad one is a ValueError before training starts."""
+    try:
+        if isinstance(value, str):
+            value = ScheduleConfig(value)
+        elif isinstance(value, dict):
+            value = ScheduleConfig(**value)
+        if not isinstance(value, ScheduleConfig):
+            raise TypeError(f"expected a name or {{'name', 'timesteps'}}, got {value!r}")
+        make_betas(value.name, value.timesteps)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad schedule in training config: {e}") from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -33,6 +52,12 @@ class TrainConfig:
     seed: int = 0
     checkpoint_dtype: str = "float32"  # EMA weights in checkpoint/: float32 or float16 (half the size)
 
+    def __post_init__(self):
+        # checked now: a typo would otherwise surface only at the first checkpoint write, thousands of steps in
+        if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
+            raise ValueError(f"checkpoint_dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, "
+                             f"got {self.checkpoint_dtype!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -48,8 +73,8 @@ class TrainConfig:
             d["unet"] = UNET_CONFIGS[d["unet"]]
         elif isinstance(d.get("unet"), dict):
             d["unet"] = UNetConfig.from_dict(d["unet"])
-        if isinstance(d.get("schedule"), dict):
-            d["schedule"] = ScheduleConfig(**d["schedule"])
+        if "schedule" in d:
+            d["schedule"] = _schedule(d["schedule"])
         return cls(**d)
 
 

@@ -122,7 +122,8 @@ class _Dist:
 
 
 def _save_state(path: Path, model, ema, opt, step: int, images_seen: int, wall: float, cfg: TrainConfig,
-                gen: torch.Generator, perm: torch.Tensor | None = None, pos: int = 0) -> None:
+                gen: torch.Generator, perm: torch.Tensor | None = None, pos: int = 0,
+                device: torch.device | None = None) -> None:
     state = {
         "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
         "step": step, "images_seen": images_seen, "wall_time_s": wall,
@@ -130,6 +131,8 @@ def _save_state(path: Path, model, ema, opt, step: int, images_seen: int, wall: 
     }
     if perm is not None:  # the epoch's data order and position in it, for an exact resume mid-epoch
         state["perm"], state["pos"] = perm, pos
+    if device is not None and device.type == "cuda":  # dropout and noise drawn on the GPU use its own stream
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -194,6 +197,8 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
             # RNG states must be CPU ByteTensors (map_location may have moved them to the GPU).
             torch.set_rng_state(st["rng_torch"].cpu())
             gen.set_state(st["rng_data"].cpu())
+            if "rng_cuda" in st and device.type == "cuda":
+                torch.cuda.set_rng_state(st["rng_cuda"].cpu(), device)
             if "perm" in st and len(st["perm"]) == len(ds.labels):
                 perm, pos = st["perm"].cpu(), int(st["pos"])
         else:
@@ -231,7 +236,7 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                     trained_until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         save_checkpoint(out / "checkpoint", ema, cfg.schedule, ds.class_names, prov,
                         dtype=getattr(torch, cfg.checkpoint_dtype))
-        _save_state(state_path, model, ema, opt, step, images_seen, wall, cfg, gen, perm, pos)
+        _save_state(state_path, model, ema, opt, step, images_seen, wall, cfg, gen, perm, pos, device)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and dd.main), unit="step",
                dynamic_ncols=True)

@@ -85,6 +85,19 @@ def test_q_sample_float64_and_marginal_variance():
     assert xt.var().item() == pytest.approx(1 - a, abs=0.03)
 
 
+@pytest.mark.parametrize("T", [1, 2, 10, 20, 21])
+def test_short_linear_schedules_stay_valid(T):
+    """beta_T = 20/T reached 1 at T = 20 and went past it below (abar_T <= 0, NaN noise levels)."""
+    s = NoiseSchedule(ScheduleConfig("linear", T))
+    assert float(s.betas.max()) <= 0.999 and bool((s.alphas_cumprod > 0).all())
+    assert torch.isfinite(s.q_sample(torch.ones(1, 1), torch.tensor([T - 1]), torch.ones(1, 1))).all()
+
+
+def test_a_schedule_needs_a_timestep():
+    with pytest.raises(ValueError, match="at least 1 timestep"):
+        make_betas("linear", 0)
+
+
 def test_unknown_schedule_name():
     with pytest.raises(ValueError, match="unknown beta schedule 'quadratic'"):
         make_betas("quadratic", 1000)

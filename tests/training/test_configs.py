@@ -67,6 +67,22 @@ def test_bad_json_configs(tmp_path):
         resolve_config(str(p))
 
 
+def test_a_config_is_checked_before_training_starts(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"checkpoint_dtype": "fp16"}))  # used to fail at the first checkpoint, steps in
+    with pytest.raises(ValueError, match="checkpoint_dtype must be one of float32, float16, bfloat16, got 'fp16'"):
+        resolve_config(str(p))
+    p.write_text(json.dumps({"schedule": "cosine"}))  # a name, as "unet" may be
+    assert resolve_config(str(p)).schedule == ScheduleConfig("cosine", 1000)
+    for bad, words in (({"schedule": "sigmoid"}, "unknown beta schedule 'sigmoid'"),
+                       ({"schedule": {"name": "linear", "steps": 10}}, "bad schedule"),
+                       ({"schedule": 3}, "expected a name"),
+                       ({"schedule": {"name": "linear", "timesteps": 0}}, "at least 1 timestep")):
+        p.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=words):
+            resolve_config(str(p))
+
+
 def test_overrides(tmp_path):
     cfg = resolve_config("tiny", max_steps=7, batch_size=4, bf16=False, max_minutes=None, compile=None)
     assert (cfg.max_steps, cfg.batch_size, cfg.bf16) == (7, 4, False)

@@ -151,6 +151,20 @@ def test_the_checkpoint_records_the_precision_it_trained_in(monkeypatch, data10,
                                  progress=False)).provenance["precision"] == "fp32"
 
 
+def test_the_training_state_keeps_the_gpus_random_stream(monkeypatch, tmp_path):
+    """Dropout and noise drawn on a GPU use its own generator: state.pt keeps it for an exact resume there
+    (checked here with a stand-in for torch.cuda; the GPU visit does not resume)."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state)
+    args = (model, model, opt, 3, 24, 1.0, TINY, torch.Generator())
+    train_module._save_state(tmp_path / "gpu.pt", *args, device=torch.device("cuda", 0))
+    assert torch.equal(torch.load(tmp_path / "gpu.pt", weights_only=True)["rng_cuda"], cuda_state)
+    train_module._save_state(tmp_path / "cpu.pt", *args, device=torch.device("cpu"))
+    assert "rng_cuda" not in torch.load(tmp_path / "cpu.pt", weights_only=True)
+
+
 def test_mismatched_class_count_is_a_clear_error(image_folder3, tmp_path):
     with pytest.raises(ValueError, match="data set has 3 classes but the model expects 10"):
         train(FAST, str(image_folder3), tmp_path / "run", progress=False)
