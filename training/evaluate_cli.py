@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
 from .evaluate import BUDGETS, EvaluationSettings, run_evaluation
-from .sample_cli import add_sampler_args
+from .sample_cli import add_sampler_args, arg_type
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -52,7 +52,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=BUDGETS, default="steps",
                    help="what every arm shares: steps (default; the real arm's optimizer steps, equal compute) or "
                         "epochs (each arm makes --epochs passes over its own set, so bigger arms train longer)")
-    p.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
+    p.add_argument("--seeds", type=arg_type(parse_seeds), default=(0, 1, 2), help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
     add_sampler_args(p)
     p.add_argument("--synthetic-seed", type=int, default=0, help="seed base of the synthetic set: image j of class c gets seed S + c x 1,000,000 + j (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampling batch (default 50 on a CPU, 256 on a GPU)")

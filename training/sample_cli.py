@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -18,9 +19,35 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``; ValueError for a device that is not
+    there, before anything is loaded."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no CUDA GPU is available here (use cpu or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: there are {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def arg_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """``parse`` as an argparse ``type=``: its ValueError's own message reaches the user (argparse would say
+    only "invalid <name> value")."""
+    def wrapped(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    wrapped.__name__ = parse.__name__
+    return wrapped
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +58,7 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance,
                    help=f"classifier-free guidance scale w (1 = none; default {d.guidance})")
-    p.add_argument("--guidance-interval", type=parse_guidance_interval, default=d.guidance_interval,
+    p.add_argument("--guidance-interval", type=arg_type(parse_guidance_interval), default=d.guidance_interval,
                    metavar="LO,HI|all",
                    help="guide only the steps whose noise level sigma_t = sqrt((1 - abar_t)/abar_t) is in (LO, HI]; "
                         "'all': every step (default "
@@ -58,10 +85,13 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 def run_sample(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.eta, args.guidance_interval)
+    settings.validate()  # before the model loads (checked again against the checkpoint's timesteps)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     ckpt = load_for_sampling(args.checkpoint or default_checkpoint(), device=device, precision=args.precision)
     classes = resolve_classes(args.classes or ["all"], ckpt.class_names)
-    settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.eta, args.guidance_interval)
     seed = draw_seed() if args.seed is None else args.seed
     total = args.n * len(classes)
     bar = tqdm(total=total, unit="img", dynamic_ncols=True)

@@ -52,9 +52,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 1-65535 (argparse ``type=``)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, not {text!r}")
+    return port
+
+
 def _add_http(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--port", type=port_number, default=8000, help="default 8000")
     p.add_argument("--allow-public", action="store_true",
                    help="allow a non-loopback --host without an API key (something else must guard it)")
 

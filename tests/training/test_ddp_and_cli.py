@@ -138,3 +138,44 @@ def test_train_cli_errors(case, image_folder3, data10, tmp_path, capsys):
     else:
         with pytest.raises(ValueError, match=expected):
             main(argv)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sample", "--guidance-interval", "4,0.28"], "argument --guidance-interval: guidance interval must satisfy 0 <= lo"),
+    (["sample", "--device", "foo"], "unknown device 'foo'; expected auto, cpu, cuda or cuda:N"),
+    (["sample", "--steps", "0"], "steps=0 out of range"),
+    (["sample", "--guidance", "50"], "guidance=50.0 out of range"),
+    (["sample", "--sampler", "ddim", "--eta", "2"], "eta=2.0 out of range 0..1"),
+    (["sample", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["evaluate", "--data", "x", "--seeds", "4-2"], "argument --seeds: expected comma-separated seeds or a rising range"),
+    (["api", "--port", "99999"], "argument --port: a port is a number in 1..65535"),
+])
+def test_bad_cli_input_is_one_line_and_exit_status_2_before_anything_loads(argv, expected, tmp_path, capsys,
+                                                                            monkeypatch):
+    from dreamdata_cli import main
+    from training import sample_cli
+
+    monkeypatch.setattr(sample_cli, "load_for_sampling", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(argv + (["--out", str(out)] if argv[0] in ("sample", "evaluate") else []))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_cuda_device_that_is_not_there_is_a_value_error(monkeypatch):
+    from training.sample_cli import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU is available here"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="there are 2 CUDA GPU"):
+        pick_device("cuda:2")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="only cpu and cuda"):
+        pick_device("meta")
