@@ -138,6 +138,24 @@ def _save_state(path: Path, model, ema, opt, step: int, images_seen: int, wall: 
     tmp.replace(path)
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the log records of steps up to ``step``, where this run starts: a run killed after its last
+    checkpoint had logged steps that the resumed run logs again, and a fresh run starts an empty log (else
+    the loss curve would double back)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (ValueError, AttributeError):  # a line cut short by the kill
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def _sample_grid(ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig, path: Path, autocast: bool) -> None:
     k = ema.config.num_classes
     per = min(10, max(1, 100 // k))
@@ -208,6 +226,10 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
             gen.manual_seed(cfg.seed * 1000 + dd.rank + 7919 * step)
         if dd.main:
             log.info("resumed from %s at step %d (%.1f min trained)", state_path, step, wall / 60)
+            saved, now = json.loads(st["config"]), json.loads(json.dumps(cfg.to_dict()))
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            if changed:  # legitimate for max_steps or max_minutes; worth a look for anything else
+                log.warning("resuming with a config that differs from the saved run's in: %s", ", ".join(changed))
     elif resume and dd.main:
         log.warning("--resume given but %s does not exist; starting fresh", state_path)
 
@@ -226,12 +248,17 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     n_data = len(labels_all)
     if perm is None:
         perm, pos = torch.randperm(n_data, generator=gen), 0
+    if dd.main:
+        _trim_metrics(out / "metrics.jsonl", step)
     metrics_f = open(out / "metrics.jsonl", "a") if dd.main else None
     provenance_base = {"config": cfg.to_dict(), "dataset": str(data), "num_images": n_data,
                        "parameters": count_parameters(model), "world_size": dd.world,
                        "device": device.type, "precision": "bf16" if bf16 else "fp32"}
 
+    written_at = [None]  # the step of the last checkpoint written
+
     def write_checkpoint():
+        written_at[0] = step
         prov = dict(provenance_base, steps=step, images_seen=images_seen, wall_time_s=round(wall, 1),
                     trained_until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         save_checkpoint(out / "checkpoint", ema, cfg.schedule, ds.class_names, prov,
@@ -293,8 +320,9 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                     _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", bf16)
     bar.close()
     if dd.main:
-        write_checkpoint()
-        loss_curve(out / "metrics.jsonl", out / "loss.png")
+        if written_at[0] != step:  # not already written by the loop's last step
+            write_checkpoint()
+            loss_curve(out / "metrics.jsonl", out / "loss.png")
         metrics_f.close()
         log.info("trained %d steps (%.1f min this run)", step, (wall - t_start_wall) / 60)
     if dd.world > 1:

@@ -228,6 +228,24 @@ def test_resume_without_state_starts_fresh(data10, tmp_path, caplog):
     assert _state(out)["step"] == 1
 
 
+def test_a_resumed_run_logs_each_step_once_and_says_what_config_changed(data10, tmp_path, caplog, monkeypatch):
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=2), str(data10), out, progress=False)
+    with open(out / "metrics.jsonl", "a") as f:  # killed after logging steps 3 and 4, before their checkpoint
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n{\"step\": 5, \"lo")
+    train(replace(FAST, max_steps=4, lr=1e-3), str(data10), out, resume=True, progress=False)
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and 9.0 not in [r["loss"] for r in recs]
+    assert "differs from the saved run's in: lr, max_steps" in caplog.text
+    # a fresh run into the same folder starts a fresh log; each checkpoint is written once
+    import training.train as tt
+    writes = []
+    real_save = tt.save_checkpoint
+    monkeypatch.setattr(tt, "save_checkpoint", lambda *a, **k: writes.append(1) or real_save(*a, **k))
+    train(replace(FAST, max_steps=1, checkpoint_every=1), str(data10), out, progress=False)
+    assert [r["step"] for r in _metrics(out)] == [1] and len(writes) == 1
+
+
 def test_resume_from_a_state_without_perm(data10, tmp_path):
     # state.pt files written before perm/pos were saved still resume.
     out = tmp_path / "run"
