@@ -104,9 +104,10 @@ def tmp_path(path: Path) -> Path:
 
 
 def _image_meta(common: dict, spec: ImageSpec, class_names: Sequence[str], checkpoint_sha256: str) -> dict:
-    """The PNG text metadata of one image."""
-    return dict(common, **{"class": class_names[spec.class_index], "class_index": spec.class_index,
+    """The PNG text metadata of one image, as it is written (every value a string)."""
+    meta = dict(common, **{"class": class_names[spec.class_index], "class_index": spec.class_index,
                            "seed": spec.seed, "checkpoint_sha256": checkpoint_sha256})
+    return {k: str(v) for k, v in meta.items()}
 
 
 def _write_png(path: Path, img: torch.Tensor, meta: dict) -> None:
@@ -129,7 +130,7 @@ def drop_stale_images(out: Path, specs: Sequence[ImageSpec], common: dict, class
         f = out / s.file
         if not f.exists():
             continue
-        want = {k: str(v) for k, v in _image_meta(common, s, class_names, checkpoint_sha256).items()}
+        want = _image_meta(common, s, class_names, checkpoint_sha256)
         try:
             with Image.open(f) as im:
                 have = {k: im.text.get(k) for k in want}

@@ -220,7 +220,11 @@ def test_a_bad_model_or_schedule_config_is_a_checkpoint_error(ckpt, change, word
         load_checkpoint(ckpt)
 
 
-def test_the_sha256_is_of_the_bytes_loaded(ckpt):
+def test_the_sha256_is_of_the_bytes_loaded(ckpt, monkeypatch):
+    import diffusion.checkpoint as checkpoint_module
+
+    # one read: the file is not opened a second time to hash it (a training run may have replaced it since)
+    monkeypatch.setattr(checkpoint_module, "file_sha256", lambda path: pytest.fail("the weights were read twice"))
     loaded = load_checkpoint(ckpt)
     assert loaded.sha256 == hashlib.sha256((ckpt / WEIGHTS_FILE).read_bytes()).hexdigest()
 
