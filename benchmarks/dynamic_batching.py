@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from diffusion.precision import default_device
 from diffusion.spec import DEFAULT_SETTINGS, format_guidance_interval, parse_guidance_interval
 from service import run_job, running_service, tiny_checkpoint
 from training.generate import default_checkpoint
@@ -106,7 +107,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ncheckpoint {ckpt}; {a.sampler} {a.steps} steps, guidance {a.guidance} "
           f"(interval {format_guidance_interval(a.guidance_interval)}); worker batch {a.batch_size}; "
-          f"{a.threads} torch threads; device {'cuda' if torch.cuda.is_available() else 'cpu'}; "
+          f"{a.threads} torch threads; device {default_device().type}; "
           f"median of {a.repeats}\n")
     width = max(len(r[1]) for r in rows)
     print(f"{'worker':<8} {'work':<{width}} {'all done s':>10} {'per job median s':>16} {'per job max s':>13}")

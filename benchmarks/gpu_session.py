@@ -71,6 +71,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, not installed
 
 from diffusion.checkpoint import load_for_sampling  # noqa: E402
+from diffusion.precision import default_device  # noqa: E402
 from diffusion.samplers import _Noise, model_calls, sample  # noqa: E402
 from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings  # noqa: E402
 from training.configs import resolve_config  # noqa: E402
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     summary: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(device)}
 
     def save() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from diffusion.precision import default_device
 from diffusion.spec import (DEFAULT_SETTINGS, SamplerSettings, format_guidance_interval, parse_guidance_interval,
                             requested_precision)
 from training.generate import default_checkpoint, generate_to_dir, plan, sampling_autocast
@@ -234,7 +235,7 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
 
     print(f"\ncheckpoint {ckpt}; {s.sampler} {s.steps} steps, guidance {s.guidance} "
           f"(interval {format_guidance_interval(s.guidance_interval)}); batch {a.batch_size}; "
-          f"{a.threads} torch threads; device {'cuda' if torch.cuda.is_available() else 'cpu'}; compile {a.compile}; "
+          f"{a.threads} torch threads; device {default_device().type}; compile {a.compile}; "
           f"precision {job['output'].get('precision')}")
     loaded = [line.strip() for line in (tmp / "service.log").read_text(errors="replace").splitlines() if "precision" in line]
     print(f"worker: {loaded[0] if loaded else '(no load line in service.log)'}")

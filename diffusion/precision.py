@@ -43,6 +43,12 @@ CPU_SAMPLING_BATCH = 50
 GPU_SAMPLING_BATCH = 256
 
 
+def default_device() -> torch.device:
+    """Where the service, the CLIs' ``--device auto`` and the benchmarks run the model: the first CUDA GPU
+    when torch sees one, else the CPU (one rule, so a worker and a CLI never disagree)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def sampling_batch(device: torch.device | str) -> int:
     """The default images per sampling batch on ``device``."""
     return GPU_SAMPLING_BATCH if torch.device(device).type == "cuda" else CPU_SAMPLING_BATCH

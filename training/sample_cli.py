@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion.checkpoint import load_for_sampling
+from diffusion.precision import default_device
 from diffusion.samplers import SAMPLERS, SamplerSettings
 from diffusion.spec import PRECISIONS, format_guidance_interval, parse_guidance_interval
 
@@ -22,7 +23,7 @@ def pick_device(name: str = "auto") -> torch.device:
     """``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``; ValueError for a device that is not
     there, before anything is loaded."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError:

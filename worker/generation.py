@@ -20,6 +20,7 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from diffusion.checkpoint import Checkpoint, load_for_sampling
+from diffusion.precision import default_device
 from diffusion.spec import SamplerSettings, requested_precision
 from training.generate import generate_to_dir, resolve_class, tmp_path
 
@@ -34,7 +35,7 @@ _load_lock = threading.Lock()  # the threads pool: concurrent first jobs load th
 
 @lru_cache(maxsize=2)
 def _load(path: str, compile_mode: str = "off", precision: str = "auto") -> Checkpoint:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     t0 = time.perf_counter()
     ckpt = load_for_sampling(path, device=device, precision=precision)  # decides bf16 / fp32 and the layout
     log.info("loaded %s on %s in %.1f s (sha256 %s); precision %s", path, device, time.perf_counter() - t0,

@@ -93,10 +93,8 @@ class Settings(BaseSettings):
         the worker's side only)."""
         if self.batch_size is not None:
             return self.batch_size
-        import torch
-
-        from diffusion.precision import sampling_batch
-        return sampling_batch("cuda" if torch.cuda.is_available() else "cpu")
+        from diffusion.precision import default_device, sampling_batch
+        return sampling_batch(default_device())
 
     @property
     def batching(self) -> bool:

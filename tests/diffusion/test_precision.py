@@ -150,6 +150,18 @@ def test_the_default_sampling_batch_is_the_devices_and_a_bad_one_is_refused(tmp_
         generate_to_dir(ckpt, [(0, 2)], tmp_path / "zero", batch_size=0, sample_fn=counting_sample)
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_one_device_rule_for_the_worker_and_the_clis(monkeypatch, cuda):
+    from training.sample_cli import pick_device
+    from worker.settings import Settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.delenv("DREAMDATA_BATCH_SIZE", raising=False)
+    expect = torch.device("cuda" if cuda else "cpu")
+    assert precision.default_device() == pick_device("auto") == expect
+    assert Settings().model_batch == precision.sampling_batch(expect)
+
+
 @pytest.mark.parametrize("has_bf16, default", [(True, ["fp32", "bf16"]), (None, ["fp32", "bf16"]), (False, ["fp32"])])
 def test_benchmarks_time_bf16_by_default_unless_the_cpu_has_no_bf16_instructions(monkeypatch, has_bf16, default):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
