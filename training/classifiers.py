@@ -211,8 +211,13 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.to(device).train()
     x_all, y_all = images.to(device), labels.to(device)
     n = len(x_all)
-    bs = min(settings.batch_size, n)
-    per_epoch = n // bs  # drop the last partial batch (reshuffled each epoch, so nothing is lost for long)
+    # Under a step budget every run takes batches of the one batch size, also on fewer images than a batch
+    # (an arm of the evaluation at small k, which would otherwise train on smaller batches than the arms it
+    # is compared with): such a batch is cut from as many shuffles of the images as it needs, so every image
+    # is in it floor(bs/n) or ceil(bs/n) times.  Trained for epochs, a data set smaller than a batch is one batch.
+    bs = settings.batch_size if settings.steps is not None else min(settings.batch_size, n)
+    shuffles = -(-bs // n)  # 1 whenever n >= bs: one shuffle per epoch, as before
+    per_epoch = shuffles * n // bs  # drop the last partial batch (reshuffled each epoch, so nothing is lost for long)
     total = settings.steps if settings.steps is not None else per_epoch * settings.epochs
     if total < 1:
         raise ValueError(f"steps must be at least 1, got {total}")
@@ -231,7 +236,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         torch.manual_seed(seed)  # dropout
         epoch = 0
         while step < total:  # whole epochs, the last one cut short when a step budget ends mid-epoch
-            perm = torch.randperm(n, generator=g).to(device)
+            perm = torch.cat([torch.randperm(n, generator=g) for _ in range(shuffles)]).to(device)
             for b in range(min(per_epoch, total - step)):
                 idx = perm[b * bs:(b + 1) * bs]
                 x = augment(to_model_range(x_all[idx]), g, settings.crop, settings.flip)
@@ -253,7 +258,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             epoch += 1
     bar.close()
     model.eval()
-    return {"steps": total, "epochs": round(total / per_epoch, 2), "final_loss": loss_ema,
+    return {"steps": total, "batch_size": bs, "epochs": round(total * bs / n if shuffles > 1 else total / per_epoch, 2),
+            "final_loss": loss_ema,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 

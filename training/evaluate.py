@@ -332,7 +332,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
             "runs": "each finished training run is saved in runs/; 'reused' lists those taken from an earlier, "
                     "interrupted run of the same experiment (their train_seconds are from that run)",
             "train_steps": "optimizer steps per run (batches of train_settings.batch_size; the last partial batch "
-                           "of an epoch is dropped); budget 'steps' gives every arm the real arm's steps",
+                           "of an epoch is dropped); budget 'steps' gives every arm the real arm's steps, in full "
+                           "batches also where an arm has fewer images than one batch",
         },
         "seconds": round(time.perf_counter() - t_start, 2),
     }

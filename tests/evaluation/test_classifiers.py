@@ -82,3 +82,36 @@ def test_a_step_budget_overrides_epochs_and_may_end_mid_epoch(separable):
     with pytest.raises(ValueError, match="steps must be at least 1"):
         train_classifier(build_classifier("mlp", 10, 16), x, y, default_train_settings("mlp", 1, steps=0),
                          show_bar=False)
+
+
+class _Recorder(torch.nn.Module):
+    """A linear classifier that records which images (by their constant value) each training batch holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3 * 32 * 32, 10)
+        self.batches: list[list[int]] = []
+
+    def forward(self, x):
+        if self.training:
+            self.batches.append(((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist())
+        return self.head(x.flatten(1))
+
+
+def test_under_a_step_budget_fewer_images_than_a_batch_still_make_full_batches():
+    """An arm of 30 images trained beside arms of batch 64 under equal steps takes batches of 64 too, each image
+    two or three times in a batch (it used to train on batches of 30); trained for epochs, 30 images are one batch."""
+    x = torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 3, 32, 32).contiguous()
+    y = torch.arange(30) % 10
+    model = _Recorder()
+    info = train_classifier(model, x, y, default_train_settings("mlp", 1, batch_size=64, steps=5, flip=False),
+                            show_bar=False)
+    assert (info["steps"], info["batch_size"], info["epochs"]) == (5, 64, round(5 * 64 / 30, 2))
+    assert [len(b) for b in model.batches] == [64] * 5
+    for batch in model.batches:
+        counts = torch.bincount(torch.tensor(batch), minlength=30)
+        assert set(counts.tolist()) <= {2, 3} and counts.sum() == 64
+    model = _Recorder()
+    info = train_classifier(model, x, y, default_train_settings("mlp", 3, batch_size=64, flip=False), show_bar=False)
+    assert (info["steps"], info["batch_size"], info["epochs"]) == (3, 30, 3.0)
+    assert [sorted(b) for b in model.batches] == [list(range(30))] * 3
