@@ -9,6 +9,7 @@ import pytest
 from diffusion.spec import DEFAULT_SETTINGS
 
 from app.routers.health import router as health_router
+from worker.jobs import JobStore, connect
 
 from .conftest import client_for
 
@@ -18,10 +19,15 @@ def _locs(r) -> list[list]:
 
 
 @pytest.fixture(scope="module")
-def idle(make_settings):
-    """An API whose queue no worker reads: jobs stay queued."""
+def idle_settings(make_settings):
     tag = uuid.uuid4().hex[:8]
-    with client_for(make_settings(queue=f"idle-{tag}", key_prefix=f"idle-{tag}")) as c:
+    return make_settings(queue=f"idle-{tag}", key_prefix=f"idle-{tag}")
+
+
+@pytest.fixture(scope="module")
+def idle(idle_settings):
+    """An API whose queue no worker reads: jobs stay queued."""
+    with client_for(idle_settings) as c:
         yield c
 
 
@@ -187,6 +193,53 @@ def test_files_of_an_unfinished_job_are_404(idle):
     for f in ("grid.png", "images.zip", "manifest.json", "images/0.png", "images/2.png", "images/-1.png",
               "images/x.png", "images/..%2F..%2Fresult.json"):
         assert idle.get(f"{job['url']}/{f}").status_code == 404, f
+
+
+def _set_status(settings, job_id: str, status: str, **fields) -> None:
+    """Move a job along as a worker would (no worker reads the idle queue)."""
+    store = JobStore(connect(settings.redis_url), settings.key_prefix)
+    assert store.transition(job_id, ("queued", "running", "succeeded"), dict(fields, status=status)) is not None
+
+
+def test_final_files_only_once_the_job_succeeded(idle, idle_settings):
+    """A redelivered job's folder may hold the zip, grid and manifest of an earlier attempt: while it runs they
+    are 404 (its images are served as soon as they are written); and a generation job has no report."""
+    job = idle.post("/generate?class=cat&n=2").json()
+    folder = idle_settings.jobs_dir / job["id"]
+    (folder / "images").mkdir(parents=True)
+    png = idle.get("/jobs").content  # any bytes: only where they are served from matters here
+    for name in ("grid.png", "images.zip", "manifest.json", "images/00000.png", "report.json"):
+        (folder / name).write_bytes(png)
+    _set_status(idle_settings, job["id"], "running")
+    assert idle.get(f"{job['url']}/images/0.png").status_code == 200
+    for f in ("grid.png", "images.zip", "manifest.json"):
+        r = idle.get(f"{job['url']}/{f}")
+        assert r.status_code == 404 and "job running" in r.json()["detail"], f
+    _set_status(idle_settings, job["id"], "succeeded", output={"images": 2})
+    for f in ("grid.png", "images.zip", "manifest.json", "images/0.png"):
+        assert idle.get(f"{job['url']}/{f}").status_code == 200, f
+    r = idle.get(f"{job['url']}/report.json")
+    assert r.status_code == 404 and "not an evaluation" in r.json()["detail"]
+
+
+def test_a_link_out_of_the_job_folder_is_not_followed(idle, idle_settings, tmp_path):
+    job = idle.post("/generate?class=cat&n=2").json()
+    folder = idle_settings.jobs_dir / job["id"]
+    (folder / "images").mkdir(parents=True)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the web")
+    other = idle.post("/generate?class=dog&n=1").json()  # another job's file is outside this folder too
+    (idle_settings.jobs_dir / other["id"]).mkdir(parents=True)
+    (idle_settings.jobs_dir / other["id"] / "grid.png").write_bytes(b"the other job's grid")
+    (folder / "grid.png").symlink_to(secret)
+    (folder / "images.zip").symlink_to(idle_settings.jobs_dir / other["id"] / "grid.png")
+    (folder / "images" / "00000.png").symlink_to(secret)
+    (folder / "images" / "00001.png").write_bytes(b"a real image")
+    _set_status(idle_settings, job["id"], "succeeded", output={"images": 2})
+    for f in ("grid.png", "images.zip", "images/0.png"):
+        r = idle.get(f"{job['url']}/{f}")
+        assert r.status_code == 404 and b"not for the web" not in r.content, f
+    assert idle.get(f"{job['url']}/images/1.png").content == b"a real image"
 
 
 def test_full_queue_is_429(make_settings):
