@@ -269,6 +269,23 @@ def test_api_key_when_configured(make_settings):
                 assert (code != 401) if path in health else code == 401, (method, path, code)
 
 
+def test_a_huge_body_is_refused_before_it_is_read_or_the_key_checked(make_settings):
+    from app.main import MAX_BODY_BYTES
+
+    tag = uuid.uuid4().hex[:8]
+    with client_for(make_settings(queue=f"body-{tag}", key_prefix=f"body-{tag}", api_key="s3cret")) as c:
+        big = b'{"classes": {"cat": 1}, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+        for headers in ({}, {"X-API-Key": "s3cret"}):
+            r = c.post("/generate", content=big, headers=dict(headers, **{"Content-Type": "application/json"}))
+            assert r.status_code == 413, r.text
+            chunked = c.post("/evaluations", content=iter([big[:1000], big[1000:]]),  # no Content-Length
+                             headers=dict(headers, **{"Content-Type": "application/json"}))
+            assert chunked.status_code == 413, chunked.text
+        ok = c.post("/generate", json={"classes": {"cat": 1}}, headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 202, ok.text
+        assert c.post("/generate", json={"classes": {"cat": 1}}).status_code == 401
+
+
 def test_classes_and_models_come_from_the_checkpoint(idle, tiny_checkpoint):
     classes = idle.get("/classes").json()["classes"]
     assert classes[3] == {"index": 3, "name": "cat"} and len(classes) == 10
