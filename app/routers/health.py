@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -12,7 +13,40 @@ from ..schemas import Health, Readiness
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
-_ping_lock = threading.Lock()  # one broadcast at a time; replies go to a shared reply queue
+
+
+class _SharedPing:
+    """One worker ping at a time per broker, its answer shared by every /readyz that arrived while it ran.
+
+    A ping waits its whole timeout for replies, and replies go to one reply queue, so pings must not overlap.
+    Callers used to queue for a ping each, so n concurrent /readyz calls held API threads for n timeouts, and
+    past the thread pool's 40 every other route waited too."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._running: set[str] = set()          # brokers with a ping in flight
+        self._answers: dict[str, list[str]] = {}  # broker -> worker names of its last ping
+
+    def workers(self, broker: str, ping: Callable[[], list | None]) -> list[str]:
+        with self._cond:
+            if broker in self._running:  # join the ping in flight
+                self._cond.wait_for(lambda: broker not in self._running)
+                return self._answers.get(broker, [])
+            self._running.add(broker)
+        names: list[str] = []
+        try:
+            names = sorted(name for reply in (ping() or []) for name in reply)
+        except Exception:
+            log.exception("worker ping failed")
+        finally:
+            with self._cond:
+                self._answers[broker] = names
+                self._running.discard(broker)
+                self._cond.notify_all()
+        return names
+
+
+_pings = _SharedPing()
 
 
 @router.get("/healthz", response_model=Health)
@@ -31,12 +65,6 @@ def readyz(settings: SettingsDep, store: StoreDep, celery: CeleryDep) -> JSONRes
     except Exception as e:
         body = Readiness(status="not ready", broker=f"unreachable: {type(e).__name__}", workers=[])
         return JSONResponse(body.model_dump(), status_code=503)
-    try:
-        with _ping_lock:
-            replies = celery.control.ping(timeout=settings.ping_timeout) or []
-    except Exception:
-        log.exception("worker ping failed")
-        replies = []
-    workers = sorted(name for reply in replies for name in reply)
+    workers = _pings.workers(settings.redis_url, lambda: celery.control.ping(timeout=settings.ping_timeout))
     body = Readiness(status="ready" if workers else "not ready", broker="ok", workers=workers, queued=queued)
     return JSONResponse(body.model_dump(), status_code=200 if workers else 503)

@@ -150,3 +150,38 @@ def test_class_rule_names_any_case_and_indices():
     for bad in ("10", "-1", "unicorn", "", "3.0"):
         with pytest.raises(ValueError, match="valid: airplane"):
             resolve_class(bad, CIFAR10_CLASSES)
+
+
+def test_concurrent_readiness_checks_share_one_worker_ping():
+    import threading
+    import time
+
+    from app.routers.health import _SharedPing
+
+    pings, shared = [], _SharedPing()
+    started = threading.Event()
+
+    def slow_ping():
+        pings.append(1)
+        started.set()
+        time.sleep(0.5)
+        return [{"celery@b": {"ok": "pong"}}, {"celery@a": {"ok": "pong"}}]
+
+    answers: list = []
+    first = threading.Thread(target=lambda: answers.append(shared.workers("redis://x", slow_ping)))
+    t0 = time.perf_counter()
+    first.start()
+    started.wait(5)
+    joiners = [threading.Thread(target=lambda: answers.append(shared.workers("redis://x", slow_ping)))
+               for _ in range(30)]
+    for t in joiners:
+        t.start()
+    for t in [first, *joiners]:
+        t.join(10)
+    assert len(pings) == 1 and answers == [["celery@a", "celery@b"]] * 31
+    assert time.perf_counter() - t0 < 2.5  # one ping's time, not 31 (15 s)
+
+    def broken():
+        raise ConnectionError("broker gone")
+    assert shared.workers("redis://x", broken) == []  # a ping after the shared one pings again
+    assert shared.workers("redis://y", lambda: None) == []
