@@ -238,7 +238,8 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
     sample_specs(ckpt, specs, out, settings=settings, batch_size=batch_size, autocast=autocast, progress=progress,
                  sample_fn=sample_fn)
     manifest = {
-        "checkpoint": {"path": str(ckpt.path) if ckpt.path else None, "sha256": ckpt.sha256},
+        # its folder's name (as GET /models shows it), not its path: the service serves this file
+        "checkpoint": {"name": ckpt.path.name if ckpt.path else None, "sha256": ckpt.sha256},
         "settings": asdict(settings),
         "base_seed": base_seed,
         "precision": common["precision"],

@@ -40,7 +40,8 @@ def test_query_job_end_to_end(client, worker, settings):
     manifest = client.get(out["manifest"]).json()
     assert [m["seed"] for m in manifest["images"]] == list(range(7, 19))
     assert {m["class_name"] for m in manifest["images"]} == {"cat"}
-    assert manifest["checkpoint"]["sha256"] == out["checkpoint_sha256"]
+    assert manifest["checkpoint"] == {"name": settings.checkpoint.name, "sha256": out["checkpoint_sha256"]}
+    assert str(settings.checkpoint.parent) not in client.get(out["manifest"]).text  # no server paths
     assert manifest["precision"] == out["precision"] == "fp32"  # the tests pin DREAMDATA_PRECISION
 
     one = client.get(out["images"].format(i=11))
