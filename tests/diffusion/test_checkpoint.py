@@ -223,10 +223,20 @@ def test_a_bad_model_or_schedule_config_is_a_checkpoint_error(ckpt, change, word
 def test_the_sha256_is_of_the_bytes_loaded(ckpt, monkeypatch):
     import diffusion.checkpoint as checkpoint_module
 
-    # one read: the file is not opened a second time to hash it (a training run may have replaced it since)
-    monkeypatch.setattr(checkpoint_module, "file_sha256", lambda path: pytest.fail("the weights were read twice"))
+    # One read: a training run that replaces the file just after the weights were parsed must not give them
+    # the new file's hash.  The stand-in parser rewrites the file as it parses, as such a run would.
+    weights = ckpt / WEIGHTS_FILE
+    original = weights.read_bytes()
+    real_load = checkpoint_module.load_safetensors
+
+    def load_then_replace(blob):
+        state = real_load(blob)
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # other bytes, same size
+        return state
+    monkeypatch.setattr(checkpoint_module, "load_safetensors", load_then_replace)
     loaded = load_checkpoint(ckpt)
-    assert loaded.sha256 == hashlib.sha256((ckpt / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert loaded.sha256 == hashlib.sha256(original).hexdigest()
+    assert loaded.sha256 != hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_corrupt_weights_file(ckpt):
