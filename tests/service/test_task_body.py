@@ -154,6 +154,41 @@ def test_hard_time_limit_marks_the_record_failed(store, body_settings, monkeypat
     assert store.get(job_id)["error"].startswith("hard time limit")  # a finished record is not rewritten
 
 
+def test_the_evaluation_task_reports_its_own_hard_limit(store, make_settings, tmp_path, monkeypatch):
+    from celery.exceptions import TimeLimitExceeded
+
+    import worker.tasks as tasks
+
+    settings = make_settings(data_dir=tmp_path, key_prefix=store.prefix, eval_time_limit=40, job_time_limit=20,
+                             visibility_timeout=100)
+    assert settings.eval_hard_time_limit != settings.hard_time_limit
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    job_id = new_job_id()
+    store.create(new_record(job_id, {"classifier": "mlp"}, 20, 2, job_type="evaluation"), max_queued=100)
+    store.transition(job_id, ("queued",), {"status": "running"})
+    tasks.evaluate.on_failure(TimeLimitExceeded(41), job_id, (), {"job_id": job_id, "request": {}}, None)
+    rec = store.get(job_id)
+    assert rec["status"] == "failed"
+    assert rec["error"] == f"hard time limit of {settings.eval_hard_time_limit} s exceeded"
+
+
+def test_a_corrupt_checkpoint_fails_the_job_with_the_reason(store, body_settings, tiny_checkpoint, tmp_path):
+    import shutil
+
+    from diffusion.checkpoint import WEIGHTS_FILE, CheckpointError
+
+    broken = tmp_path / "broken-ckpt"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights = broken / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    settings = body_settings.model_copy(update={"checkpoint": broken})
+    job_id = _submit(store)
+    with pytest.raises(CheckpointError):
+        run_generation(job_id, REQUEST, store=store, settings=settings)
+    rec = store.get(job_id)
+    assert rec["status"] == "failed" and rec["error"].startswith("CheckpointError: ") and "unreadable" in rec["error"]
+
+
 def test_guidance_interval_reaches_the_sampler_and_the_records(store, body_settings):
     """An interval request samples what diffusion.samplers.sample gives with that interval, and the manifest
     says so; a request queued before intervals existed (no key) is guided at every step."""
