@@ -242,6 +242,20 @@ def test_a_link_out_of_the_job_folder_is_not_followed(idle, idle_settings, tmp_p
     assert idle.get(f"{job['url']}/images/1.png").content == b"a real image"
 
 
+def test_an_evaluation_whose_files_are_gone_still_answers(idle, idle_settings):
+    """A succeeded record can outlive its folder (deleted by hand, another data dir): the job still answers,
+    without a report, and its files are 404."""
+    job = idle.post("/evaluations", json={"classifier": "mlp", "synthetic_per_class": 2, "epochs": 1,
+                                          "seeds": [0]}).json()
+    output = {"plots": ["accuracy"], "accuracy_mean": {"real": 0.5, "real+synthetic": 0.5, "synthetic": 0.2},
+              "delta_mean": 0.0, "seconds": 1.0}  # what the worker records
+    _set_status(idle_settings, job["id"], "succeeded", output=output)
+    r = idle.get(f"/evaluations/{job['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "succeeded" and r.json()["report"] is None
+    for f in ("report.json", "report.md", "plots/accuracy.png"):
+        assert idle.get(f"/jobs/{job['id']}/{f}").status_code == 404, f
+
+
 def test_full_queue_is_429(make_settings):
     tag = uuid.uuid4().hex[:8]
     with client_for(make_settings(queue=f"full-{tag}", key_prefix=f"full-{tag}", max_queued=2)) as c:
