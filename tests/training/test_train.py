@@ -257,6 +257,19 @@ def test_resume_from_a_state_without_perm(data10, tmp_path):
     assert _state(out)["step"] == 2
 
 
+def test_resume_on_a_data_set_of_another_size_draws_a_new_order(data10, tmp_path):
+    """The saved epoch order indexes the old data set: on a smaller one it would point past its end."""
+    from tests.fixtures import make_images, write_image_folder
+
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=1), str(data10), out, progress=False)
+    assert len(_state(out)["perm"]) == 20
+    smaller = write_image_folder(tmp_path / "data-small", make_images(CIFAR10_CLASSES, 1))
+    train(replace(FAST, max_steps=3), str(smaller), out, resume=True, progress=False)
+    st = _state(out)
+    assert st["step"] == 3 and sorted(st["perm"].tolist()) == list(range(10))
+
+
 def test_max_minutes_stops_and_is_resumable(data10, tmp_path):
     out = tmp_path / "run"
     train(replace(FAST, max_steps=100, max_minutes=1e-6), str(data10), out, progress=False)
