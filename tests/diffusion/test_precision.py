@@ -131,7 +131,7 @@ def test_requested_precision_is_kept_and_recorded_in_every_image(tmp_path):
         assert json.loads((tmp_path / p / "manifest.json").read_text())["precision"] == p
     # bf16 rounds the model's output: the same seed gives a nearby image, not the same one
     diff = (out["bf16"] - out["fp32"]).abs().float()
-    assert diff.mean() < 8
+    assert 0 < diff.max() and diff.mean() < 8
 
 
 def test_the_default_sampling_batch_is_the_devices_and_a_bad_one_is_refused(tmp_path):
