@@ -35,18 +35,28 @@ the device machine's image has; the service's packages (celery, fastapi, redis) 
 On the device (the data travels in the ignored folder ``.gpu/``: ``mkdir -p .gpu && cp
 ../shared/data/cifar10-jpeg.tar.gz .gpu/`` once, then ``carry: [".gpu"]``; 20 MB of the 64 MiB a call carries)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz --out $OUT \\
-        --train-minutes 3.5 2>&1 | tail -n 60        (run's timeout_s: 540)
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz \\
+        --out $OUT --train-minutes 3.5 --deadline-s 480 2>&1 | tee $OUT/log.txt        (run's timeout_s: 540)
 
-and with the experiment at the report's size first (its time there is not known; shorter training leaves
-room for it)::
+and with the experiment at the report's size first (its time there is not known: it goes first, and the
+training is shortened, or left out for the shipped checkpoint, to fit the deadline)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz --out $OUT \\
-        --evaluate-per-class 5000 --train-minutes 2 2>&1 | tail -n 60        (run's timeout_s: 560)
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py --data .gpu/cifar10-jpeg.tar.gz \\
+        --out $OUT --evaluate-per-class 5000 --train-minutes 2 --deadline-s 500 2>&1 | tee $OUT/log.txt
+                                                                                     (run's timeout_s: 560)
+
+(``tee`` into $OUT: a command killed at its limit loses its pipeline's output, but not what is under $OUT.)
 
 Expected cost there, estimated, not measured: about 15 s to decode the data set, the training minutes,
 then about a minute of eager sampling and four compiles (two batch sizes, each guided and unguided
 shapes) of roughly 30-60 s each: 8-9 minutes, of the 15 a task's device time allows.
+
+One visit, so nothing may end it early. ``--deadline-s`` (seconds from the start) fits the stages in: the
+experiment stops when only a short training and the sampling would be left (its finished runs are packed
+all the same), training gets what is left after the sampling's reserve, the eager rows, the noise timing
+and the DDPM probe run before any compiled variant, and a compiled variant starts only with
+``COMPILE_MIN_S`` left.  A stage that raises is recorded in session.json's ``errors`` and the next one
+runs; a compiled training that fails is run again eager.  session.json is replaced whole at each write.
 
 A smoke run on the CPU (what the tests do; seconds)::
 
@@ -58,12 +68,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import platform
 import shutil
 import statistics
 import sys
 import tarfile
+import tempfile
 import time
+import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,8 +91,32 @@ from diffusion.samplers import _Noise, model_calls, sample  # noqa: E402
 from diffusion.spec import DEFAULT_SETTINGS, SamplerSettings  # noqa: E402
 from training.configs import resolve_config  # noqa: E402
 from training.evaluate_cli import parse_seeds  # noqa: E402
+from training.generate import default_checkpoint  # noqa: E402
 from training.plots import image_grid, to_uint8  # noqa: E402
 from training.train import train  # noqa: E402
+
+# Estimates for the deadline (not measured on a GPU): the sample grid, the eager rows, the noise timing
+# and the DDPM probe at the default sizes; the set-up of a training run (data decode, model build) beyond
+# its --train-minutes; the least time left to start a compiled sampling variant (one compile, 30-60 s, and
+# its timed runs); the shortest training worth running (else the shipped checkpoint is timed instead).
+SAMPLING_RESERVE_S = 90.0
+TRAIN_SETUP_S = 30.0
+COMPILE_MIN_S = 120.0
+MIN_TRAIN_S = 30.0
+
+
+class Clock:
+    """Seconds left before ``--deadline-s`` (infinite without one)."""
+
+    def __init__(self, deadline_s: float | None):
+        self.t0, self.deadline_s = time.perf_counter(), deadline_s
+
+    def left(self) -> float:
+        return math.inf if self.deadline_s is None else self.deadline_s - (time.perf_counter() - self.t0)
+
+
+class OutOfTime(Exception):
+    """A stage stopped to leave the later ones their time."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,6 +135,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median; default 3)")
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps, help="sampler steps (default: the default's)")
     p.add_argument("--ddpm-probe-steps", type=int, default=20, help="timed steps of the 1000-step loop")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="finish within this many seconds of the start, shortening or leaving out later stages "
+                        "(set it about a minute under the run's timeout_s); default: no deadline")
     e = p.add_argument_group("the augmentation experiment (stage 0, off unless --evaluate-per-class is given)")
     e.add_argument("--evaluate-per-class", type=int, default=0, metavar="K",
                    help="synthetic images per class (the report's size: 5000); 0: no experiment (default)")
@@ -127,8 +169,30 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save) -> Path:
-    overrides = {"max_minutes": args.train_minutes, "max_steps": 10_000_000}
+def work_dir(out: Path, suffix: str) -> Path:
+    """A working folder beside --out, or a temporary one where that is not writable."""
+    path = out.parent / (out.name + suffix)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=f"gpu-session{suffix}-"))
+
+
+def stage(name: str, fn, summary: dict, save):
+    """``fn()``; an exception is printed, recorded in ``summary["errors"][name]``, and None returned."""
+    try:
+        return fn()
+    except Exception as e:
+        traceback.print_exc()
+        summary.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        save()
+        log(f"{name} failed ({type(e).__name__}: {e}); going on")
+        return None
+
+
+def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, minutes: float) -> Path:
+    overrides = {"max_minutes": minutes, "max_steps": 10_000_000}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     if args.lr:
@@ -136,11 +200,22 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save) -
     if args.no_compile:
         overrides["compile"] = False
     cfg = resolve_config(args.config, **overrides)
-    work = Path(args.work) if args.work else out.parent / (out.name + "-train")
-    log(f"training {args.config} for {args.train_minutes} min: batch {cfg.batch_size}, lr {cfg.lr}, "
+    work = Path(args.work) if args.work else work_dir(out, "-train")
+    log(f"training {args.config} for {minutes:.2f} min: batch {cfg.batch_size}, lr {cfg.lr}, "
         f"bf16 {cfg.bf16}, compile {cfg.compile} -> {work}")
     t0 = time.perf_counter()
-    ckpt_dir = train(cfg, args.data, work, resume=True, progress=False)
+    try:
+        ckpt_dir = train(cfg, args.data, work, resume=True, progress=False)
+    except Exception as e:
+        if not cfg.compile:
+            raise
+        traceback.print_exc()
+        summary.setdefault("errors", {})["training (compiled)"] = f"{type(e).__name__}: {e}"
+        save()
+        log("compiled training failed; training eager for the time left")
+        left = minutes - (time.perf_counter() - t0) / 60
+        cfg = replace(cfg, compile=False, max_minutes=max(left, MIN_TRAIN_S / 60))
+        ckpt_dir = train(cfg, args.data, work, resume=True, progress=False)
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {}
     steady = [r["images_per_s"] for r in rows[len(rows) // 2:]]  # the second half: compile and warm-up behind
@@ -168,38 +243,61 @@ def _timed_run(model, ckpt, labels: torch.Tensor, settings: SamplerSettings, dev
     return time.perf_counter() - t0
 
 
+def _settings(args: argparse.Namespace) -> SamplerSettings:
+    return SamplerSettings(DEFAULT_SETTINGS.sampler, args.steps, DEFAULT_SETTINGS.guidance, DEFAULT_SETTINGS.eta,
+                           DEFAULT_SETTINGS.guidance_interval)
+
+
+def _batches(args: argparse.Namespace) -> list[int]:
+    return [int(b) for b in args.batch_sizes.split(",")]
+
+
+def _time_variant(name: str, model, ckpt, batch: int, args, device, summary: dict, save) -> None:
+    settings = _settings(args)
+    labels = (torch.arange(batch) % len(ckpt.class_names)).to(device)
+    t0 = time.perf_counter()
+    warm = _timed_run(model, ckpt, labels, settings, device)  # compiles each shape on a first call
+    times = [_timed_run(model, ckpt, labels, settings, device) for _ in range(args.repeats)]
+    med = statistics.median(times)
+    summary.setdefault("sampling", []).append({
+        "variant": name, "batch": batch, "sampler": settings.sampler, "steps": settings.steps,
+        "model_calls_per_image": model_calls(settings, ckpt.schedule), "images_per_s": round(batch / med, 1),
+        "seconds_per_run": round(med, 4), "runs": [round(t, 4) for t in times],
+        "first_run_s": round(warm, 2), "setup_s": round(time.perf_counter() - t0, 1)})
+    save()
+    log(f"{name:24s} batch {batch:5d}: {batch / med:9.1f} images/s (median of {len(times)}; first run {warm:.1f} s)")
+
+
 def time_sampling(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save) -> None:
-    settings = SamplerSettings(DEFAULT_SETTINGS.sampler, args.steps, DEFAULT_SETTINGS.guidance, DEFAULT_SETTINGS.eta,
-                               DEFAULT_SETTINGS.guidance_interval)
-    calls = model_calls(settings, ckpt.schedule)
-    k = len(ckpt.class_names)
-    variants = [("eager", ckpt.model)]
-    if not args.no_compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        variants.append(("compile reduce-overhead", torch.compile(ckpt.model, mode="reduce-overhead", dynamic=False)))
-    rows = summary.setdefault("sampling", [])
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        labels = (torch.arange(batch) % k).to(device)
-        for name, model in variants:
-            t0 = time.perf_counter()
-            warm = _timed_run(model, ckpt, labels, settings, device)  # compiles each shape on a first call
-            times = [_timed_run(model, ckpt, labels, settings, device) for _ in range(args.repeats)]
-            med = statistics.median(times)
-            rows.append({"variant": name, "batch": batch, "sampler": settings.sampler, "steps": settings.steps,
-                         "model_calls_per_image": calls, "images_per_s": round(batch / med, 1),
-                         "seconds_per_run": round(med, 4), "runs": [round(t, 4) for t in times],
-                         "first_run_s": round(warm, 2), "setup_s": round(time.perf_counter() - t0, 1)})
-            save()
-            log(f"{name:24s} batch {batch:5d}: {batch / med:9.1f} images/s (median of {len(times)}; "
-                f"first run {warm:.1f} s)")
+    """Eager rows and the noise draws at every batch size."""
+    steps = _settings(args).steps
+    for batch in _batches(args):
+        stage(f"sampling eager, batch {batch}",
+              lambda: _time_variant("eager", ckpt.model, ckpt, batch, args, device, summary, save), summary, save)
         noise = _Noise(list(range(batch)), (3, ckpt.model.config.image_size, ckpt.model.config.image_size), device)
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(settings.steps + 1):  # initial noise plus one draw per step (the SDE sampler's most)
+        for _ in range(steps + 1):  # initial noise plus one draw per step (the SDE sampler's most)
             noise.next()
         sync(device)
         summary.setdefault("noise_seconds_per_run", {})[str(batch)] = round(time.perf_counter() - t0, 4)
         save()
+
+
+def time_compiled(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save, clock: Clock) -> None:
+    """``torch.compile(mode="reduce-overhead")`` rows, smallest batch first, each only with COMPILE_MIN_S left."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model = torch.compile(ckpt.model, mode="reduce-overhead", dynamic=False)
+    for batch in sorted(_batches(args)):
+        if clock.left() < COMPILE_MIN_S:
+            summary.setdefault("skipped", []).append(f"compile reduce-overhead, batch {batch}: "
+                                                     f"{clock.left():.0f} s left before the deadline")
+            save()
+            log(f"compiled batch {batch} left out: {clock.left():.0f} s to the deadline")
+            continue
+        stage(f"sampling compiled, batch {batch}",
+              lambda: _time_variant("compile reduce-overhead", model, ckpt, batch, args, device, summary, save),
+              summary, save)
 
 
 def time_ddpm_loop(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save) -> None:
@@ -215,38 +313,68 @@ def time_ddpm_loop(ckpt, args: argparse.Namespace, device: torch.device, summary
         for _ in range(args.ddpm_probe_steps):
             x = x - 0.001 * ckpt.model(x, t, labels).float()
         sync(device)
-    per_step = (time.perf_counter() - t0) / args.ddpm_probe_steps
+    model_step = (time.perf_counter() - t0) / args.ddpm_probe_steps
+    # the ancestral loop also draws each step's noise (one generator per image): add the measured cost of a draw
+    noise_run = summary.get("noise_seconds_per_run", {}).get(str(batch))
+    noise_step = noise_run / (args.steps + 1) if noise_run is not None else 0.0
+    per_step = model_step + noise_step
     summary["ddpm_1000_steps"] = {"batch": batch, "seconds_per_step": round(per_step, 5),
+                                  "model_seconds_per_step": round(model_step, 5),
+                                  "noise_seconds_per_step": round(noise_step, 5) if noise_run is not None else None,
                                   "images_per_s_extrapolated": round(batch / (per_step * 1000), 2),
                                   "probe_steps": args.ddpm_probe_steps, "precision": "bf16"}
     save()
     log(f"DDPM 1000 steps, batch {batch}: {batch / (per_step * 1000):.2f} images/s (extrapolated from "
-        f"{args.ddpm_probe_steps} steps)")
+        f"{args.ddpm_probe_steps} steps, noise draws included)")
 
 
-def evaluate_at_size(args: argparse.Namespace, out: Path, device: torch.device, summary: dict, save) -> None:
-    """Stage 0: the three-arm experiment on the shipped checkpoint, its folder packed into evaluation.tar.gz."""
+def evaluate_at_size(args: argparse.Namespace, out: Path, device: torch.device, summary: dict, save,
+                     clock: Clock) -> None:
+    """Stage 0: the three-arm experiment on the shipped checkpoint, its folder packed into evaluation.tar.gz.
+
+    It stops (OutOfTime, from its progress callback) when only a short training and the sampling would fit
+    before the deadline; the runs it finished are in the archive all the same, and the same command on a
+    later visit, or ``dreamdata evaluate`` with the archive's runs/ in its --out, goes on from them."""
     from training.evaluate import EvaluationSettings, run_evaluation
 
-    work = out.parent / (out.name + "-evaluation")
+    work = work_dir(out, "-evaluation")
     settings = EvaluationSettings(
         data=args.data, checkpoint=args.evaluate_checkpoint, classifier=args.evaluate_classifier,
         synthetic_per_class=args.evaluate_per_class, real_fraction=args.evaluate_real_fraction,
         epochs=args.evaluate_epochs, seeds=args.evaluate_seeds,
-        sample_batch_size=args.evaluate_batch, device=device.type, cache_dir=str(work / "cache"))
+        sample_batch_size=args.evaluate_batch, device=device.type)
     log(f"evaluation: {settings.classifier}, k {settings.synthetic_per_class} per class, f {settings.real_fraction}, "
         f"{settings.epochs} epochs, seeds {list(settings.seeds)} -> {work / 'report'}")
+    stop_at = MIN_TRAIN_S + TRAIN_SETUP_S + SAMPLING_RESERVE_S  # seconds left when it must give way
+    done = [0.0, ""]
+
+    def progress(fraction: float, message: str) -> None:
+        done[:] = [fraction, message]
+        if clock.left() < stop_at:
+            raise OutOfTime(f"stopped at {fraction:.0%} ({message}): {clock.left():.0f} s left before the deadline")
+
     t0 = time.perf_counter()
-    report = run_evaluation(settings, work / "report", show_bars=False)
+    summary["evaluation"] = {"settings": settings.to_dict()}
+    try:
+        report = run_evaluation(settings, work / "report", progress=progress, show_bars=False)
+    except OutOfTime as e:
+        summary["evaluation"].update(stopped=str(e), seconds=round(time.perf_counter() - t0, 1))
+        log(f"evaluation {e}")
+        report = None
+    finally:  # whatever it finished comes back, also after an error
+        if (work / "report").exists():
+            with tarfile.open(out / "evaluation.tar.gz", "w:gz") as tar:
+                tar.add(work / "report", arcname="evaluation")
+    if report is None:
+        save()
+        return
     seconds = round(time.perf_counter() - t0, 1)
-    with tarfile.open(out / "evaluation.tar.gz", "w:gz") as tar:
-        tar.add(work / "report", arcname="evaluation")
     arms = report["arms"]
-    summary["evaluation"] = {
-        "settings": settings.to_dict(), "seconds": seconds,
+    summary["evaluation"].update({
+        "seconds": seconds,
         "accuracy": {arm: {"mean": a["accuracy_mean"], "std": a["accuracy_std"], "runs": a["accuracies"]}
                      for arm, a in arms.items()},
-        "delta": report["delta"]}
+        "delta": report["delta"]})
     save()
     log(f"evaluation done in {seconds} s: " + ", ".join(f"{arm} {a['accuracy_mean']:.2f}" for arm, a in arms.items())
         + f"; delta {report['delta']}")
@@ -263,34 +391,61 @@ def sample_grid(ckpt, out: Path, device: torch.device, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    clock = Clock(args.deadline_s)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = default_device()
-    summary: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(device)}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes throughout
+    summary: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(device),
+                     "deadline_s": args.deadline_s}
 
-    def save() -> None:
-        (out / "session.json").write_text(json.dumps(summary, indent=1))
+    def save() -> None:  # replaced whole: a kill mid-write leaves the previous session.json
+        tmp = out / ".session.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, out / "session.json")
 
     save()
     log(f"on {summary['environment'].get('gpu', device.type)}, torch {torch.__version__}")
     if args.evaluate_per_class > 0:
-        evaluate_at_size(args, out, device, summary, save)
-    ckpt_dir = Path(args.skip_train) if args.skip_train else train_checkpoint(args, out, summary, save)
-    ckpt = load_for_sampling(ckpt_dir, device=device, precision="bf16")
-    summary["checkpoint"] = {"dir": str(ckpt_dir), "sha256": ckpt.sha256}
-    sample_grid(ckpt, out, device, args.steps)
-    log("samples.png written")
-    time_sampling(ckpt, args, device, summary, save)
-    time_ddpm_loop(ckpt, args, device, summary, save)
+        stage("evaluation", lambda: evaluate_at_size(args, out, device, summary, save, clock), summary, save)
+
+    ckpt_dir = Path(args.skip_train) if args.skip_train else None
+    if ckpt_dir is None:
+        minutes = args.train_minutes
+        fits = (clock.left() - SAMPLING_RESERVE_S - TRAIN_SETUP_S) / 60
+        if fits < minutes:  # shortened to fit the deadline; too short to be worth it, left out
+            minutes = fits if fits * 60 >= MIN_TRAIN_S else 0.0
+        if minutes > 0:
+            ckpt_dir = stage("training", lambda: train_checkpoint(args, out, summary, save, minutes), summary, save)
+        else:
+            summary["training"] = {"skipped": f"{clock.left():.0f} s left before the deadline"}
+            log("training left out: too little time before the deadline")
+    if ckpt_dir is None:  # no training, or it failed: time the sampling of the shipped model instead
+        ckpt_dir = Path(args.evaluate_checkpoint) if args.evaluate_checkpoint else default_checkpoint()
+        log(f"timing the sampling of {ckpt_dir}")
+    ckpt = stage("loading the checkpoint", lambda: load_for_sampling(ckpt_dir, device=device, precision="bf16"),
+                 summary, save)
+    if ckpt is not None:
+        summary["checkpoint"] = {"dir": str(ckpt_dir), "sha256": ckpt.sha256}
+        save()
+        stage("samples.png", lambda: sample_grid(ckpt, out, device, args.steps), summary, save)
+        if (out / "samples.png").exists():
+            log("samples.png written")
+        time_sampling(ckpt, args, device, summary, save)
+        stage("DDPM probe", lambda: time_ddpm_loop(ckpt, args, device, summary, save), summary, save)
+        if not args.no_compile:
+            time_compiled(ckpt, args, device, summary, save, clock)
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    summary["seconds"] = round(time.perf_counter() - clock.t0, 1)
     save()
     print(f"\n{'variant':24s} {'batch':>6s} {'images/s':>10s} {'s/run':>8s} {'first run s':>12s}")
-    for r in summary["sampling"]:
+    for r in summary.get("sampling", []):
         print(f"{r['variant']:24s} {r['batch']:6d} {r['images_per_s']:10.1f} {r['seconds_per_run']:8.3f} "
               f"{r['first_run_s']:12.1f}")
-    print(json.dumps({k: summary[k] for k in ("training", "ddpm_1000_steps", "noise_seconds_per_run")
-                      if k in summary}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("training", "ddpm_1000_steps", "noise_seconds_per_run", "errors",
+                                              "skipped") if k in summary}, indent=1))
     return summary
 
 

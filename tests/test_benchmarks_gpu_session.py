@@ -108,3 +108,58 @@ def test_the_experiment_at_size_runs_first_and_comes_back_as_one_archive(tmp_pat
     assert all(len(a["runs"]) == 2 for a in e["accuracy"].values())
     assert e["delta"] == report["delta"] and report["arms"]["real"]["accuracies"] == e["accuracy"]["real"]["runs"]
     assert r.stdout.index("evaluation done") < r.stdout.index("samples.png written")
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    import torch
+
+    from diffusion.checkpoint import save_checkpoint
+    from diffusion.schedules import ScheduleConfig
+    from diffusion.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    return save_checkpoint(path, UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                                 attn_resolutions=(), dropout=0.0)),
+                           ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {"note": "random weights, for tests"})
+
+
+def test_a_deadline_stops_the_experiment_leaves_out_training_and_compiles_but_times_eager(tmp_path):
+    """With the deadline already near: the experiment stops at its first progress report (its folder still comes
+    back), training is left out for the given checkpoint, the eager rows and the DDPM probe run, and the compiled
+    variants are left out, each said in session.json."""
+    import tarfile
+
+    data = write_tar(tmp_path / "cifar10-jpeg.tar.gz", make_images(CIFAR10_CLASSES, 2),
+                     make_images(CIFAR10_CLASSES, 2, offset=5))
+    ckpt = _tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--deadline-s", "1", "--config", "tiny", "--batch-sizes", "2",
+            "--repeats", "1", "--ddpm-probe-steps", "1", "--steps", "2",
+            "--evaluate-per-class", "1", "--evaluate-checkpoint", str(ckpt), "--evaluate-classifier", "mlp",
+            "--evaluate-epochs", "1", "--evaluate-seeds", "0", "--evaluate-batch", "4"]
+    run_there(argv, tmp_path)
+    s = json.loads((out / "session.json").read_text())
+    assert s["evaluation"]["stopped"].startswith("stopped at 0%") and "accuracy" not in s["evaluation"]
+    with tarfile.open(out / "evaluation.tar.gz") as tar:
+        assert all(n.startswith("evaluation") for n in tar.getnames())
+    assert "before the deadline" in s["training"]["skipped"] and s["checkpoint"]["dir"] == str(ckpt)
+    assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2)]
+    assert s["ddpm_1000_steps"]["noise_seconds_per_step"] is not None
+    assert s["skipped"] == [s["skipped"][0]] and s["skipped"][0].startswith("compile reduce-overhead, batch 2")
+    assert "errors" not in s and s["finished"]
+    assert not list(out.glob(".*tmp"))  # session.json is replaced whole, no temporary file stays
+
+
+def test_a_stage_that_fails_is_recorded_and_the_next_ones_run(tmp_path):
+    data = write_tar(tmp_path / "train-only.tar.gz", make_images(CIFAR10_CLASSES, 2))  # no test split
+    ckpt = _tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--skip-train", str(ckpt), "--batch-sizes", "2", "--repeats", "1",
+            "--ddpm-probe-steps", "1", "--steps", "2", "--no-compile",
+            "--evaluate-per-class", "1", "--evaluate-checkpoint", str(ckpt), "--evaluate-classifier", "mlp",
+            "--evaluate-epochs", "1", "--evaluate-seeds", "0"]
+    r = run_there(argv, tmp_path)
+    s = json.loads((out / "session.json").read_text())
+    assert list(s["errors"]) == ["evaluation"] and "evaluation failed" in r.stdout
+    assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2)] and s["finished"]
+    assert (out / "samples.png").exists()
