@@ -62,13 +62,20 @@ class NoiseSchedule:
         self.betas = make_betas(config.name, config.timesteps)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR(t) = abar_t / (1 - abar_t), float64."""
         abar = self.alphas_cumprod[t.cpu()]
         return abar / (1 - abar)
 
+    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        """``alphas_cumprod`` on ``device``, copied there once (q_sample runs at every training step)."""
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_cumprod.to(device)
+        return self._on_device[device]
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.   x0, noise: [N, C, H, W]; t: [N] long."""
-        abar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
+        abar = self._alphas_cumprod_on(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise

@@ -33,6 +33,18 @@ def _state(out):
 # --------------------------------------------------------------------------- pieces
 
 
+def test_ema_update_moves_every_parameter_toward_the_model_and_copies_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model[1].running_mean.fill_(2.0)
+    before = [e.detach().clone() for e in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for b, e, p in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(e, b + 0.1 * (p - b))
+    assert (ema[1].running_mean == 2.0).all()
+
+
 def test_ema_decay_warm_up():
     assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
     ds = [ema_decay_at(s, 0.9999) for s in (0, 1, 10, 100, 1000, 10_000, 100_000)]
