@@ -17,13 +17,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 @lru_cache(maxsize=8)
-def _store(url: str, prefix: str) -> JobStore:
-    return JobStore(connect(url), prefix)
+def _store(url: str, prefix: str, keep: int) -> JobStore:
+    return JobStore(connect(url), prefix, keep)
 
 
 def get_store(settings: SettingsDep) -> JobStore:
     """The job-record store for the configured Redis (one connection pool per URL)."""
-    return _store(settings.redis_url, settings.key_prefix)
+    return _store(settings.redis_url, settings.key_prefix, settings.keep_jobs)
 
 
 def get_celery(settings: SettingsDep) -> Celery:

@@ -7,14 +7,17 @@
 
 Status moves queued -> running -> succeeded | failed | canceled (running -> running again when a
 crashed worker's job is delivered again). Transitions are atomic (a Lua script at submit,
-WATCH/MULTI after), so an API cancel and a worker start never both win.
+WATCH/MULTI after), so an API cancel and a worker start never both win. A finished job's record
+expires after ``DREAMDATA_KEEP_JOBS`` seconds (a week by default), and the worker then deletes its folder.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterable
 
 import redis
@@ -72,8 +75,11 @@ def connect(url: str) -> redis.Redis:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str = "dreamdata"):
-        self.r, self.prefix = client, prefix
+    """Job records in Redis.  ``keep``: seconds a finished job's record stays (0: for ever); its files go with it
+    (``prune_job_dirs``), and the list of recent jobs forgets ids older than twice that."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "dreamdata", keep: int = 0):
+        self.r, self.prefix, self.keep = client, prefix, keep
         self._create = client.register_script(_CREATE)
         self._update = client.register_script(_UPDATE)
 
@@ -94,6 +100,8 @@ class JobStore:
         args = [max_queued, record["created_at"], record["id"]] + _flatten(record)
         if not self._create(keys=[self.key(record["id"]), self.recent_key, self.queued_key], args=args):
             raise QueueFull(f"{max_queued} jobs are queued already; try again later")
+        if self.keep:  # ids of records long expired; an active job's record itself never expires
+            self.r.zremrangebyscore(self.recent_key, "-inf", f"({record['created_at'] - 2 * self.keep}")
 
     def get(self, job_id: str) -> dict | None:
         """The record, or None for an unknown job (or a remnant without a status, which no job has)."""
@@ -161,8 +169,11 @@ class JobStore:
             new = fields(old) if callable(fields) else fields
             pipe.multi()
             pipe.hset(key, mapping=dict(_pairs(dict(new, updated_at=time.time()))))
-            if new.get("status", old["status"]) != QUEUED:
+            status = new.get("status", old["status"])
+            if status != QUEUED:
                 pipe.zrem(self.queued_key, job_id)
+            if self.keep and status in TERMINAL:
+                pipe.expire(key, self.keep)
             result[0] = old
 
         self.r.transaction(apply, key)
@@ -175,3 +186,23 @@ def _pairs(fields: dict) -> Iterable[tuple[str, str]]:
 
 def _flatten(record: dict) -> list[str]:
     return [x for pair in _pairs(record) for x in pair]
+
+
+def prune_job_dirs(jobs_dir: Path, store: JobStore, now: float | None = None) -> list[str]:
+    """Delete the ``jobs/<id>/`` folders whose record has expired (``JobStore.keep``) and that nothing has written
+    to for as long; returns their ids.  A folder whose record exists is kept, whatever its age."""
+    if not store.keep or not jobs_dir.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for folder in jobs_dir.iterdir():
+        if not (folder.is_dir() and is_job_id(folder.name)):
+            continue
+        try:
+            if now - folder.stat().st_mtime < store.keep or store.r.exists(store.key(folder.name)):
+                continue
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
                                                              "whose worker died waits this long)")
     eval_data: Path | None = Field(None, description="the labelled data set of POST /evaluations (CIFAR-10 "
                                                      ".tar.gz or folder); unset: evaluations are off (503)")
+    keep_jobs: int = Field(7 * 24 * 3600, ge=0, description="seconds a finished job's record and files are kept "
+                                                          "(the worker deletes older folders); 0: for ever")
     max_attempts: int = Field(3, ge=1, description="deliveries of one job (worker crashes) before it is failed")
     progress_interval: float = Field(0.5, ge=0.0, description="least seconds between progress writes")
     ping_timeout: float = Field(1.0, gt=0.0, description="seconds /readyz waits for a worker to answer")

@@ -15,7 +15,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
 from .celery_app import TASK_EVALUATE, TASK_GENERATE
-from .jobs import ACTIVE, FAILED, JobStore, connect
+from .jobs import ACTIVE, FAILED, JobStore, connect, prune_job_dirs
 from .settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=4)
 def job_store(settings: Settings) -> JobStore:
     """The job-record store of this process (redis-py reconnects after a fork)."""
-    return JobStore(connect(settings.redis_url), settings.key_prefix)
+    return JobStore(connect(settings.redis_url), settings.key_prefix, settings.keep_jobs)
 
 
 class JobTask(Task):
@@ -46,8 +46,11 @@ def generate(self: Task, job_id: str, request: dict) -> dict:
     from .generation import run_generation
 
     settings = get_settings()
-    return run_generation(job_id, request, store=job_store(settings), settings=settings,
-                          worker=self.request.hostname)
+    try:
+        return run_generation(job_id, request, store=job_store(settings), settings=settings,
+                              worker=self.request.hostname)
+    finally:
+        prune_expired(settings)
 
 
 @shared_task(name=TASK_EVALUATE, bind=True, base=JobTask)
@@ -56,8 +59,31 @@ def evaluate(self: Task, job_id: str, request: dict) -> dict:
     from .evaluation import run_evaluation_job
 
     settings = get_settings()
-    return run_evaluation_job(job_id, request, store=job_store(settings), settings=settings,
-                              worker=self.request.hostname)
+    try:
+        return run_evaluation_job(job_id, request, store=job_store(settings), settings=settings,
+                                  worker=self.request.hostname)
+    finally:
+        prune_expired(settings)
+
+
+PRUNE_EVERY_S = 3600.0
+_pruned_at = [float("-inf")]
+
+
+def prune_expired(settings: Settings) -> list[str]:
+    """Delete the folders of jobs whose records expired (``DREAMDATA_KEEP_JOBS``), at most once an hour per
+    process: at start-up and after jobs.  Never raises (a job's outcome does not depend on it)."""
+    if time.monotonic() - _pruned_at[0] < PRUNE_EVERY_S:
+        return []
+    _pruned_at[0] = time.monotonic()
+    try:
+        removed = prune_job_dirs(settings.jobs_dir, job_store(settings))
+    except Exception:
+        log.exception("could not delete expired job folders")
+        return []
+    if removed:
+        log.info("deleted the folders of %d expired jobs", len(removed))
+    return removed
 
 
 @worker_process_init.connect
@@ -69,3 +95,4 @@ def _warm_up(**_: object) -> None:
         worker_model(get_settings())
     except Exception:  # the job will fail with the same, clearer error; keep the worker up
         log.exception("could not load the checkpoint at start-up")
+    prune_expired(get_settings())

@@ -185,3 +185,65 @@ def test_concurrent_readiness_checks_share_one_worker_ping():
         raise ConnectionError("broker gone")
     assert shared.workers("redis://x", broken) == []  # a ping after the shared one pings again
     assert shared.workers("redis://y", lambda: None) == []
+
+
+def test_a_finished_job_expires_after_keep_and_old_ids_leave_the_recent_list(settings):
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}", keep=100)
+    done, running = new_job_id(), new_job_id()
+    for i in (done, running):
+        store.create(new_record(i, {"steps": 2}, 1, 2), max_queued=10)
+    assert store.r.ttl(store.key(done)) == -1  # queued: kept
+    store.transition(done, ("queued",), {"status": "running"})
+    store.transition(running, ("queued",), {"status": "running"})
+    assert store.r.ttl(store.key(done)) == -1  # running: kept, however long it runs
+    store.transition(done, ("running",), {"status": "succeeded"})
+    assert 0 < store.r.ttl(store.key(done)) <= 100 and store.r.ttl(store.key(running)) == -1
+    canceled = new_job_id()
+    store.create(new_record(canceled, {"steps": 2}, 1, 2), max_queued=10)
+    store.request_cancel(canceled)
+    assert 0 < store.r.ttl(store.key(canceled)) <= 100
+    # ids submitted more than twice `keep` before a new job leave the list of recent jobs
+    old = dict(new_record(new_job_id(), {"steps": 2}, 1, 2), created_at=time.time() - 201)
+    store.create(old, max_queued=10)
+    store.create(new_record(new_job_id(), {"steps": 2}, 1, 2), max_queued=10)
+    assert store.r.zscore(store.recent_key, old["id"]) is None and store.r.zscore(store.recent_key, done) is not None
+    forever = JobStore(store.r, store.prefix)  # keep=0: nothing expires
+    kept = new_job_id()
+    forever.create(new_record(kept, {"steps": 2}, 1, 2), max_queued=10)
+    forever.request_cancel(kept)
+    assert forever.r.ttl(forever.key(kept)) == -1
+
+
+def test_the_worker_deletes_only_folders_of_expired_jobs(settings, tmp_path, monkeypatch):
+    import os
+
+    import worker.tasks as tasks
+    from worker.jobs import prune_job_dirs
+
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}", keep=100)
+    jobs = tmp_path / "jobs"
+    live_old, gone_old, gone_new = new_job_id(), new_job_id(), new_job_id()
+    store.create(new_record(live_old, {"steps": 2}, 1, 2), max_queued=10)
+    for i in (live_old, gone_old, gone_new):
+        (jobs / i / "images").mkdir(parents=True)
+        (jobs / i / "images" / "00000.png").write_bytes(b"png")
+    (jobs / "not-a-job").mkdir()
+    old = time.time() - 1000
+    for i in (live_old, gone_old):
+        os.utime(jobs / i, (old, old))
+    os.utime(jobs / "not-a-job", (old, old))
+    assert prune_job_dirs(jobs, JobStore(store.r, store.prefix)) == []  # keep=0: nothing is deleted
+    assert prune_job_dirs(jobs, store) == [gone_old]
+    assert sorted(p.name for p in jobs.iterdir()) == sorted([live_old, gone_new, "not-a-job"])
+
+    # the worker's hook: at most once an hour per process, and never an error out of it
+    s = settings.model_copy(update={"data_dir": tmp_path, "key_prefix": store.prefix, "keep_jobs": 100})
+    monkeypatch.setattr(tasks, "_pruned_at", [float("-inf")])
+    os.utime(jobs / gone_new, (old, old))
+    assert tasks.prune_expired(s) == [gone_new]
+    (jobs / gone_old).mkdir()
+    os.utime(jobs / gone_old, (old, old))
+    assert tasks.prune_expired(s) == [] and (jobs / gone_old).exists()  # within the hour: not again
+    monkeypatch.setattr(tasks, "_pruned_at", [float("-inf")])
+    monkeypatch.setattr(tasks, "prune_job_dirs", lambda *a: 1 / 0)
+    assert tasks.prune_expired(s) == []
