@@ -20,7 +20,8 @@ each written as soon as it exists, so a call stopped at its time limit still bri
    ``evaluation.tar.gz`` (the synthetic images stay behind) and its accuracies go into session.json.
 1. Training: ``training.train.train`` with ``--config`` (default ``cifar10-gpu``: the shipped model's
    UNet, batch 512, bf16 autocast, channels_last, ``torch.compile``) for ``--train-minutes`` of
-   training wall time, compile included.
+   training wall time, compile included (so ``--train-compile auto`` trains eager when it gets fewer
+   than ``COMPILE_TRAIN_MIN_MINUTES``: a compile of one to two minutes, estimated, would eat a short run).
 2. Sampling: images/s of the default sampler (``DEFAULT_SETTINGS``) on the trained checkpoint at each
    of ``--batch-sizes``, in bf16 autocast: eager, and ``torch.compile(mode="reduce-overhead")`` (inductor
    kernels replayed as CUDA graphs; each batch shape compiles once, before timing), the median of
@@ -100,6 +101,7 @@ from training.train import train  # noqa: E402
 # its --train-minutes; the least time left to start a compiled sampling variant (one compile, 30-60 s, and
 # its timed runs); the shortest training worth running (else the shipped checkpoint is timed instead).
 SAMPLING_RESERVE_S = 90.0
+COMPILE_TRAIN_MIN_MINUTES = 4.0  # --train-compile auto: a compile (1-2 min, counted in the minutes) pays off past this
 TRAIN_SETUP_S = 30.0
 COMPILE_MIN_S = 120.0
 MIN_TRAIN_S = 30.0
@@ -129,6 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="override the config's batch")
     p.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
     p.add_argument("--no-compile", action="store_true", help="train and sample without torch.compile")
+    p.add_argument("--train-compile", choices=("auto", "on", "off"), default="auto",
+                   help=f"torch.compile the training step; auto: when the training gets at least "
+                        f"{COMPILE_TRAIN_MIN_MINUTES:g} minutes (its compile time counts in them)")
     p.add_argument("--skip-train", metavar="CHECKPOINT", default=None,
                    help="time sampling of this checkpoint instead of training one")
     p.add_argument("--batch-sizes", default="100,1000", help="images per timed sampling run (default 100,1000)")
@@ -197,8 +202,11 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
         overrides["batch_size"] = args.batch_size
     if args.lr:
         overrides["lr"] = args.lr
-    if args.no_compile:
+    if args.no_compile or args.train_compile == "off" or (
+            args.train_compile == "auto" and minutes < COMPILE_TRAIN_MIN_MINUTES):
         overrides["compile"] = False
+    elif args.train_compile == "on":
+        overrides["compile"] = True
     cfg = resolve_config(args.config, **overrides)
     work = Path(args.work) if args.work else work_dir(out, "-train")
     log(f"training {args.config} for {minutes:.2f} min: batch {cfg.batch_size}, lr {cfg.lr}, "
