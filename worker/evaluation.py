@@ -98,7 +98,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     except JobCanceled:
         return record_canceled(store, job_id, out)
     except Exception as e:
-        record_failed(store, job_id, e, settings.eval_time_limit)
+        record_failed(store, job_id, e, settings.eval_time_limit, settings)
         raise
     arms = report["arms"]
     output = {"plots": plot_names(report["files"]), "accuracy_mean": {a: arms[a]["accuracy_mean"] for a in arms},

@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 from dataclasses import replace
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -104,17 +105,30 @@ def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
     return {"id": job_id, "status": status}
 
 
-def record_failed(store: JobStore, job_id: str, exc: BaseException, time_limit: int) -> None:
-    """A run that raised: mark the job failed with the message a user sees (the caller re-raises)."""
+def record_failed(store: JobStore, job_id: str, exc: BaseException, time_limit: int,
+                  settings: Settings | None = None) -> None:
+    """A run that raised: mark the job failed with the message a user sees (the caller re-raises; the worker's
+    log keeps the whole traceback)."""
+    hide = server_paths(settings) if settings is not None else ()
     store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
-                                           "error": describe(exc, time_limit)})
+                                           "error": describe(exc, time_limit, hide)})
 
 
-def describe(exc: BaseException, time_limit: int) -> str:
-    """The error message a user sees on a failed job (``time_limit``: the job's soft limit, seconds)."""
+def server_paths(settings: Settings) -> list[Path]:
+    """The worker's folders and files that an error message may name: the API shows their names only."""
+    paths = [settings.data_dir, settings.checkpoint] + ([settings.eval_data] if settings.eval_data else [])
+    return paths + [p.resolve() for p in paths]
+
+
+def describe(exc: BaseException, time_limit: int, hide: Iterable[Path] = ()) -> str:
+    """The error message a user sees on a failed job (``time_limit``: the job's soft limit, seconds), each of
+    ``hide`` named by its last part (no server paths in what the API serves)."""
     if isinstance(exc, SoftTimeLimitExceeded):
         return f"time limit of {time_limit} s exceeded"
-    return f"{type(exc).__name__}: {exc}"
+    message = f"{type(exc).__name__}: {exc}"
+    for path in sorted({str(p) for p in hide if str(p) not in ("", ".")}, key=len, reverse=True):
+        message = message.replace(path, Path(path).name or path)
+    return message
 
 
 def start_job(store: JobStore, job_id: str, settings: Settings, worker: str | None) -> dict | None:
@@ -161,7 +175,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     except JobCanceled:
         return record_canceled(store, job_id, out)
     except Exception as e:
-        record_failed(store, job_id, e, settings.job_time_limit)
+        record_failed(store, job_id, e, settings.job_time_limit, settings)
         raise
     total = len(manifest["images"])
     result = {

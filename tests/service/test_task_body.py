@@ -187,6 +187,7 @@ def test_a_corrupt_checkpoint_fails_the_job_with_the_reason(store, body_settings
         run_generation(job_id, REQUEST, store=store, settings=settings)
     rec = store.get(job_id)
     assert rec["status"] == "failed" and rec["error"].startswith("CheckpointError: ") and "unreadable" in rec["error"]
+    assert "broken-ckpt" in rec["error"] and str(tmp_path) not in rec["error"]  # its name, not the server's path
 
 
 def test_guidance_interval_reaches_the_sampler_and_the_records(store, body_settings):
