@@ -15,7 +15,15 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"  # as in diffusio
 
 
 class CheckpointMissing(Exception):
-    """The configured checkpoint directory has no readable config.json."""
+    """The configured checkpoint directory has no readable config.json.  ``path``: the directory, which the API's
+    503 names by its last part only (the log gives it whole)."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def public(self) -> str:
+        return str(self).replace(str(self.path), Path(self.path).name) if self.path else str(self)
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ def model_info(path: Path) -> ModelInfo:
     try:
         mtime = cfg.stat().st_mtime_ns
     except OSError:
-        raise CheckpointMissing(f"no checkpoint at {path} (no {CONFIG_FILE}); set DREAMDATA_CHECKPOINT") from None
+        raise CheckpointMissing(f"no checkpoint at {path} (no {CONFIG_FILE}); set DREAMDATA_CHECKPOINT", path) from None
     return _read(str(path.resolve()), mtime)
 
 
@@ -55,9 +63,9 @@ def _read(path: str, mtime_ns: int) -> ModelInfo:
     try:
         config = json.loads((Path(path) / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointMissing(f"unreadable checkpoint config {path}/{CONFIG_FILE}: {e}") from e
+        raise CheckpointMissing(f"unreadable checkpoint config {path}/{CONFIG_FILE}: {e}", path) from e
     if not isinstance(config.get("class_names"), list) or not config["class_names"]:
-        raise CheckpointMissing(f"{path}/{CONFIG_FILE} has no class_names")
+        raise CheckpointMissing(f"{path}/{CONFIG_FILE} has no class_names", path)
     return ModelInfo(Path(path), config)
 
 

@@ -66,8 +66,9 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
-async def _no_checkpoint(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=503)
+async def _no_checkpoint(request: Request, exc: CheckpointMissing) -> JSONResponse:
+    log.warning("%s", exc)  # the whole path for the operator; the client gets the checkpoint's name
+    return JSONResponse({"detail": exc.public()}, status_code=503)
 
 
 # The largest request body read (bytes). The biggest real ones, a generation or evaluation request in JSON,

@@ -22,6 +22,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 class _Stop(Exception):
     """SIGTERM, turned into an exception so that ``finally`` blocks run."""
 
+
+def redact(url: str) -> str:
+    """``url`` with its password, if any, as ``***`` (for logs)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="where jobs/<id>/ go (default: $DREAMDATA_DATA_DIR or ./data)")
@@ -178,7 +183,7 @@ def run_serve(args: argparse.Namespace) -> None:
             redis_server = RedisServer(settings.data_dir / "redis").start()
             os.environ["REDIS_URL"] = redis_server.url
             get_settings.cache_clear()
-        log.info("redis at %s; data in %s; checkpoint %s", get_settings().redis_url, settings.data_dir.resolve(),
+        log.info("redis at %s; data in %s; checkpoint %s", redact(get_settings().redis_url), settings.data_dir.resolve(),
                  settings.checkpoint)
         worker = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
                                   start_new_session=True, preexec_fn=die_with_parent)

@@ -314,6 +314,7 @@ def test_missing_checkpoint_is_503(make_settings, tmp_path):
     with client_for(make_settings(checkpoint=tmp_path / "nothing")) as c:
         r = c.get("/classes")
         assert r.status_code == 503 and "nothing" in r.json()["detail"]
+        assert str(tmp_path) not in r.text  # the checkpoint's name, not its path on the server
         assert c.post("/generate?class=cat&n=1").status_code == 503
 
 

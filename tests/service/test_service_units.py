@@ -247,3 +247,11 @@ def test_the_worker_deletes_only_folders_of_expired_jobs(settings, tmp_path, mon
     monkeypatch.setattr(tasks, "_pruned_at", [float("-inf")])
     monkeypatch.setattr(tasks, "prune_job_dirs", lambda *a: 1 / 0)
     assert tasks.prune_expired(s) == []
+
+
+def test_the_redis_password_never_reaches_the_log():
+    from worker.serve import redact
+
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact("rediss://user:p%40ss@host:6380/1") == "rediss://user:***@host:6380/1"
