@@ -47,6 +47,7 @@ def redact(url: str) -> str:
     """``url`` with its password, if any, as ``***`` (for logs)."""
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="where jobs/<id>/ go (default: $DREAMDATA_DATA_DIR or ./data)")
     p.add_argument("--checkpoint", default=None,
