@@ -101,6 +101,7 @@ from training.train import train  # noqa: E402
 # its --train-minutes; the least time left to start a compiled sampling variant (one compile, 30-60 s, and
 # its timed runs); the shortest training worth running (else the shipped checkpoint is timed instead).
 SAMPLING_RESERVE_S = 90.0
+EVAL_PACK_S = 15.0  # packing the experiment's folder (its runs and report, not the images) into the archive
 COMPILE_TRAIN_MIN_MINUTES = 4.0  # --train-compile auto: a compile (1-2 min, counted in the minutes) pays off past this
 TRAIN_SETUP_S = 30.0
 COMPILE_MIN_S = 120.0
@@ -196,7 +197,7 @@ def stage(name: str, fn, summary: dict, save):
         return None
 
 
-def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, minutes: float) -> Path:
+def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, minutes: float, clock: Clock) -> Path:
     overrides = {"max_minutes": minutes, "max_steps": 10_000_000}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
@@ -220,10 +221,14 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
         traceback.print_exc()
         summary.setdefault("errors", {})["training (compiled)"] = f"{type(e).__name__}: {e}"
         save()
-        log("compiled training failed; training eager for the time left")
-        left = minutes - (time.perf_counter() - t0) / 60
-        cfg = replace(cfg, compile=False, max_minutes=max(left, MIN_TRAIN_S / 60))
-        ckpt_dir = train(cfg, args.data, work, resume=True, progress=False)
+        # eager, in a fresh folder (max_minutes counts a resumed run's earlier time too), for what the deadline leaves
+        left = min(minutes * 60 - (time.perf_counter() - t0), clock.left() - SAMPLING_RESERVE_S - TRAIN_SETUP_S)
+        if left < MIN_TRAIN_S:
+            raise
+        log(f"compiled training failed; training eager for {left / 60:.2f} min")
+        cfg = replace(cfg, compile=False, max_minutes=left / 60)
+        work = work_dir(out, "-train-eager")
+        ckpt_dir = train(cfg, args.data, work, resume=False, progress=False)
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {}
     steady = [r["images_per_s"] for r in rows[len(rows) // 2:]]  # the second half: compile and warm-up behind
@@ -353,12 +358,15 @@ def evaluate_at_size(args: argparse.Namespace, out: Path, device: torch.device, 
         sample_batch_size=args.evaluate_batch, device=device.type)
     log(f"evaluation: {settings.classifier}, k {settings.synthetic_per_class} per class, f {settings.real_fraction}, "
         f"{settings.epochs} epochs, seeds {list(settings.seeds)} -> {work / 'report'}")
-    stop_at = MIN_TRAIN_S + TRAIN_SETUP_S + SAMPLING_RESERVE_S  # seconds left when it must give way
-    done = [0.0, ""]
+    # seconds left when it must give way: a short training, its set-up, the sampling, and packing the archive
+    stop_at = MIN_TRAIN_S + TRAIN_SETUP_S + SAMPLING_RESERVE_S + EVAL_PACK_S
+    last = [""]
 
     def progress(fraction: float, message: str) -> None:
-        done[:] = [fraction, message]
-        if clock.left() < stop_at:
+        # Stops while sampling or as a stage or classifier run begins, never inside a run (a run that trained to
+        # its end is saved, and comes back) and never at the end ("done", after the report is written).
+        new, last[0] = message != last[0], message
+        if fraction < 1 and (new or message.startswith("sampling")) and clock.left() < stop_at:
             raise OutOfTime(f"stopped at {fraction:.0%} ({message}): {clock.left():.0f} s left before the deadline")
 
     t0 = time.perf_counter()
@@ -426,7 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
         if fits < minutes:  # shortened to fit the deadline; too short to be worth it, left out
             minutes = fits if fits * 60 >= MIN_TRAIN_S else 0.0
         if minutes > 0:
-            ckpt_dir = stage("training", lambda: train_checkpoint(args, out, summary, save, minutes), summary, save)
+            ckpt_dir = stage("training", lambda: train_checkpoint(args, out, summary, save, minutes, clock), summary,
+                             save)
         else:
             summary["training"] = {"skipped": f"{clock.left():.0f} s left before the deadline"}
             log("training left out: too little time before the deadline")

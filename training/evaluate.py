@@ -60,7 +60,7 @@ from diffusion.spec import (DEFAULT_SETTINGS, GuidanceInterval, check_eta, check
                             effective_interval, requested_precision)
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
-                          default_train_settings, predict, train_classifier)
+                          TrainSettings, default_train_settings, predict, train_classifier)
 from .data import LabelledImages, load_dataset
 from .evaluate_report import write_outputs
 from .evaluation_stats import mean_std, paired_delta
@@ -220,6 +220,16 @@ def summarize(class_names: Sequence[str], per_seed: dict[str, list[dict]]) -> di
     return arms
 
 
+def _key_settings(tset: TrainSettings, n_images: int) -> dict:
+    """The training settings that decide a run's result, for its saved-run key.  Under a step budget an arm with
+    fewer images than a batch is trained on full batches of repeated shuffles since 2026-12-01 (smaller batches
+    before): its key says so, and a run saved the old way is trained again."""
+    d = tset.to_dict()
+    if tset.steps is not None and n_images < tset.batch_size:
+        d["small_set_batches"] = "full, from repeated shuffles"
+    return d
+
+
 def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
                    progress: ProgressFn | None = None,   # (fraction, message); raise from it to cancel
                    checkpoint: Checkpoint | None = None, # an already loaded checkpoint (the worker's)
@@ -281,7 +291,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         params = count_parameters(model)
         key = run_key(settings, data_fingerprint=data_fingerprint, width=model.width,
                       checkpoint_sha256=synth_info["checkpoint_sha256"],
-                      synthetic_set=Path(synth_info["cache_dir"]).name, train_settings=tset.to_dict(),
+                      synthetic_set=Path(synth_info["cache_dir"]).name, train_settings=_key_settings(tset, n_images),
                       device=device, arm=arm, seed=seed)
         run = load_run(out, arm, seed, key) if resume else None
         saved = run is not None

@@ -243,8 +243,9 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     per_rank = cfg.batch_size // dd.world
     if per_rank < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the world size {dd.world}")
-    # On a GPU the data set lives there (CIFAR-10: 150 MB of uint8): a batch is gathered and flipped on the GPU
-    # instead of on the CPU and copied over every step.  The random draws stay on the CPU generator either way.
+    # On a GPU the data set lives there (CIFAR-10: 150 MB of uint8): a batch is gathered, flipped and converted on
+    # the GPU, instead of on the CPU with its 6 MB of floats copied over every step.  The random draws stay on the
+    # CPU generator (the same streams on any device); their small copies still wait for the GPU at each step.
     images_u8 = ds.images.to(device) if device.type == "cuda" else ds.images
     labels_all = ds.labels.to(images_u8.device)
     n_data = len(labels_all)
@@ -269,7 +270,7 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and dd.main), unit="step",
                dynamic_ncols=True)
-    # summed on the device and read at log steps only: a .item() per step would wait for every GPU step
+    # summed on the device and read at log steps only (one wait for the GPU fewer per step)
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     n_acc, t_log = 0, time.perf_counter()
     t_start_wall = wall

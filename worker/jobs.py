@@ -76,7 +76,7 @@ def connect(url: str) -> redis.Redis:
 
 class JobStore:
     """Job records in Redis.  ``keep``: seconds a finished job's record stays (0: for ever); its files go with it
-    (``prune_job_dirs``), and the list of recent jobs forgets ids older than twice that."""
+    (``prune_job_dirs``), and the list of recent jobs forgets expired ids submitted more than twice that ago."""
 
     def __init__(self, client: redis.Redis, prefix: str = "dreamdata", keep: int = 0):
         self.r, self.prefix, self.keep = client, prefix, keep
@@ -100,8 +100,21 @@ class JobStore:
         args = [max_queued, record["created_at"], record["id"]] + _flatten(record)
         if not self._create(keys=[self.key(record["id"]), self.recent_key, self.queued_key], args=args):
             raise QueueFull(f"{max_queued} jobs are queued already; try again later")
-        if self.keep:  # ids of records long expired; an active job's record itself never expires
-            self.r.zremrangebyscore(self.recent_key, "-inf", f"({record['created_at'] - 2 * self.keep}")
+        if self.keep:
+            self._forget_expired(record["created_at"] - 2 * self.keep)
+
+    def _forget_expired(self, before: float, batch: int = 100) -> None:
+        """Drop from the recent list the ids submitted before ``before`` whose record has expired (an old id of
+        a job still running, or finished less than ``keep`` ago, stays)."""
+        old = self.r.zrangebyscore(self.recent_key, "-inf", f"({before}", start=0, num=batch)
+        if not old:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in old:
+            pipe.exists(self.key(job_id.decode()))
+        gone = [job_id for job_id, exists in zip(old, pipe.execute()) if not exists]
+        if gone:
+            self.r.zrem(self.recent_key, *gone)
 
     def get(self, job_id: str) -> dict | None:
         """The record, or None for an unknown job (or a remnant without a status, which no job has)."""

@@ -72,7 +72,7 @@ _pruned_at = [float("-inf")]
 
 def prune_expired(settings: Settings) -> list[str]:
     """Delete the folders of jobs whose records expired (``DREAMDATA_KEEP_JOBS``), at most once an hour per
-    process: at start-up and after jobs.  Never raises (a job's outcome does not depend on it)."""
+    process: after jobs, and as a prefork pool process starts.  Never raises (a job's outcome does not depend on it)."""
     if time.monotonic() - _pruned_at[0] < PRUNE_EVERY_S:
         return []
     _pruned_at[0] = time.monotonic()

@@ -26,11 +26,13 @@ class _SharedPing:
         self._cond = threading.Condition()
         self._running: set[str] = set()          # brokers with a ping in flight
         self._answers: dict[str, list[str]] = {}  # broker -> worker names of its last ping
+        self._finished: dict[str, int] = {}       # broker -> pings finished (a waiter waits for the next one)
 
     def workers(self, broker: str, ping: Callable[[], list | None]) -> list[str]:
         with self._cond:
-            if broker in self._running:  # join the ping in flight
-                self._cond.wait_for(lambda: broker not in self._running)
+            if broker in self._running:  # join the ping in flight: its answer, even if another has started since
+                target = self._finished.get(broker, 0) + 1
+                self._cond.wait_for(lambda: self._finished.get(broker, 0) >= target)
                 return self._answers.get(broker, [])
             self._running.add(broker)
         names: list[str] = []
@@ -41,6 +43,7 @@ class _SharedPing:
         finally:
             with self._cond:
                 self._answers[broker] = names
+                self._finished[broker] = self._finished.get(broker, 0) + 1
                 self._running.discard(broker)
                 self._cond.notify_all()
         return names

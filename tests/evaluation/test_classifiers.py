@@ -115,3 +115,15 @@ def test_under_a_step_budget_fewer_images_than_a_batch_still_make_full_batches()
     info = train_classifier(model, x, y, default_train_settings("mlp", 3, batch_size=64, flip=False), show_bar=False)
     assert (info["steps"], info["batch_size"], info["epochs"]) == (3, 30, 3.0)
     assert [sorted(b) for b in model.batches] == [list(range(30))] * 3
+
+
+def test_the_saved_run_key_of_an_arm_smaller_than_a_batch_names_its_batching():
+    """Runs of such arms saved before full batches (smaller batches then) must not be reused; others keep their
+    keys, and their saved runs."""
+    from training.evaluate import _key_settings
+
+    steps = default_train_settings("cnn", 10, steps=100)
+    assert _key_settings(steps, 512) == steps.to_dict()
+    assert _key_settings(steps, 511) == dict(steps.to_dict(), small_set_batches="full, from repeated shuffles")
+    epochs = default_train_settings("cnn", 10)
+    assert _key_settings(epochs, 30) == epochs.to_dict()  # trained for epochs: one batch of 30, as before

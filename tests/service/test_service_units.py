@@ -202,11 +202,18 @@ def test_a_finished_job_expires_after_keep_and_old_ids_leave_the_recent_list(set
     store.create(new_record(canceled, {"steps": 2}, 1, 2), max_queued=10)
     store.request_cancel(canceled)
     assert 0 < store.r.ttl(store.key(canceled)) <= 100
-    # ids submitted more than twice `keep` before a new job leave the list of recent jobs
-    old = dict(new_record(new_job_id(), {"steps": 2}, 1, 2), created_at=time.time() - 201)
-    store.create(old, max_queued=10)
+    # ids submitted more than twice `keep` before a new job leave the list of recent jobs once their record is gone
+    old, old_running = (dict(new_record(new_job_id(), {"steps": 2}, 1, 2), created_at=time.time() - 201)
+                        for _ in range(2))
+    for rec in (old, old_running):
+        store.create(rec, max_queued=10)
+    store.transition(old_running["id"], ("queued",), {"status": "running"})  # a long job: still listed
+    store.transition(old["id"], ("queued",), {"status": "failed"})
+    store.r.delete(store.key(old["id"]))  # as if it had expired
     store.create(new_record(new_job_id(), {"steps": 2}, 1, 2), max_queued=10)
-    assert store.r.zscore(store.recent_key, old["id"]) is None and store.r.zscore(store.recent_key, done) is not None
+    assert store.r.zscore(store.recent_key, old["id"]) is None
+    assert store.r.zscore(store.recent_key, old_running["id"]) is not None
+    assert store.r.zscore(store.recent_key, done) is not None
     forever = JobStore(store.r, store.prefix)  # keep=0: nothing expires
     kept = new_job_id()
     forever.create(new_record(kept, {"steps": 2}, 1, 2), max_queued=10)
