@@ -311,8 +311,8 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                 bar.update(1)
                 if step % cfg.log_every == 0 or stop or step == cfg.max_steps:
                     now = time.perf_counter()
-                    rec = {"step": step, "loss": loss_acc.item() / n_acc, "grad_norm": float(gnorm), "lr": lr_at(step - 1, cfg),
-                           "images_seen": images_seen, "wall_time_s": round(wall, 2),
+                    rec = {"step": step, "loss": loss_acc.item() / n_acc, "grad_norm": float(gnorm),
+                           "lr": lr_at(step - 1, cfg), "images_seen": images_seen, "wall_time_s": round(wall, 2),
                            "images_per_s": round(n_acc * per_rank * dd.world / max(now - t_log, 1e-9), 1)}
                     metrics_f.write(json.dumps(rec) + "\n")
                     metrics_f.flush()

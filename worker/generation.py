@@ -12,8 +12,8 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 

@@ -184,8 +184,8 @@ def run_serve(args: argparse.Namespace) -> None:
             redis_server = RedisServer(settings.data_dir / "redis").start()
             os.environ["REDIS_URL"] = redis_server.url
             get_settings.cache_clear()
-        log.info("redis at %s; data in %s; checkpoint %s", redact(get_settings().redis_url), settings.data_dir.resolve(),
-                 settings.checkpoint)
+        log.info("redis at %s; data in %s; checkpoint %s", redact(get_settings().redis_url),
+                 settings.data_dir.resolve(), settings.checkpoint)
         worker = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
                                   start_new_session=True, preexec_fn=die_with_parent)
         log.info("worker pid %d; API at http://%s:%d (docs at /docs)", worker.pid, args.host, args.port)
