@@ -2,8 +2,9 @@
 checkpoint, then time sampling (issue 5's GPU part).
 
 The device machine is lent for minutes, once, and keeps nothing; this script does the whole visit in one
-command and writes everything worth keeping under --out (the device tool's $OUT), at most 8 files,
-each written as soon as it exists, so a call stopped at its time limit still brings back what it did:
+command and writes everything worth keeping under --out (the device tool's $OUT), 7 files at most and the
+documented command's log.txt (the tool brings back 8), each written as soon as it exists, so a call stopped at
+its time limit still brings back what it did:
 
     session.json      what ran where (torch, GPU), the training summary, the sampling table
     config.json       the trained EMA checkpoint (``dreamdata sample --checkpoint DIR`` reads the pair)
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "deadline_s": args.deadline_s}
 
     def save() -> None:  # replaced whole: a kill mid-write leaves the previous session.json
-        tmp = out / ".session.json.tmp"
+        tmp = out / ".session.json.tmp"  # exists for the moment of a write only (it would be a 9th file)
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, out / "session.json")
 
