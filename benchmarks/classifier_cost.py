@@ -15,7 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from training.classifiers import (augment, build_classifier, count_parameters, default_train_settings, predict)
+from training.classifiers import (_autocast, augment, build_classifier, count_parameters, default_train_settings,
+                                  predict)
 from training.data import to_model_range
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
@@ -32,7 +33,8 @@ def time_steps(kind: str, width: int | None, batches: int, device: torch.device)
 
     def step() -> None:
         x = augment(to_model_range(x_all), g, s.crop, s.flip)
-        loss = F.cross_entropy(model(x), y_all, label_smoothing=s.label_smoothing)
+        with _autocast(device):  # as train_classifier trains (bf16 on a GPU)
+            loss = F.cross_entropy(model(x).float(), y_all, label_smoothing=s.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -47,9 +49,12 @@ def time_steps(kind: str, width: int | None, batches: int, device: torch.device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / batches
+    x_eval = x_all.repeat(-(-1000 // len(x_all)), 1, 1, 1)[:1000]  # 1000 images, whatever the batch
     t0 = time.perf_counter()
-    predict(model, x_all.repeat(2, 1, 1, 1)[:1000], device)
-    per_image_eval = (time.perf_counter() - t0) / 1000
+    predict(model, x_eval, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_image_eval = (time.perf_counter() - t0) / len(x_eval)
     return {"classifier": kind, "width": model.width, "params": count_parameters(model), "batch_size": s.batch_size,
             "timed_steps": batches, "s_per_step": round(per_step, 4),
             "s_per_epoch": round(per_step * (TRAIN_IMAGES // s.batch_size), 1),

@@ -413,10 +413,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
              compiled: bool = False) -> Row:
         name = "ours+compile" if compiled else "ours"
         progress(f"{name} {precision} {layout} batch {batch}, guidance {settings.guidance:g}")
-        rates, warm = run_ours(m, schedule, batch, settings, precision == "bf16", a.repeats, a.warmup_steps)
-        if compiled:  # the warm-up's time less what its steps take once compiled
-            run_s = batch / statistics.median(rates)
-            note = f"compile {warm - min(a.warmup_steps, settings.steps) / settings.steps * run_s:.1f} s (first call)"
+        # A compiled model warms up with a whole run: a short one may never take a guided step (two steps are
+        # at noise levels outside the guidance interval), and the guided shape (twice the batch) would then
+        # compile inside the first timed run.
+        warmup = settings.steps if compiled else a.warmup_steps
+        rates, warm = run_ours(m, schedule, batch, settings, precision == "bf16", a.repeats, warmup)
+        if compiled:  # the warm-up's time less what a run takes once compiled
+            note = f"compile {warm - batch / statistics.median(rates):.1f} s (first run)"
         return emit(Row(name, precision, layout, batch, settings.steps, glabel(settings),
                         model_calls(settings, schedule), flops, rates, note))
 

@@ -49,6 +49,12 @@ from training.plots import to_uint8  # noqa: E402
 UNFOLDED = "default, unfolded upsampling"
 
 
+def paired_ratios(a: list[float], b: list[float]) -> dict:
+    """Median, min and max of a[i] / b[i]: the ratio within each round, where both ran on the machine as it was
+    then (a ratio of the two medians would pair one round's rate with another's)."""
+    r = [x / y for x, y in zip(a, b)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": r}
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
@@ -118,11 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:
         print(f"{n:<30} {variants[n][1]:>9} {med[n]:>8.3f} {min(rates[n]):>8.3f} {max(rates[n]):>8.3f}")
     first = names[0]
-    for n in names[1:]:
-        print(f"{first} / {n}: {med[first] / med[n]:.2f}x")
-    if "diffusers" in med:
-        print(f"every step / diffusers: {med['every step'] / med['diffusers']:.2f}x")
-    result = {"rates": rates, "medians": med, "calls": {n: variants[n][1] for n in names}}
+    pairs = [(first, n) for n in names[1:]] + ([("every step", "diffusers")] if "diffusers" in med else [])
+    ratios = {}
+    print("ratios: the median [min, max] of the per-round ratios (each round times both in turn)")
+    for a_, b_ in pairs:
+        ratios[f"{a_} / {b_}"] = r = paired_ratios(rates[a_], rates[b_])
+        print(f"{a_} / {b_}: {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]")
+    result = {"rates": rates, "medians": med, "ratios": ratios, "calls": {n: variants[n][1] for n in names}}
     if a.unfolded:
         result["unfolded_difference"] = diff = image_difference(images[first], images[UNFOLDED])
         print(f"images, folded vs unfolded upsampling (same seeds), in 8-bit levels: {diff['changed']:.1%} of values "

@@ -176,6 +176,9 @@ def test_interleaved_ab_times_every_variant_in_every_round(ab, tiny_checkpoint, 
     calls = model_calls(SamplerSettings(d.sampler, 3, d.guidance, guidance_interval=d.guidance_interval), schedule)
     assert result["calls"] == {default: calls, "every step": 6, **({"diffusers": 6} if HAS_DIFFUSERS else {})}
     assert "round 2:" in out and f"{default} / every step: " in out
+    r = result["ratios"][f"{default} / every step"]  # paired by round, not a ratio of medians
+    assert r["rounds"] == [x / y for x, y in zip(result["rates"][default], result["rates"]["every step"])]
+    assert r["min"] <= r["median"] <= r["max"]
 
 
 def test_interleaved_ab_can_time_the_unfolded_upsampling_too(ab, tiny_checkpoint, capsys):
