@@ -4,8 +4,8 @@ timed interleaved (issue 5).
 ``benchmarks/sampling.py`` times its rows one after the other, so a machine whose speed drifts during
 its ~20 minutes (these shared machines do: the same row ran 10% slower late in a run than early)
 favours whichever rows came first. This script times only the three rows that the speed claims rest
-on, in rounds, each round running every variant once in a rotated order, and reports medians over
-the rounds:
+on, in rounds, each round running every variant once in a rotated order, and reports each variant's
+median over the rounds and each ratio as the median [min, max] of its per-round ratios:
 
     default     ``DEFAULT_SETTINGS`` as the service samples (with its guidance interval, if any)
     every step  the same sampler, steps and guidance, guided at every step (what diffusers does)
