@@ -191,11 +191,16 @@ def stage(name: str, fn, summary: dict, save):
     try:
         return fn()
     except Exception as e:
-        traceback.print_exc()
-        summary.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-        save()
-        log(f"{name} failed ({type(e).__name__}: {e}); going on")
+        record_error(name, e, summary, save)
         return None
+
+
+def record_error(name: str, e: Exception, summary: dict, save) -> None:
+    """Print the traceback, keep the error in ``summary["errors"][name]`` and write session.json."""
+    traceback.print_exc()
+    summary.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+    save()
+    log(f"{name} failed ({type(e).__name__}: {e}); going on")
 
 
 def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, minutes: float, clock: Clock) -> Path:
@@ -219,9 +224,7 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
     except Exception as e:
         if not cfg.compile:
             raise
-        traceback.print_exc()
-        summary.setdefault("errors", {})["training (compiled)"] = f"{type(e).__name__}: {e}"
-        save()
+        record_error("training (compiled)", e, summary, save)
         # eager, in a fresh folder (max_minutes counts a resumed run's earlier time too), for what the deadline leaves
         left = min(minutes * 60 - (time.perf_counter() - t0), clock.left() - SAMPLING_RESERVE_S - TRAIN_SETUP_S)
         if left < MIN_TRAIN_S:
@@ -316,7 +319,7 @@ def time_compiled(ckpt, args: argparse.Namespace, device: torch.device, summary:
 
 def time_ddpm_loop(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save) -> None:
     """The report's method: 1000 unguided ancestral steps; timed over a few, scaled (constant cost per step)."""
-    batch = max(int(b) for b in args.batch_sizes.split(","))
+    batch = max(_batches(args))
     labels = (torch.arange(batch) % len(ckpt.class_names)).to(device)
     x = torch.randn(batch, 3, ckpt.model.config.image_size, ckpt.model.config.image_size, device=device)
     t = torch.full((batch,), 999, device=device, dtype=torch.long)

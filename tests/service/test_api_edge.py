@@ -207,9 +207,8 @@ def test_final_files_only_once_the_job_succeeded(idle, idle_settings):
     job = idle.post("/generate?class=cat&n=2").json()
     folder = idle_settings.jobs_dir / job["id"]
     (folder / "images").mkdir(parents=True)
-    png = idle.get("/jobs").content  # any bytes: only where they are served from matters here
     for name in ("grid.png", "images.zip", "manifest.json", "images/00000.png", "report.json"):
-        (folder / name).write_bytes(png)
+        (folder / name).write_bytes(b"any bytes: only where they are served from matters here")
     _set_status(idle_settings, job["id"], "running")
     assert idle.get(f"{job['url']}/images/0.png").status_code == 200
     for f in ("grid.png", "images.zip", "manifest.json"):
