@@ -6,12 +6,12 @@ from functools import lru_cache
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Path, Security
+from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import APIKeyHeader
 
 from worker.celery_app import celery_for
 from worker.jobs import JobStore, connect, is_job_id
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, get_settings, is_loopback
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -38,10 +38,23 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False,
                         description="needed when the service has an API key (DREAMDATA_API_KEY)")
 
 
-def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key)] = None) -> None:
-    """401 unless the X-API-Key header matches the configured key (no key configured: open)."""
+NO_KEY_REMOTE = ("this service has no API key, so it answers only clients on its own machine (loopback); its "
+                 "operator can set DREAMDATA_API_KEY, or DREAMDATA_ALLOW_PUBLIC=1 when something else guards it")
+
+
+def require_api_key(request: Request, settings: SettingsDep,
+                    key: Annotated[str | None, Security(_api_key)] = None) -> None:
+    """401 unless the X-API-Key header matches the configured key.
+
+    No key configured: open to loopback clients (and to a Unix socket's), 403 for any other unless
+    ``allow_public``, whether the API was started by ``dreamdata api`` (which refuses such a host) or by
+    ``uvicorn app.main:create_app --factory --host 0.0.0.0``. Behind a reverse proxy that uvicorn trusts
+    (``--forwarded-allow-ips``), the client is the one the proxy names."""
     if settings.api_key is None:
-        return
+        client = request.client
+        if settings.allow_public or client is None or is_loopback(client.host):
+            return
+        raise HTTPException(403, NO_KEY_REMOTE)
     expected = settings.api_key.get_secret_value().encode()
     if key is None or not secrets.compare_digest(key.encode(), expected):
         raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "APIKey"})

@@ -14,12 +14,12 @@ Options override the ``DREAMDATA_*`` environment (see ``worker.settings``); they
 through the environment, so the worker that ``serve`` starts sees them too. The API listens on
 loopback unless told otherwise, and refuses a non-loopback ``--host`` without an API key
 (``DREAMDATA_API_KEY``) unless ``--allow-public`` (or ``DREAMDATA_ALLOW_PUBLIC=1``) says that
-something else guards it, e.g. a container port published on loopback only.
+something else guards it, e.g. a container port published on loopback only. The API itself enforces
+the same rule per request, however it was started (``app.deps.require_api_key``).
 """
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import re
@@ -34,7 +34,7 @@ from diffusion.spec import PRECISIONS
 
 from .celery_app import SOFT_SHUTDOWN_S, celery_for
 from .redis_server import RedisServer, die_with_parent
-from .settings import CompileMode, Settings, get_settings
+from .settings import CompileMode, Settings, get_settings, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +128,10 @@ def _apply(args: argparse.Namespace) -> Settings:
 
 def check_exposure(host: str, settings: Settings) -> None:
     """Refuse to listen beyond loopback with nothing guarding the API."""
-    if _is_loopback(host) or settings.api_key is not None or settings.allow_public:
+    if is_loopback(host) or settings.api_key is not None or settings.allow_public:
         return
     raise ValueError(f"refusing to listen on {host} without an API key: set DREAMDATA_API_KEY, or pass "
                      "--allow-public if something else guards the port (e.g. it is published on loopback only)")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_checkpoint(settings: Settings) -> None:

@@ -6,6 +6,7 @@ the environment; nothing is read at import time.
 """
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,8 @@ class Settings(BaseSettings):
     max_n: int = Field(10_000, ge=1, description="most images in one job")
     max_queued: int = Field(100, ge=0, description="queued jobs beyond which POST /generate answers 429")
     api_key: SecretStr | None = Field(None, description="when set, every job route needs header X-API-Key")
-    allow_public: bool = Field(False, description="allow binding the API to a non-loopback host without an API key")
+    allow_public: bool = Field(False, description="without an API key, serve clients beyond loopback (and let the API "
+                                                  "bind a non-loopback host): something else must guard it")
     batch_size: int | None = Field(None, ge=1, description="images per model batch in the worker (also the most "
                                                            "images that concurrent jobs merge into one batch); "
                                                            "default: 50 on a CPU, 256 on a GPU")
@@ -120,6 +122,19 @@ class Settings(BaseSettings):
             raise ValueError(f"visibility_timeout ({self.effective_visibility_timeout} s) must exceed the longest hard "
                              f"time limit ({longest} s = job_time_limit or eval_time_limit + job_kill_grace)")
         return self
+
+
+def is_loopback(host: str | None) -> bool:
+    """Is ``host`` (a name or an address, IPv4-mapped IPv6 too) this machine's loopback?"""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 @lru_cache(maxsize=1)

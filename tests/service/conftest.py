@@ -62,10 +62,11 @@ def settings(make_settings) -> Settings:
     return make_settings()
 
 
-def client_for(settings: Settings) -> TestClient:
+def client_for(settings: Settings, host: str = "127.0.0.1") -> TestClient:
+    """A client of the API with ``settings``, calling from ``host`` (loopback unless told otherwise)."""
     app = create_app()
     app.dependency_overrides[get_settings] = lambda: settings
-    return TestClient(app)
+    return TestClient(app, client=(host, 50000))
 
 
 @pytest.fixture(scope="session")

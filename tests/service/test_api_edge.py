@@ -282,6 +282,33 @@ def test_api_key_when_configured(make_settings):
                 assert (code != 401) if path in health else code == 401, (method, path, code)
 
 
+def test_without_a_key_only_loopback_clients_are_served(make_settings):
+    """However the API was started (uvicorn --host 0.0.0.0 skips the CLI's check), a service without a key
+    answers remote clients 403 on every guarded route, unless allow_public says something else guards it."""
+    from app.deps import NO_KEY_REMOTE
+
+    tag = uuid.uuid4().hex[:8]
+    open_settings = make_settings(queue=f"lo-{tag}", key_prefix=f"lo-{tag}")
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        with client_for(open_settings, host=host) as c:
+            assert c.get("/classes").status_code == 200, host
+    for host in ("203.0.113.7", "10.0.0.2", "::ffff:192.0.2.1", "2001:db8::1", "testclient"):
+        with client_for(open_settings, host=host) as c:
+            r = c.post("/generate?class=cat&n=1")
+            assert r.status_code == 403 and r.json()["detail"] == NO_KEY_REMOTE, (host, r.text)
+            assert c.get("/classes").status_code == 403 and c.get("/jobs").status_code == 403
+            assert c.get("/healthz").status_code == 200 and c.get("/openapi.json").status_code == 200
+    with client_for(open_settings) as c:
+        assert c.get("/jobs").json()["jobs"] == []  # nothing was queued by the refused requests
+    with client_for(make_settings(queue=f"lo-{tag}", key_prefix=f"lo-{tag}", allow_public=True),
+                    host="203.0.113.7") as c:
+        assert c.get("/classes").status_code == 200
+    with client_for(make_settings(queue=f"lo-{tag}", key_prefix=f"lo-{tag}", api_key="s3cret"),
+                    host="203.0.113.7") as c:  # with a key, the key decides, wherever the client is
+        assert c.get("/classes").status_code == 401
+        assert c.get("/classes", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
 def test_a_huge_body_is_refused_before_it_is_read_or_the_key_checked(make_settings):
     from app.main import MAX_BODY_BYTES
 
