@@ -19,7 +19,7 @@ from training.evaluate_report import markdown
 
 from .generation import not_run, record_canceled, record_failed, start_job, worker_model, write_json
 from .jobs import RUNNING, SUCCEEDED, JobStore
-from .progress import JobCanceled, StageProgress
+from .progress import JobCanceled, StageProgress, job_hooks
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     try:
         config = evaluation_settings(request, settings)
         ckpt = worker_model(settings)
-        progress = StageProgress(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
+        progress = StageProgress(*job_hooks(store, job_id),
                                  interval=settings.progress_interval, time_limit=settings.eval_time_limit)
         clear_partial_report(out)
         report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False)

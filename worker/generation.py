@@ -27,7 +27,7 @@ from training.generate import generate_to_dir, resolve_class, tmp_path
 
 from .batching import BatchingSampler
 from .jobs import ACTIVE, CANCELED, FAILED, RUNNING, SUCCEEDED, JobStore
-from .progress import JobCanceled, ProgressReporter
+from .progress import JobCanceled, ProgressReporter, job_hooks
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         # a job queued before guidance intervals existed has none: guided at every step, as it was asked
         sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]),
                                   guidance_interval=request.get("guidance_interval"))
-        reporter = ProgressReporter(lambda **f: store.update(job_id, **f), lambda: store.cancel_requested(job_id),
+        reporter = ProgressReporter(*job_hooks(store, job_id),
                                     batch_size=settings.model_batch, interval=settings.progress_interval,
                                     time_limit=settings.job_time_limit)
         manifest = generate_to_dir(ckpt, counts, out, settings=sampler, base_seed=int(request["seed"]),

@@ -13,6 +13,7 @@ expires after ``DREAMDATA_KEEP_JOBS`` seconds (a week by default), and the worke
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import redis
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
@@ -74,12 +77,18 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
 
 
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
 class JobStore:
     """Job records in Redis.  ``keep``: seconds a finished job's record stays (0: for ever); its files go with it
-    (``prune_job_dirs``), and the list of recent jobs forgets expired ids submitted more than twice that ago."""
+    (``prune_job_dirs``), and the list of recent jobs forgets expired ids submitted more than twice that ago.
+    ``retry_for``: seconds a status change (``transition``) is tried again while Redis is unreachable (the
+    worker's: a job that finished during a Redis restart must not stay running; the API's answer 503 at once)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "dreamdata", keep: int = 0):
-        self.r, self.prefix, self.keep = client, prefix, keep
+    def __init__(self, client: redis.Redis, prefix: str = "dreamdata", keep: int = 0, retry_for: float = 0.0):
+        self.r, self.prefix, self.keep, self.retry_for = client, prefix, keep, retry_for
+        self.sleep = time.sleep
         self._create = client.register_script(_CREATE)
         self._update = client.register_script(_UPDATE)
 
@@ -167,7 +176,10 @@ class JobStore:
     def transition(self, job_id: str, allowed: Iterable[str], fields: dict) -> dict | None:
         """Atomically apply ``fields`` if the status is in ``allowed``; returns the old record, else None.
 
-        ``fields`` may be a function of the old record (called inside the transaction).
+        ``fields`` may be a function of the old record (called inside the transaction). While Redis is
+        unreachable it is tried again, with backoff, for up to ``retry_for`` seconds, then the error is raised.
+        A try whose reply was lost may have been applied; the next one then finds the new status, and applies
+        again only if that is in ``allowed`` too.
         """
         key, allowed = self.key(job_id), tuple(allowed)
         result: list[dict | None] = [None]
@@ -189,8 +201,18 @@ class JobStore:
                 pipe.expire(key, self.keep)
             result[0] = old
 
-        self.r.transaction(apply, key)
-        return result[0]
+        deadline, delay = time.monotonic() + self.retry_for, 0.5
+        while True:
+            try:
+                self.r.transaction(apply, key)
+                return result[0]
+            except UNREACHABLE as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: Redis unreachable (%s); trying the status change again in %.1f s",
+                            job_id, type(e).__name__, delay)
+                self.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
 
 def _pairs(fields: dict) -> Iterable[tuple[str, str]]:

@@ -5,12 +5,39 @@ that of an evaluation job (``run_evaluation``: a fraction and a message saying w
 """
 from __future__ import annotations
 
+import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from training.generate import progress_fraction as fraction  # the share of a job's images finished
+
+from .jobs import UNREACHABLE, JobStore
+
+log = logging.getLogger(__name__)
+
+
+def job_hooks(store: JobStore, job_id: str) -> tuple[Callable[..., None], Callable[[], bool]]:
+    """The ``write(**fields)`` and ``is_canceled()`` of a running job's progress callback.
+
+    Both outlive a Redis that is briefly unreachable: a progress write is then dropped and the cancel flag read
+    as not set (each logged), so the job goes on; its final status change retries instead (``JobStore.retry_for``).
+    """
+    def write(**fields: Any) -> None:
+        try:
+            store.update(job_id, **fields)
+        except UNREACHABLE as e:
+            log.warning("job %s: progress not written, Redis unreachable (%s)", job_id, type(e).__name__)
+
+    def is_canceled() -> bool:
+        try:
+            return store.cancel_requested(job_id)
+        except UNREACHABLE as e:
+            log.warning("job %s: cancel flag not read, Redis unreachable (%s)", job_id, type(e).__name__)
+            return False
+
+    return write, is_canceled
 
 
 class JobCanceled(Exception):

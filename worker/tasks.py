@@ -21,10 +21,15 @@ from .settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
+# Seconds a job's status change is tried again while Redis is unreachable (a restart, a failover): a job that
+# finished meanwhile must not stay "running" for ever.
+STATUS_RETRY_S = 60.0
+
+
 @lru_cache(maxsize=4)
 def job_store(settings: Settings) -> JobStore:
     """The job-record store of this process (redis-py reconnects after a fork)."""
-    return JobStore(connect(settings.redis_url), settings.key_prefix, settings.keep_jobs)
+    return JobStore(connect(settings.redis_url), settings.key_prefix, settings.keep_jobs, retry_for=STATUS_RETRY_S)
 
 
 class JobTask(Task):

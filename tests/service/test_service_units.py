@@ -5,6 +5,7 @@ import time
 import uuid
 
 import pytest
+import redis
 from pydantic import ValidationError
 
 from diffusion.spec import resolve_class
@@ -93,6 +94,45 @@ def test_progress_of_a_forgotten_job_does_not_bring_its_record_back(settings):
     assert store.get(job_id) is None and not store.r.exists(store.key(job_id))
     store.r.hset(store.key(job_id), "progress", "1.0")  # a remnant written before this rule: still no job
     assert store.get(job_id) is None
+
+
+def _unreachable_for(calls: int, fn):
+    """``fn``, except that its first ``calls`` calls raise as if Redis were restarting."""
+    left = [calls]
+
+    def flaky(*args, **kwargs):
+        if left[0] > 0:
+            left[0] -= 1
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return fn(*args, **kwargs)
+    return flaky
+
+
+def test_a_status_change_is_tried_again_while_redis_is_unreachable(settings):
+    prefix = f"retry-{uuid.uuid4().hex[:8]}"
+    client = connect(settings.redis_url)
+    job_id = new_job_id()
+    JobStore(client, prefix).create(new_record(job_id, {}, 1, 2), max_queued=10)
+
+    api = JobStore(connect(settings.redis_url), prefix)  # retry_for 0: the API answers 503 at once
+    api.r.transaction = _unreachable_for(1, api.r.transaction)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        api.transition(job_id, ("queued",), {"status": "running"})
+    assert api.get(job_id)["status"] == "queued"
+
+    worker = JobStore(connect(settings.redis_url), prefix, retry_for=30)
+    waits = []
+    worker.sleep = waits.append
+    worker.r.transaction = _unreachable_for(3, worker.r.transaction)
+    assert worker.transition(job_id, ("queued",), {"status": "running"})["status"] == "queued"
+    assert worker.get(job_id)["status"] == "running" and waits == [0.5, 1.0, 2.0]  # backoff
+
+    worker = JobStore(connect(settings.redis_url), prefix, retry_for=1.2)  # gives up after its window
+    worker.r.transaction = _unreachable_for(100, worker.r.transaction)
+    t0 = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        worker.transition(job_id, ("running",), {"status": "succeeded"})
+    assert 0.4 < time.monotonic() - t0 < 1.2  # waited 0.5 s once; the next wait (1 s) would pass the window
 
 
 def test_progress_is_throttled_monotonic_and_cancels():

@@ -85,6 +85,43 @@ def test_cancel_flag_stops_between_steps(store, body_settings):
     assert not (body_settings.jobs_dir / job_id).exists()
 
 
+def test_a_job_outlives_redis_restarting_while_it_runs(store, body_settings):
+    """Progress writes and cancel checks that fail are skipped; the final status change is tried again, so the
+    job ends succeeded, not failed (or running for ever)."""
+    import redis
+
+    job_id = _submit(store)
+    store.retry_for, store.sleep = 30, lambda s: None
+    down = redis.exceptions.ConnectionError("Connection refused")
+    calls = {"update": 0, "cancel": 0, "transition": 0}
+    update, cancel_requested, transaction = store.update, store.cancel_requested, store.r.transaction
+
+    def failing_update(jid, **f):
+        calls["update"] += 1
+        if calls["update"] % 2:
+            raise down
+        return update(jid, **f)
+
+    def failing_cancel_check(jid):
+        calls["cancel"] += 1
+        if calls["cancel"] % 2 == 0:  # the first, start_job's, is read
+            raise down
+        return cancel_requested(jid)
+
+    def transition_down_at_the_end(*args, **kwargs):
+        calls["transition"] += 1
+        if calls["transition"] in (2, 3):  # 1: start; 2 and 3: the final write fails twice
+            raise down
+        return transaction(*args, **kwargs)
+
+    store.update, store.cancel_requested = failing_update, failing_cancel_check
+    store.r.transaction = transition_down_at_the_end
+    result = run_generation(job_id, REQUEST, store=store, settings=body_settings)
+    rec = store.get(job_id)
+    assert result["status"] == rec["status"] == "succeeded" and rec["images_done"] == 5
+    assert calls["transition"] == 4 and calls["update"] > 2 and calls["cancel"] > 2
+
+
 def test_canceled_while_queued_never_runs(store, body_settings):
     job_id = _submit(store)
     store.request_cancel(job_id)
