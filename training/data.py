@@ -192,6 +192,14 @@ def _cache_key(path: Path, split: str, image_size: int | None) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
+def touch(path: Path) -> None:
+    """Set ``path``'s modification time to now, if it can (a read-only cache stays as it is)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DREAMDATA_CACHE", Path.home() / ".cache" / "dreamdata"))
 
@@ -208,6 +216,7 @@ def load_dataset(path: str | os.PathLike, split: str = "train", image_size: int 
     cache = cache_dir / f"data-{_cache_key(path, split, image_size)}.pt"
     if cache.exists():
         d = torch.load(cache, weights_only=True)
+        touch(cache)  # its last use, for the service's cache pruning (worker.jobs.prune_cache)
         return LabelledImages(d["images"], d["labels"], tuple(d["class_names"]), str(path))
 
     if path.is_file():

@@ -45,7 +45,7 @@ from diffusion.precision import sampling_batch
 from diffusion.samplers import SamplerSettings, sample
 from diffusion.spec import format_guidance_interval
 
-from .data import LabelledImages, default_cache_dir
+from .data import LabelledImages, default_cache_dir, touch
 from .generate import ImageSpec, progress_fraction, sample_specs, sampling_autocast, tmp_path, write_grid
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,8 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = cache_path(cache_dir, sha, settings, base_seed, len(names), bf16)
     specs = image_specs(per_class, len(names), base_seed)
+    if folder.is_dir():
+        touch(folder)  # in use from now on: sampling into it also renews this, batch by batch (timing.json)
     todo = [s for s in specs if not (folder / s.file).exists()]
     info = {"cache_dir": str(folder), "reused": not todo, "checkpoint_sha256": sha, "seconds": 0.0,
             "sampled": len(todo), "class_seed_stride": CLASS_SEED_STRIDE,  # image j of class c: base + c * stride + j
@@ -163,6 +165,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
         write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
     elif progress:
         progress(1.0)
+    touch(folder)  # its last use, for the service's cache pruning (worker.jobs.prune_cache)
     ordered = sorted(specs, key=lambda s: s.index)
     images, labels = load_pngs(folder, ordered)
     log.info("%d synthetic images from %s (%d sampled now)", len(labels), folder, info["sampled"])

@@ -241,3 +241,33 @@ def prune_job_dirs(jobs_dir: Path, store: JobStore, now: float | None = None) ->
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder.name)
     return removed
+
+
+def prune_cache(cache_dir: Path, unused_for: float, now: float | None = None) -> list[str]:
+    """Delete the cached data sets (``data-*.pt``) and synthetic image sets (``synthetic/<set>/``) under
+    ``cache_dir`` that no job has used for ``unused_for`` seconds; returns their names.
+
+    Last use is the modification time, which ``training.data.load_dataset`` and
+    ``training.synthetic_cache.synthetic_images`` renew on every use (and sampling into a set renews as each
+    batch lands). An entry is renamed before it is deleted, so a job that starts using it at that moment
+    writes a fresh one rather than into a half-deleted folder."""
+    if not unused_for or not cache_dir.is_dir():
+        return []
+    now = time.time() if now is None else now
+    synthetic = cache_dir / "synthetic"
+    entries = list(cache_dir.glob("data-*.pt")) + (
+        [p for p in synthetic.iterdir() if p.is_dir() and not p.name.startswith(".")] if synthetic.is_dir() else [])
+    removed = []
+    for left in [*cache_dir.glob(".deleting-*"), *synthetic.glob(".deleting-*")]:  # a worker killed mid-delete
+        shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime < unused_for:
+                continue
+            doomed = entry.with_name(f".deleting-{uuid.uuid4().hex[:8]}-{entry.name}")
+            entry.rename(doomed)
+        except FileNotFoundError:  # another worker pruned it first
+            continue
+        shutil.rmtree(doomed, ignore_errors=True) if doomed.is_dir() else doomed.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed

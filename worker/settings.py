@@ -68,6 +68,9 @@ class Settings(BaseSettings):
                                                      ".tar.gz or folder); unset: evaluations are off (503)")
     keep_jobs: int = Field(7 * 24 * 3600, ge=0, description="seconds a finished job's record and files are kept "
                                                           "(the worker deletes older folders); 0: for ever")
+    keep_cache: int = Field(30 * 24 * 3600, ge=0, description="seconds a cached data set or synthetic image set "
+                                                            "of evaluations stays after its last use (at least the "
+                                                            "evaluation hard limit); 0: for ever")
     max_attempts: int = Field(3, ge=1, description="deliveries of one job (worker crashes) before it is failed")
     progress_interval: float = Field(0.5, ge=0.0, description="least seconds between progress writes")
     ping_timeout: float = Field(1.0, gt=0.0, description="seconds /readyz waits for a worker to answer")

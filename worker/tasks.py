@@ -15,7 +15,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
 from .celery_app import TASK_EVALUATE, TASK_GENERATE
-from .jobs import ACTIVE, FAILED, JobStore, connect, prune_job_dirs
+from .jobs import ACTIVE, FAILED, JobStore, connect, prune_cache, prune_job_dirs
 from .settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,28 @@ _pruned_at = [float("-inf")]
 
 
 def prune_expired(settings: Settings) -> list[str]:
-    """Delete the folders of jobs whose records expired (``DREAMDATA_KEEP_JOBS``), at most once an hour per
-    process: after jobs, and as a prefork pool process starts.  Never raises (a job's outcome does not depend on it)."""
+    """Delete the folders of jobs whose records expired (``DREAMDATA_KEEP_JOBS``), and the cached data and
+    synthetic sets unused for ``DREAMDATA_KEEP_CACHE`` (never one an evaluation may still be using), at most
+    once an hour per process: after jobs, and as a prefork pool process starts.  Returns the ids of the deleted
+    job folders.  Never raises (a job's outcome does not depend on it)."""
     if time.monotonic() - _pruned_at[0] < PRUNE_EVERY_S:
         return []
     _pruned_at[0] = time.monotonic()
+    removed: list[str] = []
     try:
         removed = prune_job_dirs(settings.jobs_dir, job_store(settings))
     except Exception:
         log.exception("could not delete expired job folders")
-        return []
     if removed:
         log.info("deleted the folders of %d expired jobs", len(removed))
+    try:
+        unused_for = settings.keep_cache and max(settings.keep_cache, settings.eval_hard_time_limit)
+        cached = prune_cache(settings.cache_dir, unused_for)
+    except Exception:
+        log.exception("could not prune the cache")
+        cached = []
+    if cached:
+        log.info("deleted %d cache entries unused for %d s: %s", len(cached), unused_for, ", ".join(cached))
     return removed
 
 

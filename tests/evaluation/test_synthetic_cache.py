@@ -1,5 +1,7 @@
 """The synthetic-set cache: per-class seeds, so a set grows instead of being sampled again."""
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,10 @@ def test_a_set_grows_and_a_smaller_one_is_its_start(tiny_checkpoint, cache_dir, 
     assert torch.equal(big.images.view(10, 3, 3, 32, 32)[:, :2], small.images.view(10, 2, 3, 32, 32))
     assert json.loads((Path(folder) / "timing.json").read_text())["images"] == 30
 
+    os.utime(folder, (1e9, 1e9))
     again, info = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir)
     assert info["reused"] is True and info["sampled"] == 0 and len(sampling_calls) == 2
+    assert time.time() - os.stat(folder).st_mtime < 60  # a reuse renews its last use (cache pruning reads it)
     assert torch.equal(again.images, small.images[::2])
 
     # a PNG records its seed, so any image can be reproduced on its own

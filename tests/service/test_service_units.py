@@ -296,6 +296,43 @@ def test_the_worker_deletes_only_folders_of_expired_jobs(settings, tmp_path, mon
     assert tasks.prune_expired(s) == []
 
 
+def test_cache_entries_unused_for_long_are_deleted_and_nothing_else(settings, tmp_path, monkeypatch):
+    import os
+
+    import worker.tasks as tasks
+    from worker.jobs import prune_cache
+
+    cache = tmp_path / "cache"
+    (cache / "synthetic" / "old-set" / "images" / "0").mkdir(parents=True)
+    (cache / "synthetic" / "old-set" / "images" / "0" / "000000.png").write_bytes(b"png")
+    (cache / "synthetic" / "new-set").mkdir()
+    (cache / "synthetic" / ".deleting-1234abcd-gone-set" / "images").mkdir(parents=True)  # a delete cut short
+    for name in ("data-old.pt", "data-new.pt", "data-old.123.tmp", "other-old.pt"):
+        (cache / name).write_bytes(b"tensor")
+    old = time.time() - 1000
+    for p in ("synthetic/old-set", "data-old.pt", "data-old.123.tmp", "other-old.pt"):
+        os.utime(cache / p, (old, old))
+    assert prune_cache(cache, 0) == []  # 0: kept for ever
+    assert prune_cache(cache, 2000) == []
+    assert sorted(prune_cache(cache, 100)) == ["data-old.pt", "old-set"]
+    assert sorted(p.name for p in cache.iterdir()) == ["data-new.pt", "data-old.123.tmp", "other-old.pt", "synthetic"]
+    assert [p.name for p in (cache / "synthetic").iterdir()] == ["new-set"]
+    assert prune_cache(tmp_path / "none", 100) == []
+
+    # the worker's hourly hook prunes with DREAMDATA_KEEP_CACHE, but never sooner than an evaluation may still run
+    s = settings.model_copy(update={"data_dir": tmp_path, "keep_jobs": 0, "keep_cache": 100, "eval_time_limit": 3600,
+                                    "job_kill_grace": 30})
+    (cache / "synthetic" / "old-set").mkdir()
+    os.utime(cache / "synthetic" / "old-set", (old, old))
+    monkeypatch.setattr(tasks, "_pruned_at", [float("-inf")])
+    tasks.prune_expired(s)
+    assert (cache / "synthetic" / "old-set").exists()  # 1000 s < the evaluation hard limit
+    s = s.model_copy(update={"eval_time_limit": 60, "job_kill_grace": 30})
+    monkeypatch.setattr(tasks, "_pruned_at", [float("-inf")])
+    tasks.prune_expired(s)
+    assert not (cache / "synthetic" / "old-set").exists()
+
+
 def test_the_redis_password_never_reaches_the_log():
     from worker.serve import redact
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import time
 
 import pytest
 import torch
@@ -105,7 +107,10 @@ def test_second_load_hits_the_cache(fixture, request, monkeypatch, data_cache):
 
     for name in ("_decode", "_from_tar", "_from_cifar_batches", "_from_image_folder"):
         monkeypatch.setattr(data_mod, name, boom)
+    (cached,) = data_cache.glob("data-*.pt")
+    os.utime(cached, (1e9, 1e9))
     second = load_dataset(path)
+    assert time.time() - cached.stat().st_mtime < 60  # a hit renews its last use (the service's cache pruning)
     assert torch.equal(first.images, second.images)
     assert torch.equal(first.labels, second.labels)
     assert first.class_names == second.class_names
