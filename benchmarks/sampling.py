@@ -50,7 +50,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffusion.checkpoint import load_for_sampling
-from diffusion.precision import benchmark_precisions
+from diffusion.precision import benchmark_precisions, compile_for_sampling
 from diffusion.samplers import model_calls, sample
 from diffusion.schedules import NoiseSchedule
 from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             for b in batches:
                 torch._dynamo.reset()
                 try:
-                    ours(torch.compile(model, dynamic=False), precision, service_layout, b, s, compiled=True)
+                    ours(compile_for_sampling(model), precision, service_layout, b, s, compiled=True)
                 except Exception as e:  # no C++ compiler, an unsupported op: say so and go on
                     print(f"{'ours+compile':<14} {precision:<5} {service_layout:<13} {b:>5}  failed: "
                           f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}", flush=True)

@@ -12,6 +12,9 @@ median over the rounds and each ratio as the median [min, max] of its per-round 
     diffusers   a same-size diffusers UNet2DModel (random weights) in the same guided loop as
                 ``sampling.py``'s (b) rows, with the matching scheduler; its weights cast to the
                 service's precision, the way diffusers users run bf16
+    default, compiled   (with --compile) the default on ``diffusion.precision.compile_for_sampling(model)``, as
+                the worker runs it with ``--compile default`` (on a CPU: inductor with freezing); its warm-up
+                is a whole run, which compiles both the guided and the unguided batch shape
     default, unfolded upsampling   (with --unfolded) the default on a copy of the model whose
                 ``Upsample`` layers run nearest upsampling then their 3x3 conv, as diffusers does,
                 instead of the folded transposed conv (``diffusion.unet.Upsample``)
@@ -20,7 +23,7 @@ All in the precision and layout the service picks on this machine (``diffusion.p
 of --batch images per timed run, after one short warm-up run each.
 
     python benchmarks/sampling_ab.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch 50] [--rounds 5]
-        [--unfolded]
+        [--unfolded] [--compile]
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 from sampling import diffusers_scheduler, diffusers_unet, guided_pipeline, load_diffusers, set_layout  # noqa: E402
 
 from diffusion.checkpoint import load_for_sampling  # noqa: E402
+from diffusion.precision import compile_for_sampling  # noqa: E402
 from diffusion.samplers import model_calls, sample  # noqa: E402
 from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,  # noqa: E402
                             format_guidance_interval)
@@ -47,6 +51,7 @@ from diffusion.unet import set_upsample_folding  # noqa: E402
 from training.plots import to_uint8  # noqa: E402
 
 UNFOLDED = "default, unfolded upsampling"
+COMPILED = "default, compiled"
 
 
 def paired_ratios(a: list[float], b: list[float]) -> dict:
@@ -67,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--unfolded", action="store_true",
                    help="also time the default with plain interpolate-then-conv upsampling (the UNet before the fold)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the default on the model compiled as the worker's --compile default compiles it")
     a = p.parse_args(argv)
     if a.batch < 1 or a.rounds < 1 or a.steps < 2:
         p.error("--batch and --rounds must be at least 1, --steps at least 2")
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.unfolded:
         unfolded = set_upsample_folding(copy.deepcopy(model), False)
         variants[UNFOLDED] = (ours(default, unfolded), model_calls(default, schedule))
+    if a.compile:
+        variants[COMPILED] = (ours(default, compile_for_sampling(model)), model_calls(default, schedule))
     if not a.skip_diffusers and load_diffusers():
         unet = diffusers_unet(model.config, True).to(torch.bfloat16 if choice.bf16 else torch.float32)
         set_layout(unet, choice.layout)
@@ -111,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers' notes on casting and deprecations
         for n in names:
-            variants[n][0](2)  # warm-up
+            t0 = time.perf_counter()
+            variants[n][0](a.steps if n == COMPILED else 2)  # warm-up; compiling needs a guided and an unguided step
+            if n == COMPILED:
+                print(f"{n}: warm-up run (compiling) {time.perf_counter() - t0:.1f} s", flush=True)
         for r in range(a.rounds):
             order = names[r % len(names):] + names[:r % len(names)]  # rotated: no variant always runs first
             for n in order:
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{n:<30} {variants[n][1]:>9} {med[n]:>8.3f} {min(rates[n]):>8.3f} {max(rates[n]):>8.3f}")
     first = names[0]
     pairs = [(first, n) for n in names[1:]] + ([("every step", "diffusers")] if "diffusers" in med else [])
+    if COMPILED in med and "diffusers" in med:
+        pairs.append((COMPILED, "diffusers"))
     ratios = {}
     print("ratios: the median [min, max] of the per-round ratios (each round times both in turn)")
     for a_, b_ in pairs:

@@ -185,3 +185,20 @@ def _measure_auto(model: torch.nn.Module, device: torch.device) -> PrecisionChoi
     timings = {f"{_name(b)} {_layout(cl)}": round(t, 4) for (b, cl), t in seconds.items()}
     log.info("precision %s; timings %s", reason, timings)
     return PrecisionChoice(use_bf16, channels_last, reason, timings)
+
+
+def compile_for_sampling(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """``torch.compile(model, mode=mode, dynamic=False)`` for sampling; on a CPU with inductor's freezing on.
+
+    Freezing folds the weights into the compiled graph as constants and prepacks the convolution weights
+    for oneDNN once, instead of at every call. On the 2-core AVX2 EPYC one fp32 forward pass at batch 16 (one
+    thread, another job on the other core) ran 1.19x as fast as eager with it (median of five paired rounds,
+    1.01-1.27x), where compiling without it was 0.94x eager (``benchmarks/sampling.py``). It applies to graphs
+    run without autograd only (the samplers run under ``torch.inference_mode``), so training is unaffected; it
+    is a process-wide inductor setting, and a frozen model does not see later changes to its weights.
+    Compilation is lazy: each new input shape compiles on its first call."""
+    if next(model.parameters()).device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+    return torch.compile(model, mode=mode, dynamic=False)

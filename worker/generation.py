@@ -21,7 +21,7 @@ import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
 from diffusion.checkpoint import Checkpoint, load_for_sampling
-from diffusion.precision import default_device
+from diffusion.precision import compile_for_sampling, default_device
 from diffusion.spec import SamplerSettings, requested_precision
 from training.generate import generate_to_dir, resolve_class, tmp_path
 
@@ -46,7 +46,7 @@ def _load(path: str, compile_mode: str = "off", precision: str = "auto") -> Chec
         # Guided and unguided calls differ in batch (2n vs n), so allow twice the padded sizes before
         # dynamo's recompile limit (8 by default) would silently fall back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        ckpt = replace(ckpt, model=torch.compile(ckpt.model, mode=compile_mode, dynamic=False))
+        ckpt = replace(ckpt, model=compile_for_sampling(ckpt.model, compile_mode))
         log.info("model wrapped in torch.compile(mode=%s); each new batch shape compiles on first use", compile_mode)
     return ckpt
 

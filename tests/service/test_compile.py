@@ -30,12 +30,17 @@ def test_a_compiled_worker_model_pads_batches_and_gives_the_eager_images(tiny_ch
         return real_compile(model, backend="aot_eager", dynamic=dynamic)
 
     monkeypatch.setattr(torch, "compile", cheap_compile)
+    import torch._inductor.config as inductor_config
+
     eager_settings = Settings(checkpoint=tiny_checkpoint, data_dir=service_dir, batch_size=4)
     compiled_settings = Settings(checkpoint=tiny_checkpoint, data_dir=service_dir, batch_size=4, compile="default")
-    eager, compiled = worker_model(eager_settings), worker_model(compiled_settings)
+    with inductor_config.patch(freezing=False):  # restored after: the setting is process-wide (not monkeypatch:
+        eager, compiled = worker_model(eager_settings), worker_model(compiled_settings)  # it deletes config keys)
+        frozen = inductor_config.freezing
     assert not job_sampler(eager_settings).pad
     assert compiled.model is not eager.model and compiled.sha256 == eager.sha256
     assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule) and modes == [("default", False)]
+    assert frozen  # on a CPU: weights folded in and convolutions prepacked (compile_for_sampling)
     assert compiled.config == eager.config  # the wrapper still answers for the UNet's config
     assert torch._dynamo.config.recompile_limit >= 2 * 8  # guided + unguided padded shapes stay compiled
 
