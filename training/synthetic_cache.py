@@ -123,7 +123,8 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     ``checkpoint`` is a checkpoint directory, loaded with ``precision`` (the choice keys the cache, so
     the model is loaded even when every image is cached), or an already loaded :class:`Checkpoint`, whose
     own precision is used (``ckpt.precision``; ``precision`` is then ignored).  Returns the images and
-    ``{"cache_dir", "reused", "checkpoint_sha256", "seconds", "sampled", "class_seed_stride", "precision"}``:
+    ``{"cache_dir", "reused", "checkpoint_sha256", "seconds", "sampled", "class_seed_stride", "precision",
+    "compiled"}`` (compiled: the model is a ``torch.compile`` wrapper):
     ``seconds`` of sampling in this call (0 when reused) for ``sampled`` images; ``reused`` is true when
     nothing had to be sampled.
     """
@@ -144,7 +145,8 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     todo = [s for s in specs if not (folder / s.file).exists()]
     info = {"cache_dir": str(folder), "reused": not todo, "checkpoint_sha256": sha, "seconds": 0.0,
             "sampled": len(todo), "class_seed_stride": CLASS_SEED_STRIDE,  # image j of class c: base + c * stride + j
-            "precision": "bf16" if bf16 else "fp32"}
+            "precision": "bf16" if bf16 else "fp32",
+            "compiled": isinstance(ckpt.model, torch._dynamo.eval_frame.OptimizedModule)}  # this call's sampling
     if ckpt.precision is not None:
         info["precision_reason"] = ckpt.precision.reason
     if todo:

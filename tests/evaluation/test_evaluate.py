@@ -227,3 +227,35 @@ def test_saved_runs_are_keyed_by_the_data_sets_content_not_its_path(data_tar, ti
     # other images at the first path (the data set rebuilt): trained again, not mixed into one report
     write_tar(tmp_path / "data.tar.gz", {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS}, seed=1)
     assert run_evaluation(settings, tmp_path / "out", show_bars=False)["runs"]["reused"] == [] and len(trained) == 3
+
+
+def test_evaluate_compile_samples_on_the_compiled_model(data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch,
+                                                        capsys):
+    """``--compile`` samples through ``compile_for_sampling`` (here with the cheap aot_eager backend: inductor's
+    C++ build takes minutes on this machine) and the report says so."""
+    import torch._inductor.config as inductor_config
+
+    import training.synthetic_cache as synthetic_cache
+
+    real_compile, real_specs, models = torch.compile, synthetic_cache.sample_specs, []
+
+    def cheap_compile(model, *, mode=None, dynamic=None):
+        return real_compile(model, backend="aot_eager", dynamic=dynamic)
+
+    def recording(ckpt, specs, *args, **kwargs):
+        models.append(type(ckpt.model).__name__)
+        return real_specs(ckpt, specs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", cheap_compile)
+    monkeypatch.setattr(synthetic_cache, "sample_specs", recording)
+    args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data_tar), "--classifier", "mlp",
+            "--width", "8", "--synthetic-per-class", "1", "--real-fraction", "0.5", "--epochs", "1", "--seeds", "0",
+            "--steps", "2", "--guidance", "1.5", "--train-batch-size", "8", "--device", "cpu", "--precision", "fp32",
+            "--cache-dir", str(cache_dir)]
+    with inductor_config.patch(freezing=False):  # process-wide: restored after
+        dreamdata_cli.main(args + ["--compile", "--out", str(tmp_path / "compiled")])
+    assert models == ["OptimizedModule"]
+    assert json.loads((tmp_path / "compiled" / "report.json").read_text())["synthetic"]["compiled"] is True
+    dreamdata_cli.main(args + ["--synthetic-per-class", "2", "--out", str(tmp_path / "eager")])
+    assert models == ["OptimizedModule", "UNet"]  # without --compile: the eager model
+    assert json.loads((tmp_path / "eager" / "report.json").read_text())["synthetic"]["compiled"] is False
