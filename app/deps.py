@@ -46,18 +46,24 @@ def require_api_key(request: Request, settings: SettingsDep,
                     key: Annotated[str | None, Security(_api_key)] = None) -> None:
     """401 unless the X-API-Key header matches the configured key.
 
-    No key configured: open to loopback clients (and to a Unix socket's), 403 for any other unless
-    ``allow_public``, whether the API was started by ``dreamdata api`` (which refuses such a host) or by
-    ``uvicorn app.main:create_app --factory --host 0.0.0.0``. Behind a reverse proxy that uvicorn trusts
-    (``--forwarded-allow-ips``), the client is the one the proxy names."""
+    No key configured: 403 unless ``allow_public`` or the request is local, whether the API was started by
+    ``dreamdata api`` (which refuses a non-loopback host) or by ``uvicorn app.main:create_app --factory --host
+    0.0.0.0``. Local means the connecting socket's peer is a loopback address and the request names no
+    forwarded client (``Forwarded``, ``X-Forwarded-For``): a request through a proxy, or over a Unix socket
+    (no peer address), comes from elsewhere. A forwarder on this machine that adds no such header (ssh -R,
+    socat) makes its clients local: guard such a setup with a key."""
     if settings.api_key is None:
-        client = request.client
-        if settings.allow_public or client is None or is_loopback(client.host):
+        if settings.allow_public or _local(request):
             return
         raise HTTPException(403, NO_KEY_REMOTE)
     expected = settings.api_key.get_secret_value().encode()
     if key is None or not secrets.compare_digest(key.encode(), expected):
         raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "APIKey"})
+
+
+def _local(request: Request) -> bool:
+    forwarded = "forwarded" in request.headers or "x-forwarded-for" in request.headers
+    return request.client is not None and is_loopback(request.client.host) and not forwarded
 
 
 JobId = Annotated[str, Path(description="job id: 32 lowercase hex digits (uuid4)",

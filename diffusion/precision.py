@@ -191,12 +191,16 @@ def compile_for_sampling(model: torch.nn.Module, mode: str = "default") -> torch
     """``torch.compile(model, mode=mode, dynamic=False)`` for sampling; on a CPU with inductor's freezing on.
 
     Freezing folds the weights into the compiled graph as constants and prepacks the convolution weights
-    for oneDNN once, instead of at every call. On the 2-core AVX2 EPYC one fp32 forward pass at batch 16 (one
-    thread, another job on the other core) ran 1.19x as fast as eager with it (median of five paired rounds,
-    1.01-1.27x), where compiling without it was 0.94x eager (``benchmarks/sampling.py``). It applies to graphs
-    run without autograd only (the samplers run under ``torch.inference_mode``), so training is unaffected; it
-    is a process-wide inductor setting, and a frozen model does not see later changes to its weights.
-    Compilation is lazy: each new input shape compiles on its first call."""
+    for oneDNN once (fusing each convolution with its activation), instead of at every call. On the 2-core
+    AVX2 EPYC in fp32 the compiled default sampler ran 1.16x as fast as eager with it (five paired rounds,
+    1.07-1.24x; ``benchmarks/sampling_ab.py --compile``), where a compile without it had run 0.94x eager
+    (one run of ``benchmarks/sampling.py``). Dynamo reads the setting when it traces, on the model's first
+    call of each shape, so it cannot be a per-model option: it is set process-wide, for every later compile
+    in this process. It changes only graphs run without autograd (the samplers run under
+    ``torch.inference_mode``; training compiles with gradients on and is unaffected), and a frozen model does
+    not see later changes to its weights: call this in processes that compile only for sampling (the
+    worker, the evaluate CLI, the benchmarks). Compilation is lazy: each new input shape compiles on its first
+    call."""
     if next(model.parameters()).device.type == "cpu":
         import torch._inductor.config as inductor_config
 

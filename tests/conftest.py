@@ -22,3 +22,22 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cheap_compile(monkeypatch):
+    """``torch.compile`` on the aot_eager backend (dynamo's capture, eager kernels: inductor's C++ build takes
+    minutes on this machine), with inductor's process-wide ``freezing`` restored afterwards (a monkeypatch
+    would delete the config key on undo). Yields the list of (mode, dynamic) of every compile."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    real_compile, calls = torch.compile, []
+
+    def compile_(model, *, mode=None, dynamic=None):
+        calls.append((mode, dynamic))
+        return real_compile(model, backend="aot_eager", dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    with inductor_config.patch(freezing=False):
+        yield calls

@@ -192,20 +192,13 @@ def test_interleaved_ab_can_time_the_unfolded_upsampling_too(ab, tiny_checkpoint
     assert 0 <= diff["changed"] <= 1 and 0 <= diff["mean"] <= diff["max"] <= 255
 
 
-def test_interleaved_ab_can_time_the_compiled_default(ab, tiny_checkpoint, capsys, monkeypatch):
+def test_interleaved_ab_can_time_the_compiled_default(ab, tiny_checkpoint, capsys, cheap_compile):
     import torch._inductor.config as inductor_config
 
-    real_compile, compiled = torch.compile, []
-
-    def cheap_compile(model, *, mode=None, dynamic=None):  # inductor's C++ build takes minutes here
-        compiled.append((mode, dynamic))
-        return real_compile(model, backend="aot_eager", dynamic=dynamic)
-
-    monkeypatch.setattr(torch, "compile", cheap_compile)
-    with inductor_config.patch(freezing=False):  # process-wide, so restored after (monkeypatch deletes config keys)
-        result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "1",
-                          "--steps", "3", "--compile"])
-        frozen = inductor_config.freezing
+    compiled = cheap_compile
+    result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "1",
+                      "--steps", "3", "--compile"])
+    frozen = inductor_config.freezing
     out = capsys.readouterr().out
     names = list(result["rates"])
     assert names[1:] == ["every step", "default, compiled"] + ["diffusers"] * HAS_DIFFUSERS

@@ -215,9 +215,13 @@ def load_dataset(path: str | os.PathLike, split: str = "train", image_size: int 
     cache_dir = cache_dir or default_cache_dir()
     cache = cache_dir / f"data-{_cache_key(path, split, image_size)}.pt"
     if cache.exists():
-        d = torch.load(cache, weights_only=True)
-        touch(cache)  # its last use, for the service's cache pruning (worker.jobs.prune_cache)
-        return LabelledImages(d["images"], d["labels"], tuple(d["class_names"]), str(path))
+        touch(cache)  # its last use, for the service's cache pruning (worker.jobs.prune_cache), before the read
+        try:
+            d = torch.load(cache, weights_only=True)
+        except FileNotFoundError:  # pruned between the two: decode again
+            d = None
+        if d is not None:
+            return LabelledImages(d["images"], d["labels"], tuple(d["class_names"]), str(path))
 
     if path.is_file():
         ds = _from_tar(path, split, image_size)

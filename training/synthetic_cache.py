@@ -124,7 +124,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     the model is loaded even when every image is cached), or an already loaded :class:`Checkpoint`, whose
     own precision is used (``ckpt.precision``; ``precision`` is then ignored).  Returns the images and
     ``{"cache_dir", "reused", "checkpoint_sha256", "seconds", "sampled", "class_seed_stride", "precision",
-    "compiled"}`` (compiled: the model is a ``torch.compile`` wrapper):
+    "compiled"}`` (compiled: this call sampled images, on a ``torch.compile`` wrapper of the model):
     ``seconds`` of sampling in this call (0 when reused) for ``sampled`` images; ``reused`` is true when
     nothing had to be sampled.
     """
@@ -146,7 +146,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     info = {"cache_dir": str(folder), "reused": not todo, "checkpoint_sha256": sha, "seconds": 0.0,
             "sampled": len(todo), "class_seed_stride": CLASS_SEED_STRIDE,  # image j of class c: base + c * stride + j
             "precision": "bf16" if bf16 else "fp32",
-            "compiled": isinstance(ckpt.model, torch._dynamo.eval_frame.OptimizedModule)}  # this call's sampling
+            "compiled": bool(todo) and isinstance(ckpt.model, torch._dynamo.eval_frame.OptimizedModule)}
     if ckpt.precision is not None:
         info["precision_reason"] = ckpt.precision.reason
     if todo:

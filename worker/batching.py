@@ -14,8 +14,9 @@ the exception, the batch goes on for the others, and stops early only when nobod
 
 With ``pad=True`` (the worker does this when the model is compiled) every merged batch is padded
 to a power of two, capped at ``max_batch``, by repeating its last image's label and seed; the
-extra rows are dropped. A compiled model (or a CUDA graph) then sees at most
-ceil(log2(max_batch)) + 1 batch shapes, each compiled once, instead of one per job size.
+extra rows are dropped. A compiled model (or a CUDA graph) then sees at most ceil(log2(max_batch)) + 1
+batch sizes, and a guided sampler's twice-as-large calls add at most two more shapes, each compiled once,
+instead of one per job size.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import replace
 from functools import lru_cache
@@ -136,14 +137,19 @@ def start_job(store: JobStore, job_id: str, settings: Settings, worker: str | No
 
     Returns the record as it is now (None for an unknown job); run only if it says running.
     """
+    delivery = uuid.uuid4().hex  # marks this delivery's start, so a retried start is not counted twice
+
     def fields(old: dict) -> dict:
         now = time.time()
+        if old["status"] == RUNNING and old.get("delivery") == delivery:  # our own start, whose reply was lost
+            return {}
         if store.cancel_requested(job_id):
             return {"status": CANCELED, "finished_at": now}
         if old["attempts"] >= settings.max_attempts:
             return {"status": FAILED, "finished_at": now,
                     "error": f"gave up after {old['attempts']} attempts (the worker was lost each time)"}
-        return {"status": RUNNING, "started_at": now, "attempts": old["attempts"] + 1, "worker": worker}
+        return {"status": RUNNING, "started_at": now, "attempts": old["attempts"] + 1, "worker": worker,
+                "delivery": delivery}
 
     store.transition(job_id, ACTIVE, fields)  # not applied to a finished job: it stays as it is
     return store.get(job_id)

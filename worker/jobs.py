@@ -77,7 +77,13 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
 
 
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# What a job's status change waits out: Redis unreachable, or a replica being promoted (read-only). Not a
+# wrong password (redis-py's AuthenticationError is a ConnectionError): no wait mends that.
+TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ReadOnlyError)
+
+
+def transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, redis.exceptions.AuthenticationError)
 
 
 class JobStore:
@@ -173,13 +179,16 @@ class JobStore:
         none."""
         return bool(self._update(keys=[self.key(job_id)], args=_flatten(dict(fields, updated_at=time.time()))))
 
-    def transition(self, job_id: str, allowed: Iterable[str], fields: dict) -> dict | None:
+    def transition(self, job_id: str, allowed: Iterable[str], fields: dict,
+                   retry_for: float | None = None) -> dict | None:
         """Atomically apply ``fields`` if the status is in ``allowed``; returns the old record, else None.
 
         ``fields`` may be a function of the old record (called inside the transaction). While Redis is
-        unreachable it is tried again, with backoff, for up to ``retry_for`` seconds, then the error is raised.
-        A try whose reply was lost may have been applied; the next one then finds the new status, and applies
-        again only if that is in ``allowed`` too.
+        unreachable (or read-only, mid-failover) it is tried again, with backoff, until ``retry_for`` seconds
+        (default: the store's) have passed, then the error is raised; a try under way may run past that by its
+        socket timeout. A try whose reply was lost may have been applied; the next one then finds the new
+        status, and applies again only if that is in ``allowed`` too (a function of the old record can tell
+        its own earlier write from it, as ``worker.generation.start_job`` does).
         """
         key, allowed = self.key(job_id), tuple(allowed)
         result: list[dict | None] = [None]
@@ -201,13 +210,13 @@ class JobStore:
                 pipe.expire(key, self.keep)
             result[0] = old
 
-        deadline, delay = time.monotonic() + self.retry_for, 0.5
+        deadline, delay = time.monotonic() + (self.retry_for if retry_for is None else retry_for), 0.5
         while True:
             try:
                 self.r.transaction(apply, key)
                 return result[0]
-            except UNREACHABLE as e:
-                if time.monotonic() + delay > deadline:
+            except TRANSIENT as e:
+                if not transient(e) or time.monotonic() + delay > deadline:
                     raise
                 log.warning("job %s: Redis unreachable (%s); trying the status change again in %.1f s",
                             job_id, type(e).__name__, delay)
@@ -244,22 +253,24 @@ def prune_job_dirs(jobs_dir: Path, store: JobStore, now: float | None = None) ->
 
 
 def prune_cache(cache_dir: Path, unused_for: float, now: float | None = None) -> list[str]:
-    """Delete the cached data sets (``data-*.pt``) and synthetic image sets (``synthetic/<set>/``) under
-    ``cache_dir`` that no job has used for ``unused_for`` seconds; returns their names.
+    """Delete the cached data sets (``data-*.pt``, and the temporary files of writes that never finished) and
+    synthetic image sets (``synthetic/<set>/``) under ``cache_dir`` that no job has used for ``unused_for``
+    seconds; returns their names.
 
     Last use is the modification time, which ``training.data.load_dataset`` and
     ``training.synthetic_cache.synthetic_images`` renew on every use (and sampling into a set renews as each
     batch lands). An entry is renamed before it is deleted, so a job that starts using it at that moment
-    writes a fresh one rather than into a half-deleted folder."""
+    writes a fresh one rather than into a half-deleted folder. An entry that cannot be deleted is logged and
+    skipped."""
     if not unused_for or not cache_dir.is_dir():
         return []
     now = time.time() if now is None else now
     synthetic = cache_dir / "synthetic"
-    entries = list(cache_dir.glob("data-*.pt")) + (
-        [p for p in synthetic.iterdir() if p.is_dir() and not p.name.startswith(".")] if synthetic.is_dir() else [])
-    removed = []
+    sets = [p for p in synthetic.iterdir() if p.is_dir() and not p.name.startswith(".")] if synthetic.is_dir() else []
+    entries = [*cache_dir.glob("data-*.pt"), *cache_dir.glob("data-*.tmp"), *sets]
     for left in [*cache_dir.glob(".deleting-*"), *synthetic.glob(".deleting-*")]:  # a worker killed mid-delete
-        shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+        _delete(left)
+    removed = []
     for entry in entries:
         try:
             if now - entry.stat().st_mtime < unused_for:
@@ -268,6 +279,16 @@ def prune_cache(cache_dir: Path, unused_for: float, now: float | None = None) ->
             entry.rename(doomed)
         except FileNotFoundError:  # another worker pruned it first
             continue
-        shutil.rmtree(doomed, ignore_errors=True) if doomed.is_dir() else doomed.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("could not delete cache entry %s: %s", entry.name, e)
+            continue
+        _delete(doomed)
         removed.append(entry.name)
     return removed
+
+
+def _delete(path: Path) -> None:
+    try:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not delete %s: %s", path, e)

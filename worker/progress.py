@@ -13,7 +13,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from training.generate import progress_fraction as fraction  # the share of a job's images finished
 
-from .jobs import UNREACHABLE, JobStore
+from .jobs import TRANSIENT, JobStore, transient
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +21,23 @@ log = logging.getLogger(__name__)
 def job_hooks(store: JobStore, job_id: str) -> tuple[Callable[..., None], Callable[[], bool]]:
     """The ``write(**fields)`` and ``is_canceled()`` of a running job's progress callback.
 
-    Both outlive a Redis that is briefly unreachable: a progress write is then dropped and the cancel flag read
+    Both outlive a Redis that is briefly unreachable (or read-only, mid-failover): a progress write is then dropped and the cancel flag read
     as not set (each logged), so the job goes on; its final status change retries instead (``JobStore.retry_for``).
     """
     def write(**fields: Any) -> None:
         try:
             store.update(job_id, **fields)
-        except UNREACHABLE as e:
+        except TRANSIENT as e:
+            if not transient(e):
+                raise
             log.warning("job %s: progress not written, Redis unreachable (%s)", job_id, type(e).__name__)
 
     def is_canceled() -> bool:
         try:
             return store.cancel_requested(job_id)
-        except UNREACHABLE as e:
+        except TRANSIENT as e:
+            if not transient(e):
+                raise
             log.warning("job %s: cancel flag not read, Redis unreachable (%s)", job_id, type(e).__name__)
             return False
 

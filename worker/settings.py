@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     compile: CompileMode = Field(
         "off", description="torch.compile the UNet in this mode (reduce-overhead adds CUDA graphs on a GPU); "
                            "model batches are then padded to power-of-two sizes up to batch_size, so each shape "
-                           "compiles once (at most ceil(log2(batch_size))+1 shapes; the first use of each waits "
-                           "for its compile)")
+                           "compiles once (at most ceil(log2(batch_size))+3 shapes, guided calls running twice "
+                           "the rows; the first use of each waits for its compile)")
     precision: Precision = Field(
         "auto", description="model calls of sampling in fp32 or bf16 autocast; auto: bf16 on a GPU, and on a CPU "
                             "whichever a timing at model load finds faster (bf16 only if 1.2x; diffusion.precision)")

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # Seconds a job's status change is tried again while Redis is unreachable (a restart, a failover): a job that
 # finished meanwhile must not stay "running" for ever.
 STATUS_RETRY_S = 60.0
+ON_FAILURE_RETRY_S = 5.0
 
 
 @lru_cache(maxsize=4)
@@ -42,7 +43,9 @@ class JobTask(Task):
             error = f"hard time limit of {limit} s exceeded"
         else:
             error = f"{type(exc).__name__}: {exc}"
-        job_store(settings).transition(job_id, ACTIVE, {"status": FAILED, "finished_at": time.time(), "error": error})
+        # a hard limit runs this in the worker's main process, which must not stall for a minute on Redis
+        job_store(settings).transition(job_id, ACTIVE, {"status": FAILED, "finished_at": time.time(), "error": error},
+                                       retry_for=ON_FAILURE_RETRY_S)
 
 
 @shared_task(name=TASK_GENERATE, bind=True, base=JobTask)

@@ -230,32 +230,32 @@ def test_saved_runs_are_keyed_by_the_data_sets_content_not_its_path(data_tar, ti
 
 
 def test_evaluate_compile_samples_on_the_compiled_model(data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch,
-                                                        capsys):
-    """``--compile`` samples through ``compile_for_sampling`` (here with the cheap aot_eager backend: inductor's
-    C++ build takes minutes on this machine) and the report says so."""
+                                                        cheap_compile):
+    """``--compile`` samples through ``compile_for_sampling`` (here on the cheap aot_eager backend) and the report
+    says whether this run's sampling was compiled."""
     import torch._inductor.config as inductor_config
 
     import training.synthetic_cache as synthetic_cache
 
-    real_compile, real_specs, models = torch.compile, synthetic_cache.sample_specs, []
-
-    def cheap_compile(model, *, mode=None, dynamic=None):
-        return real_compile(model, backend="aot_eager", dynamic=dynamic)
+    real_specs, models = synthetic_cache.sample_specs, []
 
     def recording(ckpt, specs, *args, **kwargs):
         models.append(type(ckpt.model).__name__)
         return real_specs(ckpt, specs, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "compile", cheap_compile)
     monkeypatch.setattr(synthetic_cache, "sample_specs", recording)
     args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data_tar), "--classifier", "mlp",
             "--width", "8", "--synthetic-per-class", "1", "--real-fraction", "0.5", "--epochs", "1", "--seeds", "0",
             "--steps", "2", "--guidance", "1.5", "--train-batch-size", "8", "--device", "cpu", "--precision", "fp32",
             "--cache-dir", str(cache_dir)]
-    with inductor_config.patch(freezing=False):  # process-wide: restored after
-        dreamdata_cli.main(args + ["--compile", "--out", str(tmp_path / "compiled")])
-    assert models == ["OptimizedModule"]
-    assert json.loads((tmp_path / "compiled" / "report.json").read_text())["synthetic"]["compiled"] is True
+
+    def compiled(out: str) -> bool:
+        return json.loads((tmp_path / out / "report.json").read_text())["synthetic"]["compiled"]
+
+    dreamdata_cli.main(args + ["--compile", "--out", str(tmp_path / "compiled")])
+    assert models == ["OptimizedModule"] and cheap_compile == [("default", False)] and inductor_config.freezing
+    assert compiled("compiled") is True
+    dreamdata_cli.main(args + ["--compile", "--out", str(tmp_path / "reused")])
+    assert models == ["OptimizedModule"] and compiled("reused") is False  # nothing sampled: nothing compiled
     dreamdata_cli.main(args + ["--synthetic-per-class", "2", "--out", str(tmp_path / "eager")])
-    assert models == ["OptimizedModule", "UNet"]  # without --compile: the eager model
-    assert json.loads((tmp_path / "eager" / "report.json").read_text())["synthetic"]["compiled"] is False
+    assert models == ["OptimizedModule", "UNet"] and compiled("eager") is False  # without --compile: eager

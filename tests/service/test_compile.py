@@ -22,21 +22,14 @@ def test_compile_mode_is_validated():
         Settings(compile="fast")
 
 
-def test_a_compiled_worker_model_pads_batches_and_gives_the_eager_images(tiny_checkpoint, service_dir, monkeypatch):
-    real_compile, modes = torch.compile, []
-
-    def cheap_compile(model, *, mode=None, dynamic=None):
-        modes.append((mode, dynamic))
-        return real_compile(model, backend="aot_eager", dynamic=dynamic)
-
-    monkeypatch.setattr(torch, "compile", cheap_compile)
+def test_a_compiled_worker_model_pads_batches_and_gives_the_eager_images(tiny_checkpoint, service_dir, cheap_compile):
     import torch._inductor.config as inductor_config
 
+    modes = cheap_compile
     eager_settings = Settings(checkpoint=tiny_checkpoint, data_dir=service_dir, batch_size=4)
     compiled_settings = Settings(checkpoint=tiny_checkpoint, data_dir=service_dir, batch_size=4, compile="default")
-    with inductor_config.patch(freezing=False):  # restored after: the setting is process-wide (not monkeypatch:
-        eager, compiled = worker_model(eager_settings), worker_model(compiled_settings)  # it deletes config keys)
-        frozen = inductor_config.freezing
+    eager, compiled = worker_model(eager_settings), worker_model(compiled_settings)
+    frozen = inductor_config.freezing
     assert not job_sampler(eager_settings).pad
     assert compiled.model is not eager.model and compiled.sha256 == eager.sha256
     assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule) and modes == [("default", False)]

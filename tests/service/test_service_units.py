@@ -127,12 +127,81 @@ def test_a_status_change_is_tried_again_while_redis_is_unreachable(settings):
     assert worker.transition(job_id, ("queued",), {"status": "running"})["status"] == "queued"
     assert worker.get(job_id)["status"] == "running" and waits == [0.5, 1.0, 2.0]  # backoff
 
+    for not_transient in (redis.exceptions.AuthenticationError("wrong password"),
+                          redis.exceptions.ResponseError("WRONGTYPE")):  # no wait mends these: raised at once
+        worker = JobStore(connect(settings.redis_url), prefix, retry_for=30)
+        worker.sleep = waits.append
+
+        def broken(*args, error=not_transient, **kwargs):
+            raise error
+        worker.r.transaction = broken
+        with pytest.raises(type(not_transient)):
+            worker.transition(job_id, ("running",), {"status": "succeeded"})
+    assert waits == [0.5, 1.0, 2.0]
+    worker = JobStore(connect(settings.redis_url), prefix, retry_for=30)  # a replica being promoted: waited out
+    worker.sleep = waits.append
+    read_only, transaction = [1], worker.r.transaction
+
+    def failing_over(*args, **kwargs):
+        if read_only.pop() if read_only else 0:
+            raise redis.exceptions.ReadOnlyError("You can't write against a read only replica.")
+        return transaction(*args, **kwargs)
+    worker.r.transaction = failing_over
+    assert worker.transition(job_id, ("running",), {"status": "running", "note": 1}) is not None
+    assert waits == [0.5, 1.0, 2.0, 0.5]
+    # a per-call window overrides the store's (JobTask.on_failure: the worker's main process must not stall)
+    worker.r.transaction = _unreachable_for(100, transaction)
+    t0 = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        worker.transition(job_id, ("running",), {"status": "succeeded"}, retry_for=0)
+    assert time.monotonic() - t0 < 0.4 and waits == [0.5, 1.0, 2.0, 0.5]
+
     worker = JobStore(connect(settings.redis_url), prefix, retry_for=1.2)  # gives up after its window
     worker.r.transaction = _unreachable_for(100, worker.r.transaction)
     t0 = time.monotonic()
     with pytest.raises(redis.exceptions.ConnectionError):
         worker.transition(job_id, ("running",), {"status": "succeeded"})
     assert 0.4 < time.monotonic() - t0 < 1.2  # waited 0.5 s once; the next wait (1 s) would pass the window
+
+
+def test_a_start_whose_reply_was_lost_is_not_counted_twice(settings):
+    """The first try of start_job's transition is applied, then the connection drops before the reply: the retry
+    finds the job running under its own delivery mark and changes nothing (attempts stays 1)."""
+    from worker.generation import start_job
+
+    store = JobStore(connect(settings.redis_url), f"lost-{uuid.uuid4().hex[:8]}", retry_for=30)
+    store.sleep = lambda s: None
+    job_id = new_job_id()
+    store.create(new_record(job_id, {}, 1, 2), max_queued=10)
+    transaction, lost = store.r.transaction, [1]
+
+    def applied_then_lost(*args, **kwargs):
+        out = transaction(*args, **kwargs)
+        if lost and lost.pop():
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        return out
+    store.r.transaction = applied_then_lost
+    s = settings.model_copy(update={"max_attempts": 1})
+    rec = start_job(store, job_id, s, "w1")
+    assert rec["status"] == "running" and rec["attempts"] == 1 and not lost
+    store.r.transaction = transaction
+    again = start_job(store, job_id, s, "w2")  # a real second delivery is counted, and gives up at max_attempts
+    assert again["status"] == "failed" and "gave up after 1 attempts" in again["error"]
+
+
+def test_only_a_direct_loopback_peer_is_local():
+    from starlette.requests import Request
+
+    from app.deps import _local
+
+    def request(client, headers=()):
+        return Request({"type": "http", "client": client, "headers": [(k.encode(), v.encode()) for k, v in headers]})
+
+    assert _local(request(("127.0.0.1", 5))) and _local(request(("::1", 5)))
+    assert not _local(request(("192.0.2.1", 5)))
+    assert not _local(request(None))  # a Unix socket: whoever is behind it (a proxy) is not known to be local
+    assert not _local(request(("127.0.0.1", 5), [("x-forwarded-for", "127.0.0.1")]))  # through a proxy
+    assert not _local(request(("127.0.0.1", 5), [("forwarded", "for=198.51.100.3")]))
 
 
 def test_progress_is_throttled_monotonic_and_cancels():
@@ -314,8 +383,8 @@ def test_cache_entries_unused_for_long_are_deleted_and_nothing_else(settings, tm
         os.utime(cache / p, (old, old))
     assert prune_cache(cache, 0) == []  # 0: kept for ever
     assert prune_cache(cache, 2000) == []
-    assert sorted(prune_cache(cache, 100)) == ["data-old.pt", "old-set"]
-    assert sorted(p.name for p in cache.iterdir()) == ["data-new.pt", "data-old.123.tmp", "other-old.pt", "synthetic"]
+    assert sorted(prune_cache(cache, 100)) == ["data-old.123.tmp", "data-old.pt", "old-set"]
+    assert sorted(p.name for p in cache.iterdir()) == ["data-new.pt", "other-old.pt", "synthetic"]
     assert [p.name for p in (cache / "synthetic").iterdir()] == ["new-set"]
     assert prune_cache(tmp_path / "none", 100) == []
 
