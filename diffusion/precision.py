@@ -192,9 +192,10 @@ def compile_for_sampling(model: torch.nn.Module, mode: str = "default") -> torch
 
     Freezing folds the weights into the compiled graph as constants and prepacks the convolution weights
     for oneDNN once (fusing each convolution with its activation), instead of at every call. On the 2-core
-    AVX2 EPYC in fp32 the compiled default sampler ran 1.16x as fast as eager with it (five paired rounds,
-    1.07-1.24x; ``benchmarks/sampling_ab.py --compile``), where a compile without it had run 0.94x eager
-    (one run of ``benchmarks/sampling.py``). Dynamo reads the setting when it traces, on the model's first
+    AVX2 EPYC in fp32 the compiled default sampler ran 1.09x as fast as eager with it, each in a process of
+    its own (three rounds, 0.98-1.14x; ``benchmarks/compile_ab.py``; 1.16x in one shared process,
+    ``benchmarks/sampling_ab.py --compile``), where a compile without it had run 0.94x eager (one run of
+    ``benchmarks/sampling.py``). Dynamo reads the setting when it traces, on the model's first
     call of each shape, so it cannot be a per-model option: it is set process-wide, for every later compile
     in this process. It changes only graphs run without autograd (the samplers run under
     ``torch.inference_mode``; training compiles with gradients on and is unaffected), and a frozen model does

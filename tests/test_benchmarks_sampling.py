@@ -253,3 +253,43 @@ def test_training_throughput_times_bf16_only_where_the_cpu_has_it(monkeypatch, c
     assert re.findall(r"^(fp32|bf16) ", capsys.readouterr().out, re.M) == ["bf16", "bf16"]
     with pytest.raises(SystemExit):
         bench.main(args + ["--precisions", "fp16"])
+
+
+@pytest.fixture
+def compile_bench(monkeypatch):
+    yield from script_module("compile_ab.py", monkeypatch)
+
+
+def test_compile_ab_child_times_the_compiled_model_after_a_whole_warm_up_run(compile_bench, tiny_checkpoint, capsys,
+                                                                             cheap_compile):
+    import json
+
+    compile_bench.main(["--child", "compiled", "--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch",
+                        "2", "--runs", "2", "--precision", "fp32"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["variant"] == "compiled" and len(res["rates"]) == 2 and min(res["rates"]) > 0
+    assert cheap_compile == [("default", False)] and res["precision"] == "fp32 (requested)"
+    compile_bench.main(["--child", "eager", "--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["variant"] == "eager"
+    assert cheap_compile == [("default", False)]  # the eager child compiles nothing
+
+
+def test_compile_ab_alternates_fresh_processes_and_pairs_each_round(compile_bench, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    calls = []
+    rate = {"eager": iter([1.0, 2.0, 1.0]), "compiled": iter([1.5, 2.0, 1.2])}
+
+    def fake_run(argv, **kwargs):
+        variant = argv[argv.index("--child") + 1]
+        calls.append((variant, argv[argv.index("--precision") + 1]))
+        out = json.dumps({"variant": variant, "rates": [next(rate[variant])], "warmup_s": 1.0, "precision": "x"})
+        return subprocess.CompletedProcess(argv, 0, stdout=out + "\n")
+
+    monkeypatch.setattr(compile_bench.subprocess, "run", fake_run)
+    result = compile_bench.main(["--rounds", "3", "--precision", "fp32"])
+    assert [v for v, _ in calls] == ["eager", "compiled", "compiled", "eager", "eager", "compiled"]  # rotated
+    assert {p for _, p in calls} == {"fp32"}
+    assert result["ratios"] == pytest.approx([1.5, 1.0, 1.2])
+    assert "compiled / eager, per round: 1.20x [1.00, 1.50]" in capsys.readouterr().out

@@ -72,7 +72,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="train every run again instead of reusing the finished runs saved in OUT/runs/")
     p.add_argument("--compile", action="store_true",
                    help="sample the synthetic images on the model through torch.compile (on a CPU with inductor's "
-                        "freezing: 1.16x eager on the AVX2 EPYC); the first batch of each shape waits for its "
+                        "freezing: 1.09x eager on the AVX2 EPYC); the first batch of each shape waits for its "
                         "compile, minutes on a CPU. Images differ from eager ones by float rounding only")
 
 
