@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 def job_hooks(store: JobStore, job_id: str) -> tuple[Callable[..., None], Callable[[], bool]]:
     """The ``write(**fields)`` and ``is_canceled()`` of a running job's progress callback.
 
-    Both outlive a Redis that is briefly unreachable (or read-only, mid-failover): a progress write is then dropped and the cancel flag read
-    as not set (each logged), so the job goes on; its final status change retries instead (``JobStore.retry_for``).
+    Both outlive a Redis that is briefly unreachable (or read-only, mid-failover): a progress write is then
+    dropped and the cancel flag read as not set (each logged), so the job goes on; its final status change
+    retries instead (``JobStore.retry_for``).
     """
     def write(**fields: Any) -> None:
         try:
