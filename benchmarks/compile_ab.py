@@ -27,7 +27,6 @@ VARIANTS = ("eager", "compiled")
 def child(a: argparse.Namespace) -> None:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from diffusion.checkpoint import load_for_sampling
     from diffusion.precision import compile_for_sampling
     from diffusion.samplers import sample

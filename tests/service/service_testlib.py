@@ -141,3 +141,25 @@ def png_pixels(data: bytes) -> np.ndarray:
 def zip_pngs(data: bytes) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         return {n: png_pixels(z.read(n)) for n in z.namelist() if n.startswith("images/")}
+
+
+class Flaky:
+    """``fn``, except that call number i (from 1) raises ``error`` when ``fails(i)``: Redis going away mid-job.
+    ``calls`` counts every call."""
+
+    def __init__(self, fn: Callable, fails: Callable[[int], bool], error: Exception | None = None):
+        import redis
+
+        self.fn, self.fails, self.calls = fn, fails, 0
+        self.error = error or redis.exceptions.ConnectionError("Connection refused")
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.fails(self.calls):
+            raise self.error
+        return self.fn(*args, **kwargs)
+
+
+def unreachable_for(calls: int, fn: Callable) -> Flaky:
+    """``fn``, except that its first ``calls`` calls raise as if Redis were restarting."""
+    return Flaky(fn, lambda i: i <= calls)

@@ -14,7 +14,7 @@ from worker.jobs import JobStore, QueueFull, connect, is_job_id, new_job_id, new
 from worker.progress import JobCanceled, ProgressReporter, fraction
 from worker.settings import Settings, get_settings
 
-from .service_testlib import CIFAR10_CLASSES
+from .service_testlib import CIFAR10_CLASSES, Flaky, unreachable_for
 
 
 def test_settings_from_environment(monkeypatch):
@@ -96,18 +96,6 @@ def test_progress_of_a_forgotten_job_does_not_bring_its_record_back(settings):
     assert store.get(job_id) is None
 
 
-def _unreachable_for(calls: int, fn):
-    """``fn``, except that its first ``calls`` calls raise as if Redis were restarting."""
-    left = [calls]
-
-    def flaky(*args, **kwargs):
-        if left[0] > 0:
-            left[0] -= 1
-            raise redis.exceptions.ConnectionError("Connection refused")
-        return fn(*args, **kwargs)
-    return flaky
-
-
 def test_a_status_change_is_tried_again_while_redis_is_unreachable(settings):
     prefix = f"retry-{uuid.uuid4().hex[:8]}"
     client = connect(settings.redis_url)
@@ -115,7 +103,7 @@ def test_a_status_change_is_tried_again_while_redis_is_unreachable(settings):
     JobStore(client, prefix).create(new_record(job_id, {}, 1, 2), max_queued=10)
 
     api = JobStore(connect(settings.redis_url), prefix)  # retry_for 0: the API answers 503 at once
-    api.r.transaction = _unreachable_for(1, api.r.transaction)
+    api.r.transaction = unreachable_for(1, api.r.transaction)
     with pytest.raises(redis.exceptions.ConnectionError):
         api.transition(job_id, ("queued",), {"status": "running"})
     assert api.get(job_id)["status"] == "queued"
@@ -123,7 +111,7 @@ def test_a_status_change_is_tried_again_while_redis_is_unreachable(settings):
     worker = JobStore(connect(settings.redis_url), prefix, retry_for=30)
     waits = []
     worker.sleep = waits.append
-    worker.r.transaction = _unreachable_for(3, worker.r.transaction)
+    worker.r.transaction = unreachable_for(3, worker.r.transaction)
     assert worker.transition(job_id, ("queued",), {"status": "running"})["status"] == "queued"
     assert worker.get(job_id)["status"] == "running" and waits == [0.5, 1.0, 2.0]  # backoff
 
@@ -140,24 +128,20 @@ def test_a_status_change_is_tried_again_while_redis_is_unreachable(settings):
     assert waits == [0.5, 1.0, 2.0]
     worker = JobStore(connect(settings.redis_url), prefix, retry_for=30)  # a replica being promoted: waited out
     worker.sleep = waits.append
-    read_only, transaction = [1], worker.r.transaction
-
-    def failing_over(*args, **kwargs):
-        if read_only.pop() if read_only else 0:
-            raise redis.exceptions.ReadOnlyError("You can't write against a read only replica.")
-        return transaction(*args, **kwargs)
-    worker.r.transaction = failing_over
+    transaction = worker.r.transaction
+    worker.r.transaction = Flaky(transaction, lambda i: i == 1,
+                                 redis.exceptions.ReadOnlyError("You can't write against a read only replica."))
     assert worker.transition(job_id, ("running",), {"status": "running", "note": 1}) is not None
     assert waits == [0.5, 1.0, 2.0, 0.5]
     # a per-call window overrides the store's (JobTask.on_failure: the worker's main process must not stall)
-    worker.r.transaction = _unreachable_for(100, transaction)
+    worker.r.transaction = unreachable_for(100, transaction)
     t0 = time.monotonic()
     with pytest.raises(redis.exceptions.ConnectionError):
         worker.transition(job_id, ("running",), {"status": "succeeded"}, retry_for=0)
     assert time.monotonic() - t0 < 0.4 and waits == [0.5, 1.0, 2.0, 0.5]
 
     worker = JobStore(connect(settings.redis_url), prefix, retry_for=1.2)  # gives up after its window
-    worker.r.transaction = _unreachable_for(100, worker.r.transaction)
+    worker.r.transaction = unreachable_for(100, worker.r.transaction)
     t0 = time.monotonic()
     with pytest.raises(redis.exceptions.ConnectionError):
         worker.transition(job_id, ("running",), {"status": "succeeded"})

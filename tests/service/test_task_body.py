@@ -12,6 +12,8 @@ from PIL import Image
 from worker.generation import run_generation
 from worker.jobs import JobStore, connect, new_job_id, new_record
 
+from .service_testlib import Flaky
+
 REQUEST = {"classes": {"cat": 3, "dog": 2}, "sampler": "dpmpp", "steps": 2, "guidance": 1.5, "seed": 5}
 
 
@@ -88,38 +90,16 @@ def test_cancel_flag_stops_between_steps(store, body_settings):
 def test_a_job_outlives_redis_restarting_while_it_runs(store, body_settings):
     """Progress writes and cancel checks that fail are skipped; the final status change is tried again, so the
     job ends succeeded, not failed (or running for ever)."""
-    import redis
-
     job_id = _submit(store)
     store.retry_for, store.sleep = 30, lambda s: None
-    down = redis.exceptions.ConnectionError("Connection refused")
-    calls = {"update": 0, "cancel": 0, "transition": 0}
-    update, cancel_requested, transaction = store.update, store.cancel_requested, store.r.transaction
-
-    def failing_update(jid, **f):
-        calls["update"] += 1
-        if calls["update"] % 2:
-            raise down
-        return update(jid, **f)
-
-    def failing_cancel_check(jid):
-        calls["cancel"] += 1
-        if calls["cancel"] % 2 == 0:  # the first, start_job's, is read
-            raise down
-        return cancel_requested(jid)
-
-    def transition_down_at_the_end(*args, **kwargs):
-        calls["transition"] += 1
-        if calls["transition"] in (2, 3):  # 1: start; 2 and 3: the final write fails twice
-            raise down
-        return transaction(*args, **kwargs)
-
-    store.update, store.cancel_requested = failing_update, failing_cancel_check
-    store.r.transaction = transition_down_at_the_end
+    update = store.update = Flaky(store.update, lambda i: i % 2 == 1)
+    cancel = store.cancel_requested = Flaky(store.cancel_requested, lambda i: i % 2 == 0)  # start_job's is read
+    # call 1 is the start; the final status change fails twice (calls 2 and 3), then goes through
+    transition = store.r.transaction = Flaky(store.r.transaction, lambda i: i in (2, 3))
     result = run_generation(job_id, REQUEST, store=store, settings=body_settings)
     rec = store.get(job_id)
     assert result["status"] == rec["status"] == "succeeded" and rec["images_done"] == 5
-    assert calls["transition"] == 4 and calls["update"] > 2 and calls["cancel"] > 2
+    assert transition.calls == 4 and update.calls > 2 and cancel.calls > 2
 
 
 def test_canceled_while_queued_never_runs(store, body_settings):
