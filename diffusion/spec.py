@@ -97,6 +97,8 @@ class SamplerSettings:
         if not g_lo <= self.guidance <= g_hi:
             raise ValueError(f"guidance={self.guidance} out of range {g_lo:g}..{g_hi:g}")
         check_eta(self.eta)
+        if self.eta and self.sampler != "ddim":  # ignored by the others: refused, not a silently equal run
+            raise ValueError(f"eta={self.eta:g} applies to the ddim sampler only, not {self.sampler}")
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
 

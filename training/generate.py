@@ -2,15 +2,16 @@
 
     OUT/grid.png            one row per requested class (up to 10 images per row)
     OUT/images/NNNNN.png    every image, with PNG text metadata (class, seed, sampler, steps,
-                            guidance, guidance interval, precision, checkpoint hash)
+                            guidance, guidance interval, precision, DDIM's eta where not 0, checkpoint hash)
     OUT/manifest.json       one entry per image: file, class name, class index, seed, sampler, steps, guidance,
-                            guidance interval ("lo,hi" or "all"), precision
+                            guidance interval ("lo,hi" or "all"), precision (and eta where not 0)
     OUT/images.zip          (optional) all images
 
 Image i of a request gets seed ``base_seed + i``; images are produced in batches and written as
 they come, so memory holds at most one batch. Images already on disk (a previous attempt that
-crashed) are skipped one by one: the same seed gives the same image whichever batch it lands in,
-so a retried job completes with the same files. An image on disk whose metadata says it was made
+crashed) are skipped one by one: the same seed gives the same image whichever batch it lands in
+(up to float rounding: a pixel may rarely round to the next level), so a retried job completes with the
+same images. An image on disk whose metadata says it was made
 otherwise (another checkpoint or precision, say: the attempt ran on another worker) is made again, so
 the manifest is true of every image.
 """
@@ -82,9 +83,12 @@ def sampling_autocast(ckpt: Checkpoint) -> bool:
 
 def _common_meta(settings: SamplerSettings, autocast: bool) -> dict:
     """What every image of one call shares, for its PNG metadata and manifest entry."""
-    return {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
+    meta = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
             "guidance_interval": format_guidance_interval(settings.guidance_interval),
             "precision": "bf16" if autocast else "fp32"}
+    if settings.eta:  # DDIM with noise; absent at 0, so images made before eta was recorded keep matching
+        meta["eta"] = settings.eta
+    return meta
 
 
 def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageSpec]:
@@ -133,7 +137,8 @@ def drop_stale_images(out: Path, specs: Sequence[ImageSpec], common: dict, class
         want = _image_meta(common, s, class_names, checkpoint_sha256)
         try:
             with Image.open(f) as im:
-                have = {k: im.text.get(k) for k in want}
+                # eta is written only when not 0: an image that has it differs from a call that does not
+                have = {k: im.text[k] for k in (*want, "eta") if k in im.text}
         except (OSError, ValueError):  # unreadable: made again too
             have = {}
         if have != want:
@@ -171,7 +176,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
     (in the order given), writing each PNG with its metadata; returns how many were sampled.
 
     Images already on disk (an earlier attempt, or a smaller set being grown) are skipped one by one: the
-    same seed gives the same image whichever batch it lands in.  ``progress`` counts the skipped ones as done;
+    same seed gives the same image whichever batch it lands in (up to float rounding).  ``progress`` counts the skipped ones as done;
     ``on_batch`` hears only of sampled ones, batch by batch, so an interrupted run has reported what it wrote.
     """
     out = Path(out_dir)

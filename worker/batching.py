@@ -6,7 +6,8 @@ becomes a request in a queue; one engine thread takes the oldest request, waits 
 seconds for others to arrive, merges every queued request with the same model and sampler
 settings (up to ``max_batch`` images) into one :func:`diffusion.samplers.sample` call, and hands
 each caller its own rows. Noise comes from one generator per image seed and every image's
-update is row-wise, so an image is the same whichever batch it lands in (tested).
+update is row-wise, so an image is the same whichever batch it lands in, up to float rounding (tested: a
+convolution may sum in another order at another batch size, so a pixel may rarely round to the next level).
 
 The callers' progress callbacks run on the engine thread after each step. One that raises
 (a canceled job) or a caller that stops waiting (a soft time limit) drops out: its caller gets

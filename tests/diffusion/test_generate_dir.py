@@ -10,6 +10,7 @@ from PIL import Image
 
 from diffusion.checkpoint import load_for_sampling, save_checkpoint
 from diffusion.schedules import ScheduleConfig
+from diffusion.spec import SamplerSettings
 from training import generate
 from training.generate import generate_to_dir
 
@@ -58,6 +59,31 @@ def test_an_attempt_in_another_precision_or_checkpoint_is_made_again(tmp_path):
     assert sorted(sampled) == [5, 6, 7]
     with Image.open(out / "images" / "00000.png") as got:
         assert got.text["checkpoint_sha256"] == other.sha256 != fp32.sha256
+
+
+def test_ddim_eta_is_recorded_and_an_image_of_another_eta_is_made_again(tmp_path):
+    """eta changes a DDIM image: it is in the PNG metadata and the manifest (where not 0), and an earlier
+    attempt with another eta, either way round, is made again rather than kept under the new settings."""
+    ckpt = load_for_sampling(save_checkpoint(tmp_path / "ckpt", make_tiny_unet(), ScheduleConfig("linear", 1000),
+                                             CLASSES, {}), precision="fp32")
+    noisy, plain = SamplerSettings("ddim", 4, eta=1.0), SamplerSettings("ddim", 4)
+    out, sampled = tmp_path / "job", []
+
+    def recording(model, schedule, labels, seeds, **kw):
+        sampled.extend(seeds)
+        return generate.sample(model, schedule, labels, seeds, **kw)
+
+    manifest = generate_to_dir(ckpt, [(0, 2)], out, settings=noisy, base_seed=0)
+    assert [im["eta"] for im in manifest["images"]] == [1.0, 1.0]
+    with Image.open(out / "images" / "00000.png") as im:
+        assert im.text["eta"] == "1.0"
+    manifest = generate_to_dir(ckpt, [(0, 2)], out, settings=plain, base_seed=0, sample_fn=recording)
+    assert sorted(sampled) == [0, 1] and all("eta" not in im for im in manifest["images"])
+    with Image.open(out / "images" / "00000.png") as im:
+        assert "eta" not in im.text
+    sampled.clear()
+    generate_to_dir(ckpt, [(0, 2)], out, settings=noisy, base_seed=0, sample_fn=recording)
+    assert sorted(sampled) == [0, 1]
 
 
 def test_an_unreadable_image_is_made_again(tmp_path):
