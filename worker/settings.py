@@ -75,10 +75,11 @@ class Settings(BaseSettings):
     progress_interval: float = Field(0.5, ge=0.0, description="least seconds between progress writes")
     ping_timeout: float = Field(1.0, gt=0.0, description="seconds /readyz waits for a worker to answer")
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "eval_data", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, v: object) -> object:
-        return None if v is None or (isinstance(v, str) and not v.strip()) else v  # DREAMDATA_API_KEY= means none
+    def _empty_is_none(cls, v: object) -> object:
+        # DREAMDATA_API_KEY= means no key, DREAMDATA_EVAL_DATA= no evaluations (not the current folder)
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @property
     def hard_time_limit(self) -> int:

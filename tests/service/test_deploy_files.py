@@ -55,7 +55,8 @@ def test_gpu_worker_batches_concurrent_jobs(compose):
 def test_api_and_worker_share_the_data_volume(compose):
     services = compose["services"]
     mounts = {name: services[name]["volumes"] for name in ("api", "worker")}
-    assert mounts["api"] == mounts["worker"] == ["data:/data"]
+    assert mounts["api"] == mounts["worker"]
+    assert mounts["api"][0] == "data:/data"
     assert "data" in compose["volumes"]
     for name in ("api", "worker"):
         assert services[name]["environment"]["DREAMDATA_DATA_DIR"] == "/data"
@@ -84,9 +85,37 @@ def test_dockerfile_builds_the_cuda_image():
     assert re.search(r"^COPY checkpoints/ ", text, re.M)
     assert "DREAMDATA_CHECKPOINT=/app/checkpoints/cifar10" in text
     assert re.search(r"^USER (?!root)", text, re.M)
+    # torch.compile on CUDA: Triton compiles its launcher with a C compiler against Python's headers
+    assert re.search(r"apt-get install [^\n]*\bgcc\b", text) and "python3.11-dev" in text
 
 
 def test_dockerignore_keeps_local_state_out():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs", "data"} <= set(ignored)
     assert "checkpoints" not in ignored
+
+
+def test_evaluations_are_off_unless_a_data_set_is_named(compose):
+    """The data set is read-only under /datasets in both containers; DREAMDATA_EVAL_DATA unset is an empty
+    value there, which must mean "evaluations off", not the current folder."""
+    from worker.settings import Settings
+
+    for name in ("api", "worker"):
+        service = compose["services"][name]
+        assert "${DREAMDATA_DATASETS:-./datasets}:/datasets:ro" in service["volumes"], name
+        assert service["environment"]["DREAMDATA_EVAL_DATA"] == "${DREAMDATA_EVAL_DATA:-}", name
+    assert Settings(eval_data="").eval_data is None
+    assert Settings(eval_data="/datasets/cifar10-jpeg.tar.gz").eval_data is not None
+
+
+def test_worker_is_healthchecked_by_its_own_ping(compose):
+    check = compose["services"]["worker"]["healthcheck"]
+    assert check["test"] == ["CMD", "python", "-m", "worker.healthcheck"]
+    assert _seconds(check["timeout"]) > 3  # the ping's own wait (worker.healthcheck --timeout)
+    assert _seconds(check["start_period"]) >= 60  # the model loads before the worker answers
+
+
+def _seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+)s", duration)
+    assert m, duration
+    return float(m[1])

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from .service_testlib import png_pixels, poll_job, wait_for, zip_pngs
+from .service_testlib import env_for, png_pixels, poll_job, wait_for, zip_pngs
 
 PAD = 2  # training.plots.image_grid padding
 
@@ -12,6 +14,21 @@ def test_readyz_names_the_worker(client, worker):
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
     assert worker.name in r.json()["workers"]
+
+
+def test_worker_healthcheck_finds_its_own_worker(worker, settings):
+    """docker-compose.yml's worker healthcheck, run as it is there: healthy while this host's worker answers,
+    not for another host's (a scaled service's replicas each check their own)."""
+    def check(*args, **env):
+        return subprocess.run([sys.executable, "-m", "worker.healthcheck", *args], env=dict(env_for(settings), **env),
+                              capture_output=True, text=True, timeout=60)
+
+    r = check()
+    assert r.returncode == 0 and worker.name in r.stdout, r.stderr
+    r = check("--host", "another-host", "--timeout", "1")
+    assert r.returncode == 1 and "no worker on another-host" in r.stderr
+    r = check(DREAMDATA_REDIS_URL="redis://127.0.0.1:1/0")  # the broker is gone: unhealthy, saying why
+    assert r.returncode == 1 and "could not ping the workers" in r.stderr
 
 
 def test_query_job_end_to_end(client, worker, settings):
