@@ -33,10 +33,21 @@ GENERATION, EVALUATION = "generation", "evaluation"  # job types
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 CANCEL_FLAG_TTL = 7 * 24 * 3600
 
-# KEYS: record, recent, queued.  ARGV: max_queued, submit time, id, field, value, field, value ...
+# Seconds a new record lives until the API confirms that its message reached the broker (``JobStore.confirm``;
+# a worker's start confirms it too). An API that died in between, or a broker that failed the send and then
+# the clean-up, leaves a record that expires instead of a queued job that never runs.
+PENDING_TTL = 300
+
+# KEYS: record, recent, queued.  ARGV: max_queued, submit time, id, pending ttl, record key prefix,
+# field, value, field, value ...  Queued ids whose record has gone (a submit that never reached the broker)
+# are dropped first: they hold no place in the queue.
 _CREATE = """
+for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if redis.call('EXISTS', ARGV[5] .. id) == 0 then redis.call('ZREM', KEYS[3], id) end
+end
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
@@ -111,12 +122,24 @@ class JobStore:
 
     # -- API side --------------------------------------------------------------------------------
     def create(self, record: dict, max_queued: int) -> None:
-        """Store a new queued record; raises QueueFull when ``max_queued`` jobs are already queued."""
-        args = [max_queued, record["created_at"], record["id"]] + _flatten(record)
+        """Store a new queued record; raises QueueFull when ``max_queued`` jobs are already queued.
+
+        The record expires after ``PENDING_TTL`` seconds unless :meth:`confirm` (or the job's start) keeps it:
+        send the job's message in between."""
+        args = [max_queued, record["created_at"], record["id"], PENDING_TTL, self.key("")] + _flatten(record)
         if not self._create(keys=[self.key(record["id"]), self.recent_key, self.queued_key], args=args):
             raise QueueFull(f"{max_queued} jobs are queued already; try again later")
         if self.keep:
-            self._forget_expired(record["created_at"] - 2 * self.keep)
+            try:  # housekeeping: the job is stored, so a failure here must not stop its message
+                self._forget_expired(record["created_at"] - 2 * self.keep)
+            except redis.exceptions.RedisError:
+                log.exception("could not trim the list of recent jobs")
+
+    def confirm(self, job_id: str) -> None:
+        """The job's message is with the broker: its record stays (until the job finishes and ``keep`` runs out).
+
+        Only a record that is still queued: one canceled (or started) meanwhile already has its lifetime."""
+        self.transition(job_id, (QUEUED,), {})
 
     def _forget_expired(self, before: float, batch: int = 100) -> None:
         """Drop from the recent list the ids submitted before ``before`` whose record has expired (an old id of
@@ -208,6 +231,8 @@ class JobStore:
                 pipe.zrem(self.queued_key, job_id)
             if self.keep and status in TERMINAL:
                 pipe.expire(key, self.keep)
+            else:  # a queued record confirmed (create's PENDING_TTL), a started one, or one kept for ever
+                pipe.persist(key)
             result[0] = old
 
         deadline, delay = time.monotonic() + (self.retry_for if retry_for is None else retry_for), 0.5

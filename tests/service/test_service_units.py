@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from diffusion.spec import resolve_class
 from diffusion.spec import DEFAULT_SETTINGS
-from worker.jobs import JobStore, QueueFull, connect, is_job_id, new_job_id, new_record
+from worker.jobs import PENDING_TTL, JobStore, QueueFull, connect, is_job_id, new_job_id, new_record
 from worker.progress import JobCanceled, ProgressReporter, fraction
 from worker.settings import Settings, get_settings
 
@@ -80,6 +80,86 @@ def test_store_queue_position_cancel_and_limits(settings):
     assert [r["id"] for r in store.recent(10)] == ids[::-1]
     assert [r["id"] for r in store.recent(10, status="running")] == [ids[1]]
     assert store.get(new_job_id()) is None
+
+
+class _Broker:
+    """A Celery app's ``send_task``: records the messages, or raises ``error``."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error, self.sent = error, []
+
+    def send_task(self, name, kwargs, task_id, queue):
+        if self.error:
+            raise self.error
+        self.sent.append(task_id)
+
+
+def test_a_record_lives_only_once_its_message_is_sent(settings):
+    """A new record expires unless its message reached the broker: the API sends, then confirms."""
+    from app.submit import submit
+
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    job_id, broker = new_job_id(), _Broker()
+    rec = submit(new_record(job_id, {"steps": 2}, 1, 2), "t", store, broker, settings)
+    assert rec["status"] == "queued" and broker.sent == [job_id]
+    assert store.r.ttl(store.key(job_id)) == -1  # kept until the job finishes
+
+    store.create(new_record(pending := new_job_id(), {"steps": 2}, 1, 2), max_queued=10)  # no message yet
+    assert 0 < store.r.ttl(store.key(pending)) <= PENDING_TTL
+    store.transition(pending, ("queued",), {"status": "running"})  # a worker's start keeps it too
+    assert store.r.ttl(store.key(pending)) == -1
+    forever = JobStore(store.r, store.prefix, keep=0)
+    forever.create(new_record(done := new_job_id(), {"steps": 2}, 1, 2), max_queued=10)
+    forever.transition(done, ("queued",), {"status": "canceled"})  # finished before any confirm, kept for ever
+    assert store.r.ttl(store.key(done)) == -1
+
+
+def test_a_job_whose_message_was_never_sent_holds_no_place_in_the_queue(settings):
+    """The API died between storing a record and sending its message: the record expires, and its id stops
+    counting toward the queue limit and the queue positions at the next submit."""
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    orphan, queued = new_job_id(), new_job_id()
+    store.create(new_record(orphan, {"steps": 2}, 1, 2), max_queued=2)
+    time.sleep(0.002)
+    store.create(new_record(queued, {"steps": 2}, 1, 2), max_queued=2)
+    store.confirm(queued)
+    store.r.pexpire(store.key(orphan), 1)  # PENDING_TTL passing
+    time.sleep(0.01)
+    store.create(new_record(late := new_job_id(), {"steps": 2}, 1, 2), max_queued=2)  # not QueueFull
+    assert store.get(orphan) is None and store.queue_position(orphan) is None
+    assert [store.queue_position(i) for i in (queued, late)] == [1, 2]
+
+
+def test_a_failed_send_leaves_no_queued_record_even_if_redis_fails_too(settings):
+    from fastapi import HTTPException
+
+    from app.submit import submit
+
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    job_id = new_job_id()
+    with pytest.raises(HTTPException) as e:
+        submit(new_record(job_id, {"steps": 2}, 1, 2), "t", store, _Broker(ConnectionError("refused")), settings)
+    assert e.value.status_code == 503 and "could not enqueue" in e.value.detail
+    assert store.get(job_id) is None and store.queued_count() == 0  # forgotten
+
+    store.forget = unreachable_for(1, store.forget)  # the broker's Redis is the store's: the clean-up fails too
+    with pytest.raises(HTTPException) as e:
+        submit(new_record(job_id := new_job_id(), {"steps": 2}, 1, 2), "t", store,
+               _Broker(ConnectionError("refused")), settings)
+    assert e.value.status_code == 503
+    assert 0 < store.r.ttl(store.key(job_id)) <= PENDING_TTL  # it expires by itself
+
+
+def test_a_sent_job_whose_confirm_fails_is_still_answered(settings):
+    """Redis failed just after the message went: the client still gets its job (the worker's start keeps
+    the record)."""
+    from app.submit import submit
+
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    store.confirm = unreachable_for(1, store.confirm)
+    job_id, broker = new_job_id(), _Broker()
+    rec = submit(new_record(job_id, {"steps": 2}, 1, 2), "t", store, broker, settings)
+    assert rec["id"] == job_id and rec["status"] == "queued" and broker.sent == [job_id]
 
 
 def test_progress_of_a_forgotten_job_does_not_bring_its_record_back(settings):
@@ -285,7 +365,8 @@ def test_a_finished_job_expires_after_keep_and_old_ids_leave_the_recent_list(set
     done, running = new_job_id(), new_job_id()
     for i in (done, running):
         store.create(new_record(i, {"steps": 2}, 1, 2), max_queued=10)
-    assert store.r.ttl(store.key(done)) == -1  # queued: kept
+        store.confirm(i)
+    assert store.r.ttl(store.key(done)) == -1  # queued, its message sent: kept
     store.transition(done, ("queued",), {"status": "running"})
     store.transition(running, ("queued",), {"status": "running"})
     assert store.r.ttl(store.key(done)) == -1  # running: kept, however long it runs
