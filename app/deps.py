@@ -48,10 +48,11 @@ def require_api_key(request: Request, settings: SettingsDep,
 
     No key configured: 403 unless ``allow_public`` or the request is local, whether the API was started by
     ``dreamdata api`` (which refuses a non-loopback host) or by ``uvicorn app.main:create_app --factory --host
-    0.0.0.0``. Local means the connecting socket's peer is a loopback address and the request names no
-    forwarded client (``Forwarded``, ``X-Forwarded-For``): a request through a proxy, or over a Unix socket
-    (no peer address), comes from elsewhere. A forwarder on this machine that adds no such header (ssh -R,
-    socat) makes its clients local: guard such a setup with a key."""
+    0.0.0.0``. Local means the connecting socket's peer is a loopback address and the request carries none of
+    ``FORWARDING_HEADERS`` (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``, ``Via`` ...): a request through a
+    proxy that adds one, or over a Unix socket (no peer address), comes from elsewhere. A proxy or forwarder on
+    this machine that adds none (nginx's plain ``proxy_pass``, ssh -R, socat) makes its clients local: guard
+    such a setup with a key."""
     if settings.api_key is None:
         if settings.allow_public or _local(request):
             return
@@ -61,8 +62,12 @@ def require_api_key(request: Request, settings: SettingsDep,
         raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "APIKey"})
 
 
+# Headers by which a proxy names the client it forwards (or itself): any of them makes a request non-local.
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip", "via", "true-client-ip", "cf-connecting-ip")
+
+
 def _local(request: Request) -> bool:
-    forwarded = "forwarded" in request.headers or "x-forwarded-for" in request.headers
+    forwarded = any(h in request.headers for h in FORWARDING_HEADERS)
     return request.client is not None and is_loopback(request.client.host) and not forwarded
 
 

@@ -50,9 +50,12 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
 
 
 def json_safe(value: object) -> object:
-    """``value`` with every NaN or infinite float, which JSON cannot hold, as its string ('nan', 'inf')."""
+    """``value`` with every NaN or infinite float, which JSON cannot hold, as its string ('nan', 'inf'), and
+    bytes (a body that is not JSON, echoed as the 422's input) as text, undecodable bytes replaced."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -61,15 +64,19 @@ def json_safe(value: object) -> object:
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's own 422, except that a NaN or infinite input is echoed as a string: the default handler
-    cannot encode one, so ``guidance=nan`` would be a 500."""
-    return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+    """FastAPI's own 422, except that a NaN or infinite input is echoed as a string, and a body of bytes that
+    are not UTF-8 as text: the default handler cannot encode either, so ``guidance=nan`` would be a 500."""
+    return JSONResponse({"detail": json_safe(jsonable_encoder(json_safe(exc.errors())))}, status_code=422)
 
 
 async def _no_checkpoint(request: Request, exc: CheckpointMissing) -> JSONResponse:
     log.warning("%s", exc)  # the whole path for the operator; the client gets the checkpoint's name
     return JSONResponse({"detail": exc.public()}, status_code=503)
 
+
+GUARDED_RESPONSES: dict[int | str, dict] = {
+    401: {"description": "the service has an API key, and the X-API-Key header is missing or wrong"},
+    403: {"description": "the service has no API key and the client is not on its machine (loopback)"}}
 
 # The largest request body read (bytes). The biggest real ones, a generation or evaluation request in JSON,
 # are under 1 KiB; without a limit a body of any size was read and parsed before the API key was checked.
@@ -82,7 +89,7 @@ def create_app() -> FastAPI:
                   max_body_size=MAX_BODY_BYTES)
     guarded = [Depends(require_api_key)]
     for module in (generate, evaluations, jobs, files, models):
-        app.include_router(module.router, dependencies=guarded)
+        app.include_router(module.router, dependencies=guarded, responses=GUARDED_RESPONSES)
     app.include_router(health.router)
     app.add_exception_handler(redis.exceptions.ConnectionError, _store_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _store_down)

@@ -6,15 +6,23 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
-from diffusion.spec import (DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, SamplerName,
+from diffusion.spec import (DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, SamplerName,
                             format_guidance_interval, parse_guidance_interval, request_defaults)
 
+STEPS_HELP = ("sampler steps: " + ", ".join(f"{s} {lo}-{hi}" for s, (lo, hi) in STEP_RANGES.items())
+              + ", at most the checkpoint's timesteps (GET /models)")
+CLASS_HELP = "class name (any case) or index (GET /classes)"
 GUIDANCE_INTERVAL_HELP = ("guide only the steps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) is in "
                           "(lo, hi]: 'lo,hi' or [lo, hi]; 'all' or null: every step")
 
 
 def _interval(value: object) -> list[float] | None:
-    """A request's guidance interval, 'lo,hi', [lo, hi], 'all' or null -> [lo, hi] or None (ValueError: 422)."""
+    """A request's guidance interval, 'lo,hi', [lo, hi], 'all' or null -> [lo, hi] or None (ValueError: 422).
+
+    A list holds JSON numbers, as the rest of a strict body: not true, nor "0.5"."""
+    if isinstance(value, (list, tuple)) and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    for v in value):
+        raise ValueError(f"guidance interval [lo, hi] must hold two numbers; got {value!r}")
     interval = parse_guidance_interval(value)  # type: ignore[arg-type]
     return None if interval is None else list(interval)
 
@@ -36,10 +44,10 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"classes": {"cat": 50, "dog": 50}, **request_defaults(), "seed": 0}]})
 
-    classes: dict[str, int] = Field(min_length=1, description="class name (any case) or index 0-9 -> images",
+    classes: dict[str, int] = Field(min_length=1, description=f"{CLASS_HELP} -> images",
                                     examples=[{"cat": 50, "dog": 50}])
     sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description=SAMPLER_LIST)
-    steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
+    steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description=STEPS_HELP)
     guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                             description="classifier-free guidance scale w (1 = none)")
     guidance_interval: RequestedInterval = Field(
@@ -79,8 +87,9 @@ class Timings(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    queued_seconds: float | None = Field(None, description="submit to start (so far, while queued)")
-    run_seconds: float | None = Field(None, description="start to finish (so far, while running)")
+    queued_seconds: float | None = Field(None, description="submit to first start (so far, while queued)")
+    run_seconds: float | None = Field(None, description="first start to finish (so far, while running), over "
+                                                        "every delivery of a job whose worker was lost")
 
 
 _TIMINGS = {"created_at": "2025-01-01T12:00:00Z", "started_at": "2025-01-01T12:00:01Z", "finished_at": None,
@@ -145,7 +154,7 @@ class EvaluationBody(BaseModel):
     seeds: list[Seed] = Field([0, 1, 2], min_length=1, max_length=10,
                               description="distinct seeds, one run of every arm each (3+ for a confidence interval)")
     sampler: SamplerName = Field(DEFAULT_SETTINGS.sampler, description=SAMPLER_LIST)
-    steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description="sampler steps; ddpm/ddim 1-1000, dpmpp 1-100")
+    steps: int = Field(DEFAULT_SETTINGS.steps, ge=1, description=STEPS_HELP)
     guidance: float = Field(DEFAULT_SETTINGS.guidance, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                             description="classifier-free guidance scale w (1 = none)")
     guidance_interval: RequestedInterval = Field(

@@ -5,8 +5,9 @@ because they are raised as ``RequestValidationError``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
 from diffusion.spec import (DEFAULT_SETTINGS, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, draw_seed, effective_interval,
@@ -21,6 +22,27 @@ DEFAULT_N = 10  # images per class when ?n= is left out (as `dreamdata sample`)
 
 def _error(loc: tuple, msg: str, value: Any, kind: str = "value_error") -> dict:
     return {"type": kind, "loc": loc, "msg": msg, "input": value}
+
+
+GENERATE_QUERY = ("class", "n", "sampler", "steps", "guidance", "guidance_interval", "seed")
+
+
+def check_query(request: Request, allowed: Sequence[str]) -> None:
+    """422 for a query parameter the route does not take (a typo such as ``stpes=3`` would otherwise run with
+    the default) or one given twice (``n=5&n=10000``: which?), as a JSON body's ``extra="forbid"`` does."""
+    errors: list[dict] = []
+    seen: set[str] = set()
+    for name, value in request.query_params.multi_items():
+        if name in seen:
+            if name in allowed:
+                errors.append(_error(("query", name), "given more than once; give it once", value))
+        elif name not in allowed:
+            msg = (f"unknown query parameter; expected one of: {', '.join(allowed)}" if allowed else
+                   "this route takes no query parameters; send the settings as a JSON body")
+            errors.append(_error(("query", name), msg, value, "extra_forbidden"))
+        seen.add(name)
+    if errors:
+        raise RequestValidationError(errors)
 
 
 def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, settings: Settings) -> dict:

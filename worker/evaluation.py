@@ -90,8 +90,8 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     try:
         config = evaluation_settings(request, settings)
         ckpt = worker_model(settings)
-        progress = StageProgress(*job_hooks(store, job_id),
-                                 interval=settings.progress_interval, time_limit=settings.eval_time_limit)
+        progress = StageProgress(*job_hooks(store, job_id), interval=settings.progress_interval,
+                                 time_limit=settings.eval_time_limit, start=rec.get("progress") or 0.0)
         clear_partial_report(out)
         report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False)
         publish(report, out)

@@ -148,7 +148,9 @@ def start_job(store: JobStore, job_id: str, settings: Settings, worker: str | No
         if old["attempts"] >= settings.max_attempts:
             return {"status": FAILED, "finished_at": now,
                     "error": f"gave up after {old['attempts']} attempts (the worker was lost each time)"}
-        return {"status": RUNNING, "started_at": now, "attempts": old["attempts"] + 1, "worker": worker,
+        # started_at: the first start (queued_seconds is the wait for it; run_seconds spans every delivery)
+        return {"status": RUNNING, "started_at": old.get("started_at") or now, "attempts": old["attempts"] + 1,
+                "worker": worker,
                 "delivery": delivery}
 
     store.transition(job_id, ACTIVE, fields)  # not applied to a finished job: it stays as it is

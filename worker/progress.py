@@ -91,18 +91,20 @@ class StageProgress:
     Raises :class:`JobCanceled` as soon as ``is_canceled()`` is true (every call: between two
     sampler or training steps), raises ``SoftTimeLimitExceeded`` once ``time_limit`` seconds have
     passed, and writes ``progress`` and ``message`` through ``write(**fields)`` at most once per
-    ``interval`` seconds, plus the final call (fraction 1).
+    ``interval`` seconds, plus the final call (fraction 1). ``start``: the progress already reported (a job
+    delivered again), below which it does not go back while the resumed run reloads its data.
     """
 
     def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,
                  interval: float = 0.5,
                  time_limit: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 start: float = 0.0):
         self.write, self.is_canceled = write, is_canceled
         self.interval, self.clock = interval, clock
         self.deadline = None if time_limit is None else clock() + time_limit
         self.last: float | None = None
-        self.best = 0.0  # reported progress never goes back
+        self.best = min(max(start, 0.0), 1.0)  # reported progress never goes back
         self.writes = 0
 
     def __call__(self, fraction: float, message: str) -> None:

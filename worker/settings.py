@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     key_prefix: str = Field("dreamdata", description="prefix of every job-record key in Redis")
     queue: str = Field("dreamdata", description="Celery queue the API sends to and the worker reads")
     max_n: int = Field(10_000, ge=1, description="most images in one job")
-    max_queued: int = Field(100, ge=0, description="queued jobs beyond which POST /generate answers 429")
+    max_queued: int = Field(100, ge=0, description="queued jobs beyond which POST /generate and POST /evaluations "
+                                                   "answer 429")
     api_key: SecretStr | None = Field(None, description="when set, every job route needs header X-API-Key")
     allow_public: bool = Field(False, description="without an API key, serve clients beyond loopback (and let the API "
                                                   "bind a non-loopback host): something else must guard it")
@@ -80,6 +81,17 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v: object) -> object:
         # DREAMDATA_API_KEY= means no key, DREAMDATA_EVAL_DATA= no evaluations (not the current folder)
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key_as_a_header_carries_it(cls, v: object) -> object:
+        """Surrounding white space stripped (a secrets file's newline: HTTP strips it from the header, so the
+        key could never match); printable ASCII only (other bytes do not reach the API as they were sent)."""
+        if isinstance(v, str):
+            v = v.strip()
+            if not all(" " <= c <= "~" for c in v):
+                raise ValueError("DREAMDATA_API_KEY must be printable ASCII (letters, digits, punctuation)")
+        return v
 
     @property
     def hard_time_limit(self) -> int:

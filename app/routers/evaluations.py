@@ -9,7 +9,7 @@ import json
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Response
+from fastapi import APIRouter, Body, HTTPException, Request, Response
 
 from worker.celery_app import TASK_EVALUATE
 from worker.jobs import EVALUATION, SUCCEEDED, new_job_id, new_record
@@ -21,7 +21,7 @@ from ..deps import CeleryDep, JobDep, SettingsDep, StoreDep
 from ..job_view import evaluation_url, job_view
 from ..schemas import EvaluationBody, EvaluationJob
 from ..submit import submit
-from ..validate import resolve_evaluation
+from ..validate import check_query, resolve_evaluation
 from .files import job_file
 
 log = logging.getLogger(__name__)
@@ -44,17 +44,20 @@ _BODY_EXAMPLES = {
     202: {"description": "queued; poll the URL in the Location header",
           "headers": {"Location": {"description": "/evaluations/<id>", "schema": {"type": "string"}}}},
     422: {"description": "a field is invalid; `detail[].loc` names it"},
+    413: {"description": "the body is over 64 KiB"},
     429: {"description": "the queue is full; retry later"},
     503: {"description": "no evaluation data set configured, or Redis or the checkpoint is unavailable"}})
-def create_evaluation(response: Response, settings: SettingsDep, store: StoreDep, celery: CeleryDep,
+def create_evaluation(request: Request, response: Response, settings: SettingsDep, store: StoreDep,
+                      celery: CeleryDep,
                       body: Annotated[EvaluationBody, Body(openapi_examples=_BODY_EXAMPLES)]) -> EvaluationJob:
     """Queue an augmentation experiment: real, real+synthetic and synthetic-only classifiers, tested on real data."""
+    check_query(request, ())  # the settings are the body's: a query would be silently ignored
     if settings.eval_data is None:
         raise HTTPException(503, NOT_CONFIGURED)
     info = model_info(settings.checkpoint)
-    request = resolve_evaluation(body, info)
-    images = request["synthetic_per_class"] * len(info.class_names)
-    record = new_record(new_job_id(), request, images, request["steps"], job_type=EVALUATION)
+    job_input = resolve_evaluation(body, info)
+    images = job_input["synthetic_per_class"] * len(info.class_names)
+    record = new_record(new_job_id(), job_input, images, job_input["steps"], job_type=EVALUATION)
     record = submit(record, TASK_EVALUATE, store, celery, settings)
     response.headers["Location"] = evaluation_url(record["id"])
     return job_view(record, store)

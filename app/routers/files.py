@@ -12,10 +12,26 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from worker.jobs import EVALUATION, SUCCEEDED
 
 from ..deps import JobDep, SettingsDep
+
+
+class ImageIndex(Convertor):
+    """An image index in a URL: 1 to 9 digits (a job holds at most ``DREAMDATA_MAX_N`` images). A longer one
+    matches no route, a 404; the ``int`` converter handed it to ``int()``, which refuses over 4,300 digits (a 500)."""
+    regex = "[0-9]{1,9}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("image_index", ImageIndex())
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["files"])
 _NOT_THERE = {404: {"description": "no such job, or the file is not written yet"}}
@@ -43,7 +59,7 @@ def grid(job: JobDep, settings: SettingsDep) -> FileResponse:
     return FileResponse(_final(settings, job, "grid.png"), media_type="image/png")
 
 
-@router.get("/images/{i:int}.png", response_class=FileResponse,
+@router.get("/images/{i:image_index}.png", response_class=FileResponse,
             responses={**_NOT_THERE, 200: {"content": {"image/png": {}}}})
 def image(job: JobDep, settings: SettingsDep, i: int) -> FileResponse:
     """Image ``i`` (0-based, in request order), as soon as its batch is written."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 
 from diffusion.spec import DEFAULT_SETTINGS, SAMPLER_LIST, SamplerName, format_guidance_interval, request_defaults
 from worker.celery_app import TASK_GENERATE
@@ -12,9 +12,9 @@ from worker.jobs import new_job_id, new_record
 from ..catalog import model_info
 from ..deps import CeleryDep, SettingsDep, StoreDep
 from ..job_view import job_url, job_view
-from ..schemas import GUIDANCE_INTERVAL_HELP, GenerateBody, GenerationJob
+from ..schemas import CLASS_HELP, GUIDANCE_INTERVAL_HELP, STEPS_HELP, GenerateBody, GenerationJob
 from ..submit import submit
-from ..validate import resolve_request
+from ..validate import GENERATE_QUERY, check_query, resolve_request
 
 router = APIRouter(tags=["generate"])
 
@@ -29,18 +29,19 @@ _BODY_EXAMPLES = {
     202: {"description": "queued; poll the URL in the Location header",
           "headers": {"Location": {"description": "/jobs/<id>", "schema": {"type": "string"}}}},
     422: {"description": "a field is invalid; `detail[].loc` names it"},
+    413: {"description": "the body is over 64 KiB"},
     429: {"description": "the queue is full; retry later"},
     503: {"description": "Redis or the checkpoint is unavailable"}})
 def generate(
-    response: Response, settings: SettingsDep, store: StoreDep, celery: CeleryDep,
-    class_: Annotated[str | None, Query(alias="class", description="class name (any case), index 0-9, or 'all'",
+    request: Request, response: Response, settings: SettingsDep, store: StoreDep, celery: CeleryDep,
+    class_: Annotated[str | None, Query(alias="class", description=f"{CLASS_HELP}, or 'all'",
                                         openapi_examples={"cat": {"value": "cat"}, "index": {"value": "3"}})] = None,
     n: Annotated[int | None, Query(description="images per class (default 10)",
                                    openapi_examples={"hundred": {"value": 100}})] = None,
     sampler: Annotated[SamplerName | None, Query(
         description=f"{SAMPLER_LIST} (default {DEFAULT_SETTINGS.sampler})",
         openapi_examples={"default": {"value": DEFAULT_SETTINGS.sampler}})] = None,
-    steps: Annotated[int | None, Query(description=f"ddpm/ddim 1-1000, dpmpp 1-100 (default {DEFAULT_SETTINGS.steps})",
+    steps: Annotated[int | None, Query(description=f"{STEPS_HELP} (default {DEFAULT_SETTINGS.steps})",
                                        openapi_examples={"default": {"value": DEFAULT_SETTINGS.steps}})] = None,
     guidance: Annotated[float | None, Query(description=f"guidance scale 0-20 (default {DEFAULT_SETTINGS.guidance:g})",
                                             openapi_examples={"default": {"value": DEFAULT_SETTINGS.guidance}})] = None,
@@ -54,11 +55,12 @@ def generate(
     body: Annotated[GenerateBody | None, Body(openapi_examples=_BODY_EXAMPLES)] = None,
 ) -> GenerationJob:
     """Queue a generation job: ``?class=cat&n=100``, or a JSON body for several classes at once."""
+    check_query(request, GENERATE_QUERY)
     query = {"class": class_, "n": n, "sampler": sampler, "steps": steps, "guidance": guidance,
              "guidance_interval": guidance_interval, "seed": seed}
-    request = resolve_request(query, body, model_info(settings.checkpoint), settings)
-    total = sum(request["classes"].values())
-    record = submit(new_record(new_job_id(), request, total, request["steps"]), TASK_GENERATE, store, celery,
+    job_input = resolve_request(query, body, model_info(settings.checkpoint), settings)
+    total = sum(job_input["classes"].values())
+    record = submit(new_record(new_job_id(), job_input, total, job_input["steps"]), TASK_GENERATE, store, celery,
                     settings)
     response.headers["Location"] = job_url(record["id"])
     return job_view(record, store)

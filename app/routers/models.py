@@ -1,6 +1,8 @@
 """The model behind the service: GET /classes, GET /models (from the checkpoint's config.json)."""
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from fastapi import APIRouter
 
 from diffusion.spec import STEP_RANGES, request_defaults
@@ -10,6 +12,14 @@ from ..deps import SettingsDep
 from ..schemas import ClassInfo, ClassList, ModelList, ModelOut, SamplerInfo
 
 router = APIRouter(tags=["models"])
+
+
+def public_provenance(provenance: dict) -> dict:
+    """The checkpoint's provenance with its training data named by file name only: the path it was trained from
+    is the training machine's folder layout, which the API shows no client (as with its own paths)."""
+    if isinstance(provenance.get("dataset"), str):
+        provenance = dict(provenance, dataset=PurePath(provenance["dataset"]).name)
+    return provenance
 
 
 @router.get("/classes", response_model=ClassList)
@@ -29,5 +39,5 @@ def models(settings: SettingsDep) -> ModelList:
     defaults = request_defaults()
     return ModelList(models=[ModelOut(
         name=info.path.name, sha256=info.sha256, class_names=list(info.class_names), unet=cfg.get("unet", {}),
-        schedule=cfg.get("schedule", {}), provenance=cfg.get("provenance", {}),
+        schedule=cfg.get("schedule", {}), provenance=public_provenance(cfg.get("provenance", {})),
         format_version=cfg.get("format_version"), samplers=samplers, defaults=defaults)])

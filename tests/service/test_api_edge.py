@@ -80,6 +80,8 @@ def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
     ({"classes": {"cat": 5.5}}, ["body", "classes", "cat"]),
     ({"classes": {"cat": 5}, "steps": True}, ["body", "steps"]),
     ({"classes": {"cat": 5}, "seed": "7"}, ["body", "seed"]),
+    ({"classes": {"cat": 5}, "guidance_interval": [True, 2]}, ["body", "guidance_interval"]),  # strict, as above
+    ({"classes": {"cat": 5}, "guidance_interval": ["0.5", "3"]}, ["body", "guidance_interval"]),
 ])
 def test_bad_body_is_422_naming_the_field(idle, body, loc):
     r = idle.post("/generate", json=body)
@@ -124,6 +126,33 @@ def test_guidance_interval_is_resolved_into_the_job_input(idle, query, body, exp
     assert r.status_code == 202, r.text
     assert r.json()["input"]["guidance_interval"] == expected
     assert idle.get(r.json()["url"]).json()["input"]["guidance_interval"] == expected
+
+
+@pytest.mark.parametrize("url, loc, words", [
+    ("/generate?class=cat&n=5&stpes=3", ["query", "stpes"], ["unknown", "steps"]),       # a typo: not the default
+    ("/generate?class=cat&n=5&n=10000", ["query", "n"], ["more than once"]),
+    ("/generate?class=cat&class=dog&n=5", ["query", "class"], ["more than once"]),
+    ("/evaluations?sampler=ddim", ["query", "sampler"], ["no query parameters", "JSON body"]),
+])
+def test_unknown_or_repeated_query_parameters_are_422(idle, url, loc, words):
+    r = idle.post(url, json={} if url.startswith("/evaluations") else None)
+    assert r.status_code == 422, r.text
+    err = next(e for e in r.json()["detail"] if e["loc"] == loc)
+    assert all(w in err["msg"] for w in words), err
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain", None])
+def test_a_body_of_bytes_that_are_not_text_is_422_not_500(idle, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    for url in ("/generate", "/evaluations"):
+        r = idle.post(url, content=b"\xff\xfe\x00garbage", headers=headers)
+        assert r.status_code == 422, (url, r.text)
+
+
+def test_an_image_index_too_long_for_int_is_404_not_500(idle):
+    job = idle.post("/generate?class=cat&n=2").json()
+    for index in ("9" * 5000, "1" * 10):  # int() refuses over 4,300 digits; no job holds 10-digit indices
+        assert idle.get(f"{job['url']}/images/{index}.png").status_code == 404
 
 
 def test_query_and_body_together_is_422(idle):
@@ -300,6 +329,9 @@ def test_without_a_key_only_loopback_clients_are_served(make_settings):
             assert c.get("/healthz").status_code == 200 and c.get("/openapi.json").status_code == 200
     with client_for(open_settings) as c:
         assert c.get("/jobs").json()["jobs"] == []  # nothing was queued by the refused requests
+        for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP", "Via"):  # a proxy on this machine
+            r = c.get("/classes", headers={header: "for=203.0.113.7" if header == "Forwarded" else "203.0.113.7"})
+            assert r.status_code == 403, header
     with client_for(make_settings(queue=f"lo-{tag}", key_prefix=f"lo-{tag}", allow_public=True),
                     host="203.0.113.7") as c:
         assert c.get("/classes").status_code == 200
@@ -334,6 +366,35 @@ def test_classes_and_models_come_from_the_checkpoint(idle, tiny_checkpoint):
     assert model["unet"]["base_channels"] == 8 and model["schedule"]["timesteps"] == 1000
     assert model["provenance"]["steps"] == 0
     assert model["samplers"]["dpmpp"] == {"min_steps": 1, "max_steps": 100}
+
+
+def test_models_name_the_training_data_without_its_path():
+    """A checkpoint records where it was trained from; the API shows the file name, not that machine's folders."""
+    from app.routers.models import public_provenance
+
+    assert public_provenance({"dataset": "/home/me/data/cifar10-jpeg.tar.gz", "steps": 4}) == {
+        "dataset": "cifar10-jpeg.tar.gz", "steps": 4}
+    assert public_provenance({"steps": 4}) == {"steps": 4}
+
+
+def test_a_key_is_stripped_and_must_be_printable_ascii(make_settings):
+    """A secrets file's trailing newline would never match (HTTP strips it from the header); a non-ASCII key does
+    not reach the API as it was sent."""
+    from pydantic import ValidationError
+
+    tag = uuid.uuid4().hex[:8]
+    with client_for(make_settings(queue=f"key-{tag}", key_prefix=f"key-{tag}", api_key="s3cret\n")) as c:
+        assert c.get("/classes", headers={"X-API-Key": "s3cret"}).status_code == 200
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        make_settings(api_key="clé")
+
+
+def test_guarded_routes_document_401_and_403(idle):
+    spec = idle.get("/openapi.json").json()
+    for method, op in spec["paths"]["/jobs/{job_id}"].items():
+        assert {"401", "403"} <= set(op["responses"]), method
+    assert "413" in spec["paths"]["/generate"]["post"]["responses"]
+    assert "401" not in spec["paths"]["/healthz"]["get"]["responses"]
 
 
 def test_missing_checkpoint_is_503(make_settings, tmp_path):

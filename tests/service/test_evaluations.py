@@ -210,6 +210,12 @@ def test_stage_progress_throttles_and_cancels():
     canceled[0] = True
     with pytest.raises(JobCanceled):
         p(0.5, "x")
+    # delivered again at 60%: reloading the data does not send the job's progress back to 0
+    writes.clear()
+    again = StageProgress(lambda **f: writes.append(f), lambda: False, interval=0.0, start=0.6)
+    again(0.0, "loading data")
+    again(0.7, "training")
+    assert writes == [{"progress": 0.6, "message": "loading data"}, {"progress": 0.7, "message": "training"}]
 
 
 def test_classifiers_and_time_limits_agree_with_the_worker(settings):

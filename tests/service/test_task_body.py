@@ -121,12 +121,14 @@ def test_failure_is_recorded_and_raised(store, body_settings):
 def test_redelivered_job_resumes_and_gives_up_after_max_attempts(store, body_settings):
     job_id = _submit(store)
     first = run_generation(job_id, REQUEST, store=store, settings=body_settings)
+    started = store.get(job_id)["started_at"]
     out = body_settings.jobs_dir / job_id
     before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
     (out / "images" / "00004.png").unlink()       # as if the worker died during the last batch
     store.update(job_id, status="running")
     again = run_generation(job_id, REQUEST, store=store, settings=body_settings)
     assert again["attempts"] == 2 and first["images"] == again["images"]
+    assert store.get(job_id)["started_at"] == started  # the first start: queued_seconds is the wait for it
     assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
     store.update(job_id, status="running", attempts=body_settings.max_attempts)
     assert run_generation(job_id, REQUEST, store=store, settings=body_settings)["status"] == "failed"
