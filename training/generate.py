@@ -171,13 +171,17 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
                  progress: ProgressFn | None = None,
                  sample_fn: Callable = sample,    # the worker passes a batching sampler here
                  on_batch: Callable[[int, float], None] | None = None,  # (images, seconds) once a batch is written
+                 check: Callable[[], None] | None = None,  # raises to stop a batch waiting its turn in sample_fn
                  ) -> int:
     """Sample the images of ``specs`` whose files are not yet under ``out_dir``, in batches of ``batch_size``
     (in the order given), writing each PNG with its metadata; returns how many were sampled.
 
     Images already on disk (an earlier attempt, or a smaller set being grown) are skipped one by one: the
-    same seed gives the same image whichever batch it lands in (up to float rounding).  ``progress`` counts the skipped ones as done;
-    ``on_batch`` hears only of sampled ones, batch by batch, so an interrupted run has reported what it wrote.
+    same seed gives the same image whichever batch it lands in (up to float rounding).  ``progress`` counts the
+    skipped ones as done; ``on_batch`` hears only of sampled ones, batch by batch, so an interrupted run has
+    reported what it wrote.  ``check`` goes to ``sample_fn`` (only when given): the worker's batching sampler
+    calls it while a batch waits behind other jobs' batches, so a job canceled, out of time or stopped by its
+    worker does not wait for its turn to find out.
     """
     out = Path(out_dir)
     settings.validate(ckpt.schedule.num_timesteps)
@@ -209,7 +213,8 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
         labels = torch.tensor([s.class_index for s in batch], device=device)
         x = sample_fn(ckpt.model, ckpt.schedule, labels, [s.seed for s in batch], sampler=settings.sampler,
                       steps=settings.steps, guidance=settings.guidance, eta=settings.eta,
-                      guidance_interval=settings.guidance_interval, autocast=autocast, progress=on_step)
+                      guidance_interval=settings.guidance_interval, autocast=autocast, progress=on_step,
+                      **({} if check is None else {"check": check}))
         imgs = to_uint8(x.cpu())
         for s, img in zip(batch, imgs):
             _write_png(out / s.file, img, _image_meta(common, s, names, ckpt.sha256))
@@ -229,6 +234,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
                     make_zip: bool = False,
                     progress: ProgressFn | None = None,
                     sample_fn: Callable = sample,    # the worker passes a batching sampler here
+                    check: Callable[[], None] | None = None,  # see sample_specs
                     ) -> dict:
     """Sample every requested image into ``out_dir`` (layout in the module docstring); returns the manifest."""
     out = Path(out_dir)
@@ -241,7 +247,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
     t0 = time.perf_counter()
     drop_stale_images(out, specs, common, names, ckpt.sha256)
     sample_specs(ckpt, specs, out, settings=settings, batch_size=batch_size, autocast=autocast, progress=progress,
-                 sample_fn=sample_fn)
+                 sample_fn=sample_fn, check=check)
     manifest = {
         # its folder's name (as GET /models shows it), not its path: the service serves this file
         "checkpoint": {"name": ckpt.path.name if ckpt.path else None, "sha256": ckpt.sha256},

@@ -105,7 +105,11 @@ class BatchingSampler:
         self._engine: threading.Thread | None = None
 
     def __call__(self, model, schedule, labels: torch.Tensor, seeds: Sequence[int], *,
-                 progress: Callable[[int, int], None] | None = None, **options) -> torch.Tensor:
+                 progress: Callable[[int, int], None] | None = None,
+                 check: Callable[[], None] | None = None, **options) -> torch.Tensor:
+        """``sample(model, schedule, labels, seeds, progress=..., **options)``, merged with concurrent calls.
+        ``check()``, called every half second while the request waits (its turn, or its batch), may raise to stop
+        waiting (a job canceled or out of time): the request's rows are then dropped."""
         if len(labels) != len(seeds):
             raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
         req = _Request(model, schedule, labels.detach().cpu(), [int(s) for s in seeds], options, progress)
@@ -115,7 +119,8 @@ class BatchingSampler:
             self._cv.notify_all()
         try:
             while not req.done.wait(0.5):  # short waits: a signal (soft time limit) can interrupt them
-                pass
+                if check is not None:
+                    check()
         except BaseException:
             req.abandoned = True  # e.g. SoftTimeLimitExceeded in this thread: the engine drops the rows
             raise

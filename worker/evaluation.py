@@ -17,9 +17,9 @@ from pathlib import Path
 from training.evaluate import RUNS_DIR, EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
-from .generation import not_run, record_canceled, record_failed, start_job, worker_model, write_json
+from .generation import not_run, record_canceled, record_failed, record_requeued, start_job, worker_model, write_json
 from .jobs import RUNNING, SUCCEEDED, JobStore
-from .progress import JobCanceled, StageProgress, job_hooks
+from .progress import JobCanceled, StageProgress, WorkerStopping, job_hooks
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
         publish(report, out)
     except JobCanceled:
         return record_canceled(store, job_id, out)
+    except WorkerStopping:
+        record_requeued(store, job_id)
+        raise
     except Exception as e:
         record_failed(store, job_id, e, settings.eval_time_limit, settings)
         raise

@@ -27,8 +27,8 @@ from diffusion.spec import SamplerSettings, requested_precision
 from training.generate import generate_to_dir, resolve_class, tmp_path
 
 from .batching import BatchingSampler
-from .jobs import ACTIVE, CANCELED, FAILED, RUNNING, SUCCEEDED, JobStore
-from .progress import JobCanceled, ProgressReporter, job_hooks
+from .jobs import ACTIVE, CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from .progress import JobCanceled, ProgressReporter, WorkerStopping, job_hooks
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,15 @@ def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:
     store.transition(job_id, (RUNNING,), {"status": CANCELED, "finished_at": time.time()})
     log.info("job %s canceled", job_id)
     return {"id": job_id, "status": CANCELED}
+
+
+def record_requeued(store: JobStore, job_id: str) -> None:
+    """A run stopped by its worker's cold shutdown: the job is queued again, and this delivery is not counted
+    against ``max_attempts`` (a planned stop is no crash). The caller puts its message back (``worker.tasks``);
+    its files stay, so the next delivery resumes."""
+    store.transition(job_id, (RUNNING,), lambda old: {"status": QUEUED, "attempts": max(old["attempts"] - 1, 0),
+                                                      "delivery": None, "worker": None})
+    log.info("job %s: the worker is shutting down; back in the queue", job_id)
 
 
 def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
@@ -179,9 +188,12 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
                                     time_limit=settings.job_time_limit)
         manifest = generate_to_dir(ckpt, counts, out, settings=sampler, base_seed=int(request["seed"]),
                                    batch_size=settings.model_batch, make_zip=True, progress=reporter,
-                                   sample_fn=job_sampler(settings))
+                                   sample_fn=job_sampler(settings), check=reporter.check)
     except JobCanceled:
         return record_canceled(store, job_id, out)
+    except WorkerStopping:
+        record_requeued(store, job_id)
+        raise
     except Exception as e:
         record_failed(store, job_id, e, settings.job_time_limit, settings)
         raise

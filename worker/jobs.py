@@ -6,7 +6,8 @@
     <prefix>:queued            sorted set of the ids still queued, by submit time (queue position)
 
 Status moves queued -> running -> succeeded | failed | canceled (running -> running again when a
-crashed worker's job is delivered again). Transitions are atomic (a Lua script at submit,
+crashed worker's job is delivered again; running -> queued when its worker stopped it in a cold shutdown
+and put it back). Transitions are atomic (a Lua script at submit,
 WATCH/MULTI after), so an API cancel and a worker start never both win. A finished job's record
 expires after ``DREAMDATA_KEEP_JOBS`` seconds (a week by default), and the worker then deletes its folder.
 """
@@ -135,11 +136,12 @@ class JobStore:
             except redis.exceptions.RedisError:
                 log.exception("could not trim the list of recent jobs")
 
-    def confirm(self, job_id: str) -> None:
+    def confirm(self, job_id: str, retry_for: float = 5.0) -> None:
         """The job's message is with the broker: its record stays (until the job finishes and ``keep`` runs out).
 
-        Only a record that is still queued: one canceled (or started) meanwhile already has its lifetime."""
-        self.transition(job_id, (QUEUED,), {})
+        Only a record that is still queued: one canceled (or started) meanwhile already has its lifetime. Tried
+        again for ``retry_for`` seconds while Redis is unreachable (the message is sent: the record should stay)."""
+        self.transition(job_id, (QUEUED,), {}, retry_for=retry_for)
 
     def _forget_expired(self, before: float, batch: int = 100) -> None:
         """Drop from the recent list the ids submitted before ``before`` whose record has expired (an old id of
@@ -229,6 +231,8 @@ class JobStore:
             status = new.get("status", old["status"])
             if status != QUEUED:
                 pipe.zrem(self.queued_key, job_id)
+            elif old["status"] != QUEUED:  # back in the queue (its worker stopped): at its place by submit time
+                pipe.zadd(self.queued_key, {job_id: old["created_at"]})
             if self.keep and status in TERMINAL:
                 pipe.expire(key, self.keep)
             else:  # a queued record confirmed (create's PENDING_TTL), a started one, or one kept for ever

@@ -6,6 +6,7 @@ that of an evaluation job (``run_evaluation``: a fraction and a message saying w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -49,11 +50,38 @@ class JobCanceled(Exception):
     """Raised from the progress callback when the job's cancel flag is set."""
 
 
-class ProgressReporter:
+class WorkerStopping(Exception):
+    """Raised from a running job's checks once its worker has begun a cold shutdown: the job goes back to the
+    queue (``worker.generation.record_requeued``) and resumes, finished batches kept, on the next worker."""
+
+
+# Set when this process's worker begins a cold shutdown (``worker.tasks`` hooks the signal). The jobs of a
+# threads pool run in this process, and Celery cannot cancel a thread: each stops at its next check instead.
+STOPPING = threading.Event()
+
+
+class _JobChecks:
+    """What every job's callback checks, in this order: its worker stopping, its cancel flag, its time limit."""
+    is_canceled: Callable[[], bool]
+    deadline: float | None
+    clock: Callable[[], float]
+
+    def check(self) -> None:
+        """Raise if the job must stop now (WorkerStopping, JobCanceled, SoftTimeLimitExceeded); also called while
+        a job waits for its turn in a shared batch (``worker.batching``)."""
+        if STOPPING.is_set():
+            raise WorkerStopping()
+        if self.is_canceled():
+            raise JobCanceled()
+        if self.deadline is not None and self.clock() > self.deadline:
+            raise SoftTimeLimitExceeded()
+
+
+class ProgressReporter(_JobChecks):
     """The ``progress(done, total, step, steps)`` callback that ``generate_to_dir`` calls.
 
-    Called after every sampler step and after every batch. It raises :class:`JobCanceled` as
-    soon as ``is_canceled()`` is true, so a canceled job stops between two steps, and writes
+    Called after every sampler step and after every batch. It raises as soon as :meth:`check` does (the
+    worker stopping, the job canceled, its time up), so a job stops between two steps, and writes
     progress through ``write(**fields)`` at most once per ``interval`` seconds (plus the last
     call of a job), so a progress bar moves without flooding Redis.
     """
@@ -71,11 +99,8 @@ class ProgressReporter:
         self.writes = 0
 
     def __call__(self, done: int, total: int, step: int, steps: int) -> None:
-        if self.is_canceled():
-            raise JobCanceled()
+        self.check()
         now = self.clock()
-        if self.deadline is not None and now > self.deadline:
-            raise SoftTimeLimitExceeded()
         finished = done >= total
         if not finished and self.last is not None and now - self.last < self.interval:
             return
@@ -85,12 +110,11 @@ class ProgressReporter:
         self.write(images_done=done, images_total=total, step=step, steps=steps, progress=self.best)
 
 
-class StageProgress:
+class StageProgress(_JobChecks):
     """The ``progress(fraction, message)`` callback that ``training.evaluate.run_evaluation`` calls.
 
-    Raises :class:`JobCanceled` as soon as ``is_canceled()`` is true (every call: between two
-    sampler or training steps), raises ``SoftTimeLimitExceeded`` once ``time_limit`` seconds have
-    passed, and writes ``progress`` and ``message`` through ``write(**fields)`` at most once per
+    Raises as soon as :meth:`check` does (every call: between two sampler or training steps; the job
+    canceled, its ``time_limit`` seconds passed, its worker stopping), and writes ``progress`` and ``message`` through ``write(**fields)`` at most once per
     ``interval`` seconds, plus the final call (fraction 1). ``start``: the progress already reported (a job
     delivered again), below which it does not go back while the resumed run reloads its data.
     """
@@ -108,11 +132,8 @@ class StageProgress:
         self.writes = 0
 
     def __call__(self, fraction: float, message: str) -> None:
-        if self.is_canceled():
-            raise JobCanceled()
+        self.check()
         now = self.clock()
-        if self.deadline is not None and now > self.deadline:
-            raise SoftTimeLimitExceeded()
         if fraction < 1 and self.last is not None and now - self.last < self.interval:
             return
         self.last = now

@@ -178,14 +178,19 @@ def run_serve(args: argparse.Namespace) -> None:
             get_settings.cache_clear()
         log.info("redis at %s; data in %s; checkpoint %s", redact(get_settings().redis_url),
                  settings.data_dir.resolve(), settings.checkpoint)
+        # REMAP_SIGTERM: the SIGTERM that die_with_parent sends when this process is killed (-9) is then a cold
+        # shutdown (the running job goes back to the queue), not a warm one that finishes it with nobody left
         worker = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
+                                  env=dict(os.environ, REMAP_SIGTERM="SIGQUIT"),
                                   start_new_session=True, preexec_fn=die_with_parent)
         log.info("worker pid %d; API at http://%s:%d (docs at /docs)", worker.pid, args.host, args.port)
         run_api(args)
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        # a second Ctrl-C or SIGTERM must not cut the clean-up short (Redis must outlive the worker's requeue)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if worker is not None:
             stop_worker(worker)
         if redis_server is not None:

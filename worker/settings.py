@@ -20,8 +20,10 @@ CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]  # "o
 
 
 class Settings(BaseSettings):
+    # env_ignore_empty: DREAMDATA_X= (compose's ${X:-}) means "not set", as with the key and data set below: not
+    # the current folder for a path, not a validation error for a number, not an empty Redis URL
     model_config = SettingsConfigDict(env_prefix="DREAMDATA_", frozen=True, validate_by_name=True,
-                                      validate_by_alias=True, extra="ignore")
+                                      validate_by_alias=True, extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path("data"), description="jobs/<id>/ folders live here (shared by api and worker)")
     checkpoint: Path = Field(SHIPPED_CHECKPOINT, description="checkpoint directory (config.json + model.safetensors)")

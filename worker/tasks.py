@@ -7,15 +7,19 @@ process stays torch-free and its pool children load torch after the fork).
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 from functools import lru_cache
 
 from celery import Task, shared_task
-from celery.exceptions import TimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.exceptions import Reject, TimeLimitExceeded
+from celery.signals import worker_process_init, worker_ready
 
 from .celery_app import TASK_EVALUATE, TASK_GENERATE
 from .jobs import ACTIVE, FAILED, JobStore, connect, prune_cache, prune_job_dirs
+from .progress import STOPPING, WorkerStopping
 from .settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,8 @@ def generate(self: Task, job_id: str, request: dict) -> dict:
     try:
         return run_generation(job_id, request, store=job_store(settings), settings=settings,
                               worker=self.request.hostname)
+    except WorkerStopping:
+        raise Reject("the worker is shutting down; the job goes back to the queue", requeue=True) from None
     finally:
         prune_expired(settings)
 
@@ -70,6 +76,8 @@ def evaluate(self: Task, job_id: str, request: dict) -> dict:
     try:
         return run_evaluation_job(job_id, request, store=job_store(settings), settings=settings,
                                   worker=self.request.hostname)
+    except WorkerStopping:
+        raise Reject("the worker is shutting down; the job goes back to the queue", requeue=True) from None
     finally:
         prune_expired(settings)
 
@@ -114,3 +122,29 @@ def _warm_up(**_: object) -> None:
     except Exception:  # the job will fail with the same, clearer error; keep the worker up
         log.exception("could not load the checkpoint at start-up")
     prune_expired(get_settings())
+
+
+@worker_ready.connect
+def _requeue_on_cold_shutdown(**_: object) -> None:
+    """Cold shutdown (SIGQUIT, and SIGTERM with ``REMAP_SIGTERM=SIGQUIT`` as in docker-compose.yml): the jobs
+    running in this process stop at their next check and go back to the queue within Celery's soft shutdown
+    (``SOFT_SHUTDOWN_S``).
+
+    Celery's own cancel cannot stop a thread of the threads pool (it raises NotImplementedError and leaves the
+    message unacknowledged until the visibility timeout, about an hour), so the handler Celery installed is
+    wrapped to set ``STOPPING`` first. A prefork pool's jobs run in child processes, which Celery terminates and
+    requeues itself (``task_reject_on_worker_lost``)."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("worker ready outside the main thread: running jobs will not be requeued at a cold shutdown")
+        return
+    sigs = [signal.SIGQUIT] + ([signal.SIGTERM] if os.environ.get("REMAP_SIGTERM") == "SIGQUIT" else [])
+    for sig in sigs:
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def stop_then(signum: int, frame: object, previous=previous) -> None:
+            STOPPING.set()
+            previous(signum, frame)
+
+        signal.signal(sig, stop_then)

@@ -164,6 +164,30 @@ def test_requests_arriving_during_a_batch_join_the_next_one(model, schedule):
     torch.testing.assert_close(got[2], sample(model, schedule, *reqs[3], **KW), atol=ATOL, rtol=0)
 
 
+def test_a_request_waiting_its_turn_stops_when_its_check_raises(model, schedule):
+    """A job queued behind other jobs' batches learns at once that it was canceled (or is out of time, or its
+    worker is stopping), not when its turn comes; its rows never run."""
+    counting = CountingSample(delay=3.0)
+    batcher = BatchingSampler(window=0.0, max_batch=2, sample_fn=counting)
+    reqs = requests(2, 2)
+    first = threading.Thread(target=batcher, args=(model, schedule, *reqs[0]), kwargs=KW)
+    first.start()
+    time.sleep(0.2)  # the first batch is running: the second request waits behind it
+    t0, checks = time.perf_counter(), []
+
+    def check():
+        checks.append(time.perf_counter())
+        if len(checks) == 2:
+            raise Canceled()
+
+    with pytest.raises(Canceled):
+        batcher(model, schedule, *reqs[1], check=check, **KW)
+    assert time.perf_counter() - t0 < 2.0  # about two half-second waits, not the first batch's 3 s
+    first.join(30)
+    time.sleep(0.5)
+    assert counting.sizes == [2]  # the abandoned request never ran
+
+
 def test_mismatched_labels_and_seeds_are_rejected(model, schedule):
     with pytest.raises(ValueError, match="2 labels but 3 seeds"):
         BatchingSampler()(model, schedule, torch.tensor([0, 1]), [1, 2, 3], **KW)

@@ -1,4 +1,5 @@
-"""kill -9 mid-job: the job is delivered again and completes with the images of an uninterrupted run.
+"""kill -9 mid-job: the job is delivered again and completes with the images of an uninterrupted run; and a
+threads-pool worker stopped cold puts its running job back at once.
 
 Two deaths: the whole worker (main process and pool child, as when a machine dies; the message
 comes back after the visibility timeout, which is why the test limits are short), and only the
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -100,3 +102,33 @@ def test_pool_child_killed_job_is_requeued_at_once(client, worker, settings, ref
     images = _images_of(settings, job["id"])
     assert all(np.array_equal(images[k], reference[k]) for k in reference)
     wait_for(lambda: worker.pool_children(), 30, "a new pool child")
+
+
+def test_a_threads_worker_stopped_cold_puts_its_job_back_at_once(make_settings, start_worker, reference):
+    """`docker stop` on the compose worker (threads pool; SIGTERM remapped to SIGQUIT): the running job goes
+    back to the queue within the soft shutdown, not after the visibility timeout (Celery cannot cancel a thread),
+    and the next worker finishes it, keeping its batches, without counting the stop as a crash."""
+    settings = make_settings(db=7, pool="threads", concurrency=2)
+    store = JobStore(connect(settings.redis_url), settings.key_prefix)
+    with client_for(settings) as client:
+        first = start_worker(settings)
+        url = client.post(QUERY).headers["location"]
+        job_id = url.rsplit("/", 1)[1]
+        _wait_mid_run(settings, url)
+        t0 = time.monotonic()
+        first.proc.send_signal(signal.SIGQUIT)
+        first.proc.wait(30)
+        assert time.monotonic() - t0 < 20  # the 10 s soft shutdown, and no hang on a thread it cannot kill
+        assert "Unrecoverable error" not in first.tail(20000)
+        job = store.get(job_id)
+        assert (job["status"], job["attempts"]) == ("queued", 0) and 4 <= job["images_done"] < N, job
+        assert store.r.llen(settings.queue) == 1  # its message is back in the queue now
+        kept = settings.jobs_dir / job_id / "images" / "00000.png"
+        kept_mtime = kept.stat().st_mtime_ns
+
+        start_worker(settings)
+        job = poll_job(client, url, timeout=90)
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        assert kept.stat().st_mtime_ns == kept_mtime  # finished batches were not redone
+        images = _images_of(settings, job_id)
+        assert all(np.array_equal(images[k], reference[k]) for k in reference)

@@ -53,6 +53,11 @@ def test_serve_runs_all_three_and_stops_them(tmp_path, tiny_checkpoint, sig):
             assert poll_job(client, r.headers["location"], timeout=60)["status"] == "succeeded"
         children = _descendants(proc.pid)
         assert len(children) >= 3  # redis-server, worker main process, its pool child
+        # the SIGTERM the worker gets if serve is killed (-9) must be a cold shutdown, which puts a running job
+        # back, not a warm one that finishes it for nobody
+        worker_env = [Path(f"/proc/{p}/environ").read_bytes().split(b"\0") for p in children
+                      if b"dreamdata_cli\0worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert worker_env and all(b"REMAP_SIGTERM=SIGQUIT" in env for env in worker_env)
         proc.send_signal(sig)
         assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
         wait_for(lambda: not any(_alive(p) for p in children), 10, "redis and worker to exit")

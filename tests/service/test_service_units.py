@@ -57,6 +57,20 @@ def test_visibility_timeout_must_exceed_the_longest_hard_limit():
         Settings(job_time_limit=100, eval_time_limit=1000, job_kill_grace=10, visibility_timeout=500)
 
 
+def test_an_empty_environment_variable_means_unset(monkeypatch):
+    """compose's ${X:-} passes X= when X is unset: that is not the current folder, an empty Redis URL or a
+    number that fails to parse."""
+    for name in ("DREAMDATA_DATA_DIR", "DREAMDATA_CHECKPOINT", "DREAMDATA_BATCH_SIZE", "DREAMDATA_EVAL_DATA",
+                 "DREAMDATA_API_KEY", "DREAMDATA_VISIBILITY_TIMEOUT", "DREAMDATA_REDIS_URL"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("REDIS_URL", "redis://elsewhere:6379/2")
+    s = Settings()
+    default = Settings.model_fields
+    assert s.data_dir == default["data_dir"].default and s.checkpoint == default["checkpoint"].default
+    assert (s.batch_size, s.eval_data, s.api_key, s.visibility_timeout) == (None, None, None, None)
+    assert s.redis_url == "redis://elsewhere:6379/2"
+
+
 def test_job_ids_are_strict():
     assert is_job_id(new_job_id())
     for bad in ("", "../etc", "0" * 31, "0" * 33, "G" * 32, "A" * 32, "0" * 32 + "\n"):

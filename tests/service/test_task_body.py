@@ -87,6 +87,54 @@ def test_cancel_flag_stops_between_steps(store, body_settings):
     assert not (body_settings.jobs_dir / job_id).exists()
 
 
+@pytest.fixture
+def stopping():
+    """worker.progress.STOPPING, cleared again after the test (it is process-wide)."""
+    from worker.progress import STOPPING
+
+    yield STOPPING
+    STOPPING.clear()
+
+
+def test_a_cold_shutdown_puts_the_job_back_in_the_queue_uncounted(store, body_settings, stopping, monkeypatch):
+    """The worker stops mid-job (docker stop): the job is queued again at its place, the attempt is not counted
+    against max_attempts, its finished batches stay, and the task hands Celery a requeueing Reject."""
+    from celery.exceptions import Reject
+
+    import worker.tasks as tasks
+    from worker.progress import WorkerStopping
+
+    job_id = _submit(store)
+    original = store.update
+
+    def update(jid, **f):
+        original(jid, **f)
+        if f["images_done"] >= 2:  # the first batch is written: the worker begins its cold shutdown
+            stopping.set()
+
+    store.update = update  # type: ignore[method-assign]
+    with pytest.raises(WorkerStopping):
+        run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="w1")
+    rec = store.get(job_id)
+    assert (rec["status"], rec["attempts"], rec["worker"]) == ("queued", 0, None)
+    assert store.queue_position(job_id) == 1
+    out = body_settings.jobs_dir / job_id
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    assert len(kept) == 2
+
+    stopping.clear()
+    store.update = original  # type: ignore[method-assign]
+    result = run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="w2")
+    assert result["status"] == "succeeded" and result["attempts"] == 1
+    assert all((out / "images" / name).stat().st_mtime_ns == t for name, t in kept.items())  # not redone
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: body_settings)
+    monkeypatch.setattr("worker.generation.run_generation", lambda *a, **k: (_ for _ in ()).throw(WorkerStopping()))
+    with pytest.raises(Reject) as e:
+        tasks.generate.run(job_id=job_id, request=REQUEST)
+    assert e.value.requeue is True
+
+
 def test_a_job_outlives_redis_restarting_while_it_runs(store, body_settings):
     """Progress writes and cancel checks that fail are skipped; the final status change is tried again, so the
     job ends succeeded, not failed (or running for ever)."""
