@@ -24,9 +24,6 @@ def _error(loc: tuple, msg: str, value: Any, kind: str = "value_error") -> dict:
     return {"type": kind, "loc": loc, "msg": msg, "input": value}
 
 
-GENERATE_QUERY = ("class", "n", "sampler", "steps", "guidance", "guidance_interval", "seed")
-
-
 def check_query(request: Request, allowed: Sequence[str]) -> None:
     """422 for a query parameter the route does not take (a typo such as ``stpes=3`` would otherwise run with
     the default) or one given twice (``n=5&n=10000``: which?), as a JSON body's ``extra="forbid"`` does."""

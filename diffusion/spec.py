@@ -96,18 +96,19 @@ class SamplerSettings:
         g_lo, g_hi = GUIDANCE_RANGE
         if not g_lo <= self.guidance <= g_hi:
             raise ValueError(f"guidance={self.guidance} out of range {g_lo:g}..{g_hi:g}")
-        check_eta(self.eta)
-        if self.eta and self.sampler != "ddim":  # ignored by the others: refused, not a silently equal run
-            raise ValueError(f"eta={self.eta:g} applies to the ddim sampler only, not {self.sampler}")
+        check_eta(self.eta, self.sampler)
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
 
 
-def check_eta(eta: float) -> None:
+def check_eta(eta: float, sampler: str | None = None) -> None:
     """DDIM's eta must be in 0..1 (0 deterministic, 1 DDPM-like): below 0 it shrinks the noise prediction's
-    term without adding noise, above 1 its variance outgrows the step.  ValueError otherwise."""
+    term without adding noise, above 1 its variance outgrows the step; and with ``sampler`` given, not 0 only
+    for ddim (the others ignore it: refused, not a silently equal run).  ValueError otherwise."""
     if not 0 <= eta <= 1:  # NaN too
         raise ValueError(f"eta={eta} out of range 0..1")
+    if eta and sampler is not None and sampler != "ddim":
+        raise ValueError(f"eta={eta:g} applies to the ddim sampler only, not {sampler}")
 
 
 def check_guidance_interval(interval: Sequence[float]) -> GuidanceInterval:

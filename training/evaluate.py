@@ -139,7 +139,7 @@ class EvaluationSettings:
         for name in ("width", "sample_batch_size", "train_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        check_eta(self.eta)
+        check_eta(self.eta, self.sampler)
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
         if self.precision is not None:

@@ -52,12 +52,18 @@ def celery_config(s: Settings) -> dict:
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                       "interval_max": 0.5},
         "worker_prefetch_multiplier": 1,
-        # Cold shutdown (SIGQUIT; SIGTERM too with REMAP_SIGTERM=SIGQUIT, as in docker-compose.yml): the
-        # running job gets this long to finish, then goes back to the queue and resumes elsewhere.
+        # Cold shutdown (SIGQUIT; SIGTERM too with REMAP_SIGTERM=SIGQUIT, as in docker-compose.yml): a prefork
+        # pool's running job gets this long to finish, then goes back to the queue and resumes elsewhere; a
+        # threads pool's jobs go back at their next check (worker.tasks._requeue_on_cold_shutdown).
         "worker_soft_shutdown_timeout": SOFT_SHUTDOWN_S,
         "worker_proc_alive_timeout": 120,    # a pool child imports torch and loads the model first
         "worker_hijack_root_logger": False,
     }
+
+
+def worker_names(replies: list[dict] | None) -> list[str]:
+    """The node names in ``control.ping`` replies (``[{name: {"ok": "pong"}}, ...]``), sorted."""
+    return sorted(name for reply in replies or [] for name in reply)
 
 
 @lru_cache(maxsize=8)

@@ -98,8 +98,9 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     except JobCanceled:
         return record_canceled(store, job_id, out)
     except WorkerStopping:
-        record_requeued(store, job_id)
-        raise
+        if record_requeued(store, job_id, rec.get("delivery")):
+            raise
+        return {"id": job_id, "status": "superseded"}
     except Exception as e:
         record_failed(store, job_id, e, settings.eval_time_limit, settings)
         raise

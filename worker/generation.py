@@ -94,13 +94,27 @@ def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:
     return {"id": job_id, "status": CANCELED}
 
 
-def record_requeued(store: JobStore, job_id: str) -> None:
+def record_requeued(store: JobStore, job_id: str, delivery: str | None) -> bool:
     """A run stopped by its worker's cold shutdown: the job is queued again, and this delivery is not counted
-    against ``max_attempts`` (a planned stop is no crash). The caller puts its message back (``worker.tasks``);
-    its files stay, so the next delivery resumes."""
-    store.transition(job_id, (RUNNING,), lambda old: {"status": QUEUED, "attempts": max(old["attempts"] - 1, 0),
-                                                      "delivery": None, "worker": None})
-    log.info("job %s: the worker is shutting down; back in the queue", job_id)
+    against ``max_attempts`` (a planned stop is no crash). Its files stay, so the next delivery resumes.
+
+    Only while the record is still this ``delivery``'s run: True, and the caller puts the message back
+    (``worker.tasks``). False when another delivery has started it since (this one outlived its worker's
+    shutdown and its message was restored meanwhile): that run is left alone, and this message just ends."""
+    mine = [False]
+
+    def fields(old: dict) -> dict:
+        mine[0] = old.get("delivery") == delivery
+        if not mine[0]:
+            return {}
+        return {"status": QUEUED, "attempts": max(old["attempts"] - 1, 0), "delivery": None, "worker": None}
+
+    store.transition(job_id, (RUNNING,), fields)
+    if mine[0]:
+        log.info("job %s: the worker is shutting down; back in the queue", job_id)
+    else:
+        log.info("job %s: the worker is shutting down; another delivery runs the job now", job_id)
+    return mine[0]
 
 
 def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
@@ -192,8 +206,9 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     except JobCanceled:
         return record_canceled(store, job_id, out)
     except WorkerStopping:
-        record_requeued(store, job_id)
-        raise
+        if record_requeued(store, job_id, rec.get("delivery")):
+            raise
+        return {"id": job_id, "status": "superseded"}
     except Exception as e:
         record_failed(store, job_id, e, settings.job_time_limit, settings)
         raise

@@ -11,13 +11,13 @@ import argparse
 import socket
 import sys
 
-from .celery_app import celery_for
+from .celery_app import celery_for, worker_names
 from .settings import get_settings
 
 
 def workers_on(replies: list[dict] | None, host: str) -> list[str]:
     """The node names in ping ``replies`` (``[{name: {"ok": "pong"}}, ...]``) of workers on ``host``."""
-    return sorted(name for reply in replies or [] for name in reply if name.rpartition("@")[2] == host)
+    return [name for name in worker_names(replies) if name.rpartition("@")[2] == host]
 
 
 def main(argv: list[str] | None = None) -> int:

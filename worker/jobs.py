@@ -40,11 +40,13 @@ CANCEL_FLAG_TTL = 7 * 24 * 3600
 PENDING_TTL = 300
 
 # KEYS: record, recent, queued.  ARGV: max_queued, submit time, id, pending ttl, record key prefix,
-# field, value, field, value ...  Queued ids whose record has gone (a submit that never reached the broker)
-# are dropped first: they hold no place in the queue.
+# field, value, field, value ...  When the queue is full, queued ids whose record has gone (a submit that never
+# reached the broker) are dropped first: they hold no place in it.
 _CREATE = """
-for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  if redis.call('EXISTS', ARGV[5] .. id) == 0 then redis.call('ZREM', KEYS[3], id) end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    if redis.call('EXISTS', ARGV[5] .. id) == 0 then redis.call('ZREM', KEYS[3], id) end
+  end
 end
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
@@ -231,8 +233,8 @@ class JobStore:
             status = new.get("status", old["status"])
             if status != QUEUED:
                 pipe.zrem(self.queued_key, job_id)
-            elif old["status"] != QUEUED:  # back in the queue (its worker stopped): at its place by submit time
-                pipe.zadd(self.queued_key, {job_id: old["created_at"]})
+            elif old["status"] != QUEUED:  # back in the queue (its worker stopped it): at the end, as its message
+                pipe.zadd(self.queued_key, {job_id: time.time()})
             if self.keep and status in TERMINAL:
                 pipe.expire(key, self.keep)
             else:  # a queued record confirmed (create's PENDING_TTL), a started one, or one kept for ever

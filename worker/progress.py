@@ -6,7 +6,6 @@ that of an evaluation job (``run_evaluation``: a fraction and a message saying w
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Callable
 
@@ -15,6 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from training.generate import progress_fraction as fraction  # the share of a job's images finished
 
 from .jobs import TRANSIENT, JobStore, transient
+from .stopping import STOPPING, WorkerStopping
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +50,20 @@ class JobCanceled(Exception):
     """Raised from the progress callback when the job's cancel flag is set."""
 
 
-class WorkerStopping(Exception):
-    """Raised from a running job's checks once its worker has begun a cold shutdown: the job goes back to the
-    queue (``worker.generation.record_requeued``) and resumes, finished batches kept, on the next worker."""
-
-
-# Set when this process's worker begins a cold shutdown (``worker.tasks`` hooks the signal). The jobs of a
-# threads pool run in this process, and Celery cannot cancel a thread: each stops at its next check instead.
-STOPPING = threading.Event()
-
-
 class _JobChecks:
-    """What every job's callback checks, in this order: its worker stopping, its cancel flag, its time limit."""
+    """What every job's callback checks, in this order: its cancel flag (a job canceled while its worker stops
+    is canceled, not queued again), its worker stopping, its time limit."""
     is_canceled: Callable[[], bool]
     deadline: float | None
     clock: Callable[[], float]
 
     def check(self) -> None:
-        """Raise if the job must stop now (WorkerStopping, JobCanceled, SoftTimeLimitExceeded); also called while
+        """Raise if the job must stop now (JobCanceled, WorkerStopping, SoftTimeLimitExceeded); also called while
         a job waits for its turn in a shared batch (``worker.batching``)."""
-        if STOPPING.is_set():
-            raise WorkerStopping()
         if self.is_canceled():
             raise JobCanceled()
+        if STOPPING.is_set():
+            raise WorkerStopping()
         if self.deadline is not None and self.clock() > self.deadline:
             raise SoftTimeLimitExceeded()
 

@@ -179,7 +179,8 @@ def run_serve(args: argparse.Namespace) -> None:
         log.info("redis at %s; data in %s; checkpoint %s", redact(get_settings().redis_url),
                  settings.data_dir.resolve(), settings.checkpoint)
         # REMAP_SIGTERM: the SIGTERM that die_with_parent sends when this process is killed (-9) is then a cold
-        # shutdown (the running job goes back to the queue), not a warm one that finishes it with nobody left
+        # shutdown, not a warm one that runs the job to its end for nobody. The embedded Redis dies with this
+        # process too, so the job cannot be put back at once: it runs again after the visibility timeout.
         worker = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
                                   env=dict(os.environ, REMAP_SIGTERM="SIGQUIT"),
                                   start_new_session=True, preexec_fn=die_with_parent)
@@ -205,8 +206,9 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = SOFT_SHUTDOWN_S + 20) -> None:
-    """Cold shutdown: a running job gets SOFT_SHUTDOWN_S to finish, else it is put back in the queue
-    (it resumes, skipping finished batches, on the next start); SIGKILL if the worker hangs."""
+    """Cold shutdown: a prefork worker's running job gets SOFT_SHUTDOWN_S to finish, else it is put back in the
+    queue; a threads pool's jobs go back at their next check (either resumes, skipping finished batches, on the
+    next start); SIGKILL if the worker hangs."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGQUIT)  # to the main process only: it stops its pool child itself
         try:

@@ -7,9 +7,6 @@ process stays torch-free and its pool children load torch after the fork).
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
 import time
 from functools import lru_cache
 
@@ -19,7 +16,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from .celery_app import TASK_EVALUATE, TASK_GENERATE
 from .jobs import ACTIVE, FAILED, JobStore, connect, prune_cache, prune_job_dirs
-from .progress import STOPPING, WorkerStopping
+from .stopping import STOPPING, WorkerStopping
 from .settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -91,7 +88,7 @@ def prune_expired(settings: Settings) -> list[str]:
     synthetic sets unused for ``DREAMDATA_KEEP_CACHE`` (never one an evaluation may still be using), at most
     once an hour per process: after jobs, and as a prefork pool process starts.  Returns the ids of the deleted
     job folders.  Never raises (a job's outcome does not depend on it)."""
-    if time.monotonic() - _pruned_at[0] < PRUNE_EVERY_S:
+    if time.monotonic() - _pruned_at[0] < PRUNE_EVERY_S or STOPPING.is_set():  # not in a shutdown's short wait
         return []
     _pruned_at[0] = time.monotonic()
     removed: list[str] = []
@@ -125,26 +122,21 @@ def _warm_up(**_: object) -> None:
 
 
 @worker_ready.connect
-def _requeue_on_cold_shutdown(**_: object) -> None:
-    """Cold shutdown (SIGQUIT, and SIGTERM with ``REMAP_SIGTERM=SIGQUIT`` as in docker-compose.yml): the jobs
-    running in this process stop at their next check and go back to the queue within Celery's soft shutdown
-    (``SOFT_SHUTDOWN_S``).
-
-    Celery's own cancel cannot stop a thread of the threads pool (it raises NotImplementedError and leaves the
-    message unacknowledged until the visibility timeout, about an hour), so the handler Celery installed is
-    wrapped to set ``STOPPING`` first. A prefork pool's jobs run in child processes, which Celery terminates and
-    requeues itself (``task_reject_on_worker_lost``)."""
-    if threading.current_thread() is not threading.main_thread():
-        log.warning("worker ready outside the main thread: running jobs will not be requeued at a cold shutdown")
+def _requeue_on_cold_shutdown(sender: object = None, **_: object) -> None:
+    """Every cold shutdown (SIGQUIT; SIGTERM with ``REMAP_SIGTERM=SIGQUIT``, as in docker-compose.yml; a second
+    Ctrl-C) goes through the worker's ``wait_for_soft_shutdown``: wrapped here to set ``STOPPING`` first, so the
+    jobs running in this process stop at their next check and go back to the queue (``WorkerStopping``) while
+    Celery waits, instead of lingering until the visibility timeout: Celery cannot cancel a thread of the
+    threads pool (it raises NotImplementedError). A prefork pool's jobs run in child processes, which Celery
+    terminates after the wait and requeues itself (``task_reject_on_worker_lost``)."""
+    controller = getattr(sender, "controller", None)  # worker_ready's sender is the consumer
+    original = getattr(controller, "wait_for_soft_shutdown", None)
+    if original is None:
+        log.warning("no worker to hook: running jobs will not be requeued at a cold shutdown")
         return
-    sigs = [signal.SIGQUIT] + ([signal.SIGTERM] if os.environ.get("REMAP_SIGTERM") == "SIGQUIT" else [])
-    for sig in sigs:
-        previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue
 
-        def stop_then(signum: int, frame: object, previous=previous) -> None:
-            STOPPING.set()
-            previous(signum, frame)
+    def stop_jobs_then_wait() -> None:
+        STOPPING.set()
+        original()
 
-        signal.signal(sig, stop_then)
+    controller.wait_for_soft_shutdown = stop_jobs_then_wait

@@ -14,7 +14,7 @@ from ..deps import CeleryDep, SettingsDep, StoreDep
 from ..job_view import job_url, job_view
 from ..schemas import CLASS_HELP, GUIDANCE_INTERVAL_HELP, STEPS_HELP, GenerateBody, GenerationJob
 from ..submit import submit
-from ..validate import GENERATE_QUERY, check_query, resolve_request
+from ..validate import check_query, resolve_request
 
 router = APIRouter(tags=["generate"])
 
@@ -55,9 +55,9 @@ def generate(
     body: Annotated[GenerateBody | None, Body(openapi_examples=_BODY_EXAMPLES)] = None,
 ) -> GenerationJob:
     """Queue a generation job: ``?class=cat&n=100``, or a JSON body for several classes at once."""
-    check_query(request, GENERATE_QUERY)
     query = {"class": class_, "n": n, "sampler": sampler, "steps": steps, "guidance": guidance,
              "guidance_interval": guidance_interval, "seed": seed}
+    check_query(request, tuple(query))
     job_input = resolve_request(query, body, model_info(settings.checkpoint), settings)
     total = sum(job_input["classes"].values())
     record = submit(new_record(new_job_id(), job_input, total, job_input["steps"]), TASK_GENERATE, store, celery,

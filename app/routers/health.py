@@ -8,6 +8,8 @@ from collections.abc import Callable
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from worker.celery_app import worker_names
+
 from ..deps import CeleryDep, SettingsDep, StoreDep
 from ..schemas import Health, Readiness
 
@@ -37,7 +39,7 @@ class _SharedPing:
             self._running.add(broker)
         names: list[str] = []
         try:
-            names = sorted(name for reply in (ping() or []) for name in reply)
+            names = worker_names(ping())
         except Exception:
             log.exception("worker ping failed")
         finally:

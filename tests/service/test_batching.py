@@ -12,6 +12,8 @@ from diffusion.schedules import NoiseSchedule, ScheduleConfig
 from diffusion.unet import UNet, UNetConfig
 from worker.batching import BatchingSampler, padded_size
 
+from .service_testlib import wait_for
+
 TINY = UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                   dropout=0.0, num_classes=3)
 KW = dict(sampler="dpmpp", steps=4, guidance=1.5)
@@ -172,7 +174,7 @@ def test_a_request_waiting_its_turn_stops_when_its_check_raises(model, schedule)
     reqs = requests(2, 2)
     first = threading.Thread(target=batcher, args=(model, schedule, *reqs[0]), kwargs=KW)
     first.start()
-    time.sleep(0.2)  # the first batch is running: the second request waits behind it
+    wait_for(lambda: counting.sizes, 10, "the first batch to run")  # the second request waits behind it
     t0, checks = time.perf_counter(), []
 
     def check():

@@ -128,11 +128,35 @@ def test_a_cold_shutdown_puts_the_job_back_in_the_queue_uncounted(store, body_se
     assert result["status"] == "succeeded" and result["attempts"] == 1
     assert all((out / "images" / name).stat().st_mtime_ns == t for name, t in kept.items())  # not redone
 
+    # a job canceled as its worker stops is canceled, not queued again
+    from worker.progress import JobCanceled, StageProgress
+
+    stopping.set()
+    with pytest.raises(JobCanceled):
+        StageProgress(lambda **f: None, lambda: True).check()
+    stopping.clear()
+
     monkeypatch.setattr(tasks, "get_settings", lambda: body_settings)
     monkeypatch.setattr("worker.generation.run_generation", lambda *a, **k: (_ for _ in ()).throw(WorkerStopping()))
     with pytest.raises(Reject) as e:
         tasks.generate.run(job_id=job_id, request=REQUEST)
     assert e.value.requeue is True
+
+
+def test_a_stopped_delivery_leaves_a_newer_delivery_of_its_job_alone(store, body_settings):
+    """A threads-pool job that outlived its worker's shutdown finds its message restored and the job started by
+    another worker: it must not send that live run back to the queue (nor put a second message there)."""
+    from worker.generation import record_requeued, start_job
+
+    job_id = _submit(store)
+    first = start_job(store, job_id, body_settings, "A")
+    second = start_job(store, job_id, body_settings, "B")  # the restored message, delivered to B
+    assert first["delivery"] != second["delivery"]
+    assert record_requeued(store, job_id, first["delivery"]) is False
+    rec = store.get(job_id)
+    assert (rec["status"], rec["worker"], rec["attempts"]) == ("running", "B", 2)
+    assert record_requeued(store, job_id, second["delivery"]) is True
+    assert (store.get(job_id)["status"], store.get(job_id)["attempts"]) == ("queued", 1)
 
 
 def test_a_job_outlives_redis_restarting_while_it_runs(store, body_settings):
