@@ -46,6 +46,15 @@ def timings(rec: dict, now: float | None = None) -> Timings:
                    run_seconds=None if run_s is None else round(max(run_s, 0.0), 3))
 
 
+def eta_seconds(rec: dict, now: float | None = None) -> float | None:
+    """A running job's ``eta_seconds`` as its worker last wrote it, less the time since (``updated_at``)."""
+    eta = rec.get("eta_seconds")
+    if rec["status"] != RUNNING or eta is None:
+        return None
+    now = time.time() if now is None else now
+    return round(max(eta - (now - rec.get("updated_at", now)), 0.0), 1)
+
+
 def job_view(rec: dict, store: JobStore, report: dict | None = None) -> GenerationJob | EvaluationJob:
     """The public view of one record (asks Redis for the queue position and the cancel flag).
 
@@ -63,5 +72,6 @@ def job_view(rec: dict, store: JobStore, report: dict | None = None) -> Generati
                              output=evaluation_output(job_id, out) if out else None, report=report)
     return GenerationJob(
         **common, url=job_url(job_id), images_done=rec.get("images_done", 0), images_total=rec["images_total"],
-        step=rec.get("step", 0), steps=rec.get("steps", rec["request"]["steps"]), input=JobInput(**rec["request"]),
+        step=rec.get("step", 0), steps=rec.get("steps", rec["request"]["steps"]), eta_seconds=eta_seconds(rec),
+        input=JobInput(**rec["request"]),
         output=output_urls(job_id, out["images"], out.get("checkpoint_sha256"), out.get("precision")) if out else None)

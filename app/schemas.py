@@ -116,7 +116,7 @@ class GenerationJob(JobBase):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": _ID, "url": f"/jobs/{_ID}", "type": "generation", "status": "running", "progress": 0.42,
         "message": None, "queue_position": None, "cancel_requested": False, "attempts": 1, "timings": _TIMINGS,
-        "error": None, "images_done": 40, "images_total": 100, "step": 4, "steps": 20,
+        "error": None, "images_done": 40, "images_total": 100, "step": 4, "steps": 20, "eta_seconds": 31.5,
         "input": {"classes": {"cat": 100}, **request_defaults(), "seed": 0,
                   "seed_drawn": False},
         "output": None}]})
@@ -126,6 +126,8 @@ class GenerationJob(JobBase):
     images_total: int
     step: int = Field(description="sampler step of the current batch")
     steps: int
+    eta_seconds: float | None = Field(None, description="estimated seconds until it finishes, at the rate of its "
+                                                        "run so far; null unless running and measured")
     input: JobInput
     output: JobOutput | None = Field(description="URLs, once the job succeeded")
 

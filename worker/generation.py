@@ -173,7 +173,7 @@ def start_job(store: JobStore, job_id: str, settings: Settings, worker: str | No
                     "error": f"gave up after {old['attempts']} attempts (the worker was lost each time)"}
         # started_at: the first start (queued_seconds is the wait for it; run_seconds spans every delivery)
         return {"status": RUNNING, "started_at": old.get("started_at") or now, "attempts": old["attempts"] + 1,
-                "worker": worker,
+                "worker": worker, "eta_seconds": None,
                 "delivery": delivery}
 
     store.transition(job_id, ACTIVE, fields)  # not applied to a finished job: it stays as it is

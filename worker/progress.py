@@ -74,7 +74,8 @@ class ProgressReporter(_JobChecks):
     Called after every sampler step and after every batch. It raises as soon as :meth:`check` does (the
     worker stopping, the job canceled, its time up), so a job stops between two steps, and writes
     progress through ``write(**fields)`` at most once per ``interval`` seconds (plus the last
-    call of a job), so a progress bar moves without flooding Redis.
+    call of a job), so a progress bar moves without flooding Redis. Each write carries ``eta_seconds``: what the
+    job still needs at this run's rate so far (the API counts it down from the write's ``updated_at``).
     """
 
     def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,
@@ -87,26 +88,40 @@ class ProgressReporter(_JobChecks):
         self.deadline = None if time_limit is None else clock() + time_limit
         self.last: float | None = None
         self.best = 0.0  # reported progress never goes back
+        self.since: tuple[float, float] | None = None  # (time, progress) of this run's first call: its rate's origin
         self.writes = 0
 
     def __call__(self, done: int, total: int, step: int, steps: int) -> None:
         self.check()
         now = self.clock()
+        p = fraction(done, total, step, steps, self.batch_size)
+        if self.since is None:  # images an earlier attempt left on disk count as done, not toward the rate
+            self.since = (now, p)
         finished = done >= total
         if not finished and self.last is not None and now - self.last < self.interval:
             return
         self.last = now
         self.writes += 1
-        self.best = max(self.best, fraction(done, total, step, steps, self.batch_size))
-        self.write(images_done=done, images_total=total, step=step, steps=steps, progress=self.best)
+        self.best = max(self.best, p)
+        self.write(images_done=done, images_total=total, step=step, steps=steps, progress=self.best,
+                   eta_seconds=self.eta(now))
+
+    def eta(self, now: float) -> float | None:
+        """Seconds this run still needs at its rate so far; None for its first second (nothing measured yet)."""
+        t0, p0 = self.since or (now, self.best)
+        if self.best >= 1:
+            return 0.0
+        if now - t0 < 1.0 or self.best <= p0:
+            return None
+        return round((now - t0) * (1 - self.best) / (self.best - p0), 1)
 
 
 class StageProgress(_JobChecks):
     """The ``progress(fraction, message)`` callback that ``training.evaluate.run_evaluation`` calls.
 
     Raises as soon as :meth:`check` does (every call: between two sampler or training steps; the job
-    canceled, its ``time_limit`` seconds passed, its worker stopping), and writes ``progress`` and ``message`` through ``write(**fields)`` at most once per
-    ``interval`` seconds, plus the final call (fraction 1). ``start``: the progress already reported (a job
+    canceled, its ``time_limit`` seconds passed, its worker stopping), and writes ``progress`` and ``message``
+    through ``write(**fields)`` at most once per ``interval`` seconds, plus the final call (fraction 1). ``start``: the progress already reported (a job
     delivered again), below which it does not go back while the resumed run reloads its data.
     """
 

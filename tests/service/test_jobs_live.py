@@ -38,6 +38,7 @@ def test_query_job_end_to_end(client, worker, settings):
     job = poll_job(client, url, timeout=60)
     assert job["status"] == "succeeded", job
     assert (job["images_done"], job["images_total"], job["progress"], job["attempts"]) == (12, 12, 1.0, 1)
+    assert job["eta_seconds"] is None  # only while running
     t = job["timings"]
     assert t["started_at"] and t["finished_at"] and t["run_seconds"] >= 0 and t["queued_seconds"] >= 0
 

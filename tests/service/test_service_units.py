@@ -300,6 +300,29 @@ def test_progress_is_throttled_monotonic_and_cancels():
         rep(10, 20, 1, 20)
 
 
+def test_progress_estimates_the_time_left_from_this_runs_rate():
+    """A job resumed with half its images on disk: the rate counts only what this run made, from its first
+    call; the API counts the estimate down from the write."""
+    from app.job_view import eta_seconds
+
+    now, writes = [0.0], []
+    rep = ProgressReporter(lambda **f: writes.append(f), lambda: False, batch_size=10, interval=0.0,
+                           clock=lambda: now[0])
+    rep(10, 20, 1, 20)                  # resumed: 10 of 20 images on disk, the first step of the next batch
+    assert writes[-1]["eta_seconds"] is None  # nothing measured yet
+    now[0] = 5.0
+    rep(10, 20, 11, 20)                 # 10 more steps of the batch of 10 in 5 s: 0.525 -> 0.775 at 0.05/s
+    assert writes[-1]["progress"] == 0.775 and writes[-1]["eta_seconds"] == 4.5
+    now[0] = 10.0
+    rep(20, 20, 20, 20)
+    assert writes[-1]["eta_seconds"] == 0.0
+
+    rec = {"status": "running", "eta_seconds": 4.5, "updated_at": 100.0}
+    assert eta_seconds(rec, now=101.0) == 3.5 and eta_seconds(rec, now=200.0) == 0.0
+    assert eta_seconds(dict(rec, status="queued"), now=101.0) is None
+    assert eta_seconds(dict(rec, eta_seconds=None), now=101.0) is None
+
+
 def test_progress_enforces_the_time_limit():
     # The threads pool has no time limits of its own: the progress callbacks enforce the soft one.
     from celery.exceptions import SoftTimeLimitExceeded
