@@ -293,3 +293,22 @@ def test_compile_ab_alternates_fresh_processes_and_pairs_each_round(compile_benc
     assert {p for _, p in calls} == {"fp32"}
     assert result["ratios"] == pytest.approx([1.5, 1.0, 1.2])
     assert "compiled / eager, per round: 1.20x [1.00, 1.50]" in capsys.readouterr().out
+
+
+def test_compile_parity_compares_both_models_with_each_other_and_a_cache_entry(monkeypatch, tiny_checkpoint, tmp_path,
+                                                                               capsys, cheap_compile):
+    """The images of a synthetic-set cache entry, sampled eager, against the script's eager and compiled runs of
+    the same seeds (j 0..1 of every class: the entry's first batch of 20, so even float rounding is the same)."""
+    from diffusion.spec import DEFAULT_SETTINGS
+    from training.synthetic_cache import synthetic_images
+
+    parity = next(script_module("compile_parity.py", monkeypatch))
+    _, info = synthetic_images(tiny_checkpoint, 3, DEFAULT_SETTINGS, cache_dir=tmp_path, precision="fp32",
+                               batch_size=20)
+    rows = parity.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--first", "0", "--per-class", "2",
+                        "--cache", info["cache_dir"]])
+    assert rows["eager vs cache"]["max"] == 0 and rows["eager vs cache"]["images"] == 20  # the same seeds, exactly
+    assert rows["eager vs compiled"]["max"] <= 1 and cheap_compile == [("default", False)]
+    out = capsys.readouterr().out
+    assert re.search(r"^eager vs compiled +\d+ +[\d.]+% +\d+ of 20$", out, re.M)
+    assert "compiled vs cache" in out
