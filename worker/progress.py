@@ -121,8 +121,9 @@ class StageProgress(_JobChecks):
 
     Raises as soon as :meth:`check` does (every call: between two sampler or training steps; the job
     canceled, its ``time_limit`` seconds passed, its worker stopping), and writes ``progress`` and ``message``
-    through ``write(**fields)`` at most once per ``interval`` seconds, plus the final call (fraction 1). ``start``: the progress already reported (a job
-    delivered again), below which it does not go back while the resumed run reloads its data.
+    through ``write(**fields)`` at most once per ``interval`` seconds, plus the final call (fraction 1).
+    ``start``: the progress already reported (a job delivered again), below which it does not go back while
+    the resumed run reloads its data.
     """
 
     def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,

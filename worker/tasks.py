@@ -16,8 +16,8 @@ from celery.signals import worker_process_init, worker_ready
 
 from .celery_app import TASK_EVALUATE, TASK_GENERATE
 from .jobs import ACTIVE, FAILED, JobStore, connect, prune_cache, prune_job_dirs
-from .stopping import STOPPING, WorkerStopping
 from .settings import Settings, get_settings
+from .stopping import STOPPING, WorkerStopping
 
 log = logging.getLogger(__name__)
 
