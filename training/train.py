@@ -187,6 +187,9 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     device = dd.device()
     if cfg.num_threads and device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
+    state_path = out / "state.pt"
+    if not resume and state_path.exists():  # a fresh run would overwrite it at its first checkpoint
+        raise ValueError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data, "train", image_size=cfg.unet.image_size)
@@ -204,9 +207,12 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     schedule = NoiseSchedule(cfg.schedule)
     step, images_seen, wall = 0, 0, 0.0
     perm, pos = None, 0
-    state_path = out / "state.pt"
     if resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=True)
+        saved, now = json.loads(st["config"]), json.loads(json.dumps(cfg.to_dict()))
+        if saved.get("unet") != now["unet"]:
+            raise ValueError(f"{state_path} is a run of another model (its UNet config differs): resume it with "
+                             f"the --config it was trained with, or choose another --out")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
@@ -226,7 +232,6 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
             gen.manual_seed(cfg.seed * 1000 + dd.rank + 7919 * step)
         if dd.main:
             log.info("resumed from %s at step %d (%.1f min trained)", state_path, step, wall / 60)
-            saved, now = json.loads(st["config"]), json.loads(json.dumps(cfg.to_dict()))
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             if changed:  # legitimate for max_steps or max_minutes; worth a look for anything else
                 log.warning("resuming with a config that differs from the saved run's in: %s", ", ".join(changed))
@@ -342,7 +347,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (state, checkpoint, logs, sample grids)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     p.add_argument("--max-steps", type=int, help="override the config's max_steps")
-    p.add_argument("--max-minutes", type=float, help="stop after this much training wall time")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training wall time in all (with "
+                                                     "--resume, the earlier runs' time counts too)")
     p.add_argument("--batch-size", type=int, help="override the config's global batch size")
     p.add_argument("--lr", type=float, help="override the config's peak learning rate")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

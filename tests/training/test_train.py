@@ -230,6 +230,20 @@ def test_resume_matches_an_uninterrupted_run(data10, tmp_path, batch_size):
     assert load_checkpoint(part / "checkpoint").provenance["steps"] == 4
 
 
+def test_a_trained_folder_is_not_trained_over_without_resume(data10, tmp_path):
+    """Forgetting --resume must not overwrite a run's state and checkpoint (nor empty its metrics); resuming
+    with another model's config is refused before any weights are loaded."""
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=1), str(data10), out, progress=False)
+    before = (out / "state.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(replace(FAST, max_steps=2), str(data10), out, progress=False)
+    wider = replace(FAST, max_steps=2, unet=replace(FAST.unet, base_channels=2 * FAST.unet.base_channels))
+    with pytest.raises(ValueError, match="another model"):
+        train(wider, str(data10), out, resume=True, progress=False)
+    assert ((out / "state.pt").read_bytes(), (out / "metrics.jsonl").read_text()) == before
+
+
 def test_resume_without_state_starts_fresh(data10, tmp_path, caplog):
     out = tmp_path / "run"
     train(replace(FAST, max_steps=1), str(data10), out, resume=True, progress=False)
@@ -249,7 +263,9 @@ def test_a_resumed_run_logs_each_step_once_and_says_what_config_changed(data10, 
     recs = _metrics(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and 9.0 not in [r["loss"] for r in recs]
     assert "differs from the saved run's in: lr, max_steps" in caplog.text
-    # a fresh run into the same folder starts a fresh log; each checkpoint is written once
+    # a fresh run into the same folder (its state removed: otherwise it is refused) starts a fresh log; each
+    # checkpoint is written once
+    (out / "state.pt").unlink()
     import training.train as tt
     writes = []
     real_save = tt.save_checkpoint
