@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         available[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, --out naming a file: one line, not a traceback
         parser.exit(2, f"dreamdata {args.command}: error: {e}\n")
+    except KeyboardInterrupt:  # sample and evaluate keep what they finished: the same command goes on from there
+        parser.exit(130, f"\ndreamdata {args.command}: stopped; the same command goes on from where it stopped\n")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,10 @@ def _decode_tree(source: Path, names: list[str], read, split: str, image_size: i
     arrays, labels = [], []
     for ci, c in enumerate(classes):
         for n in sorted(by_class[c]):
-            arrays.append(_decode(read(n), image_size))
+            try:
+                arrays.append(_decode(read(n), image_size))
+            except (OSError, ValueError) as e:  # PIL names no file (it reads bytes): say which one
+                raise DatasetError(f"{source}: {n}: not a readable image ({e})") from None
             labels.append(ci)
     x, y = _stack(arrays, labels)
     return LabelledImages(x, y, classes, str(source))

@@ -54,7 +54,7 @@ from typing import Callable, Literal, Sequence, get_args
 
 import torch
 
-from diffusion.checkpoint import Checkpoint
+from diffusion.checkpoint import Checkpoint, read_config
 from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
 from diffusion.spec import (DEFAULT_SETTINGS, GuidanceInterval, check_eta, check_guidance_interval,
                             effective_interval, requested_precision)
@@ -136,14 +136,17 @@ class EvaluationSettings:
             raise ValueError(f"real_fraction must be in (0, 1], got {self.real_fraction}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        for name in ("width", "sample_batch_size", "train_batch_size"):
+        for name in ("sample_batch_size", "train_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.width is not None and self.width < 2:  # build_classifier's rule, known before any sampling
+            raise ValueError(f"width must be at least 2, got {self.width}")
         check_eta(self.eta, self.sampler)
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
         if self.precision is not None:
             requested_precision(self.precision)
+        self.sampler_settings.validate()  # steps, guidance: the ranges, before the data loads
         if self.budget not in BUDGETS:
             raise ValueError(f"unknown budget {self.budget!r}; expected one of {', '.join(BUDGETS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -254,6 +257,11 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         raise ValueError(f"train classes {list(train.class_names)} differ from test classes {list(test.class_names)}")
     names = tuple(train.class_names)
     data_fingerprint = f"{train.fingerprint()}-{test.fingerprint()}"
+    # the checkpoint's classes, from its config.json: a mismatch is found now, not after hours of sampling
+    model_names = (checkpoint.class_names if checkpoint is not None
+                   else read_config(settings.checkpoint or default_checkpoint())["class_names"])
+    if sorted(model_names) != sorted(names):
+        raise ValueError(f"checkpoint classes {list(model_names)} differ from data set classes {list(names)}")
 
     gen_share = 0.25
     synth, synth_info = synthetic_images(

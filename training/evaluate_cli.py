@@ -24,7 +24,7 @@ from diffusion.precision import compile_for_sampling
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
 from .evaluate import BUDGETS, EvaluationSettings, run_evaluation
 from .generate import default_checkpoint
-from .sample_cli import add_sampler_args, arg_type, pick_device
+from .sample_cli import add_sampler_args, arg_type, check_out_dir, pick_device
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -88,6 +88,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         guidance_interval=args.guidance_interval, synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
         train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir, precision=args.precision)
     settings.validate()
+    check_out_dir(args.out)
     bar = tqdm(total=100, dynamic_ncols=True, bar_format="{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {desc}")
 
     def progress(fraction: float, message: str) -> None:
@@ -99,9 +100,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
         checkpoint = load_for_sampling(settings.checkpoint or default_checkpoint(), pick_device(settings.device),
                                        settings.precision)
         checkpoint = replace(checkpoint, model=compile_for_sampling(checkpoint.model))
-    report = run_evaluation(settings, args.out, progress=progress, show_bars=False,  # one bar, not one per run
-                            resume=not args.restart, checkpoint=checkpoint)
-    bar.close()
+    try:
+        report = run_evaluation(settings, args.out, progress=progress, show_bars=False,  # one bar, not one per run
+                                resume=not args.restart, checkpoint=checkpoint)
+    finally:  # an error message then starts on a line of its own
+        bar.close()
     print(json.dumps({
         "out": args.out,
         "accuracy": {arm: {"mean": a["accuracy_mean"], "std": a["accuracy_std"]} for arm, a in report["arms"].items()},

@@ -114,6 +114,23 @@ class MetricsSettings:
     cache_dir: str | None = None
     precision: str | None = None                # of the sampling calls: auto, fp32, bf16 (None: $DREAMDATA_PRECISION)
 
+    def validate(self) -> None:
+        """ValueError (FileNotFoundError for a missing weights file) naming what is wrong: before the feature
+        classifier trains or any image is sampled."""
+        if self.n_per_class < 2:
+            raise ValueError(f"n_per_class must be at least 2, got {self.n_per_class}")
+        if not 1 <= self.k < self.n_per_class:
+            raise ValueError(f"k must be in 1..n_per_class - 1 = {self.n_per_class - 1}, got {self.k}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.feature_width is not None and self.feature_width < 2:
+            raise ValueError(f"feature_width must be at least 2, got {self.feature_width}")
+        if self.feature_epochs < 1:
+            raise ValueError(f"feature_epochs must be at least 1, got {self.feature_epochs}")
+        if self.inception_weights and not Path(self.inception_weights).is_file():
+            raise FileNotFoundError(f"inception weights not found: {self.inception_weights}")
+        SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval).validate()
+
 
 def _row(feats: torch.Tensor, fidelity_pred: torch.Tensor, fidelity_labels: torch.Tensor, ref_stats,
          ref_knn: torch.Tensor, k: int, names) -> dict:
@@ -134,8 +151,7 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
     ``progress`` is called with the fraction of the generated images sampled (0..1), as in
     :func:`training.synthetic_cache.synthetic_images` (once with 1.0 when they come from the cache).
     """
-    if s.n_per_class < 2:
-        raise ValueError(f"n_per_class must be at least 2, got {s.n_per_class}")
+    s.validate()
     t0 = time.perf_counter()
     device = pick_device(s.device)
     cache_dir = Path(s.cache_dir) if s.cache_dir else default_cache_dir()

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
@@ -56,9 +57,25 @@ def run_metrics(args: argparse.Namespace) -> None:
         feature_classifier=args.feature_classifier, feature_width=args.feature_width,
         feature_epochs=args.feature_epochs, inception_weights=args.inception_weights, device=args.device,
         cache_dir=args.cache_dir, precision=args.precision)
-    result = measure_generator(s)
+    s.validate()  # before hours of work: the sampler settings, k, the weights file, --out
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; name a file for the JSON")
+    bars: list[tqdm] = []  # opened at the first call: the feature classifier trains under its own bar before
+
+    def progress(fraction: float) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, dynamic_ncols=True, desc="sampling the generated images",
+                             bar_format="{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {desc}"))
+        bars[0].n = round(100 * fraction, 1)
+        bars[0].refresh()
+
+    try:
+        result = measure_generator(s, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     text = json.dumps(result, indent=1)
+    print(text)  # first: a --out that cannot be written loses nothing
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    print(text)

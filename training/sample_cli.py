@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -83,9 +84,16 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
 
 
+def check_out_dir(out: str) -> None:
+    """``--out`` names a folder to write into: ValueError now if it names a file (not after the model loads)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    check_out_dir(args.out)
     settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.eta, args.guidance_interval)
     settings.validate()  # before the model loads (checked again against the checkpoint's timesteps)
     if args.batch_size is not None and args.batch_size < 1:
@@ -94,6 +102,8 @@ def run_sample(args: argparse.Namespace) -> None:
     ckpt = load_for_sampling(args.checkpoint or default_checkpoint(), device=device, precision=args.precision)
     classes = resolve_classes(args.classes or ["all"], ckpt.class_names)
     seed = draw_seed() if args.seed is None else args.seed
+    if args.seed is None:  # said now, not only at the end: a stopped run goes on only with the same seed
+        log.info("base seed %d (drawn); after a stop, add --seed %d to go on from the images already made", seed, seed)
     total = args.n * len(classes)
     bar = tqdm(total=total, unit="img", dynamic_ncols=True)
 

@@ -50,9 +50,13 @@ def test_settings_are_validated():
         EvaluationSettings.from_dict({"data": "x", "epoch": 3})
     with pytest.raises(ValueError, match="0 <= lo < hi"):
         EvaluationSettings(data="x", guidance_interval=(3, 1)).validate()
-    for name in ("width", "sample_batch_size", "train_batch_size"):
+    for name in ("sample_batch_size", "train_batch_size"):
         with pytest.raises(ValueError, match=f"{name} must be at least 1, got -5"):
             EvaluationSettings(data="x", **{name: -5}).validate()
+    with pytest.raises(ValueError, match="width must be at least 2, got 1"):  # the classifiers' own rule
+        EvaluationSettings(data="x", width=1).validate()
+    with pytest.raises(ValueError, match="steps=0 out of range"):
+        EvaluationSettings(data="x", steps=0).validate()
     with pytest.raises(ValueError, match="eta"):
         EvaluationSettings(data="x", sampler="ddim", eta=-1).validate()
 
@@ -79,6 +83,23 @@ def test_a_guidance_interval_from_json_reaches_the_sampler_settings():
     assert EvaluationSettings(data="x", guidance=1.0, guidance_interval=(0.28, 4)).to_dict()["guidance_interval"] is None
     with pytest.raises(ValueError, match="0 <= lo < hi"):
         EvaluationSettings(data="x", guidance=1.0, guidance_interval=(4, 0.28))
+
+
+def test_a_checkpoint_of_other_classes_is_refused_before_any_image_is_sampled(data_tar, tmp_path, cache_dir,
+                                                                              monkeypatch):
+    import training.evaluate as ev
+    from diffusion.checkpoint import save_checkpoint
+    from diffusion.schedules import ScheduleConfig
+    from diffusion.unet import UNet, UNetConfig
+
+    other = save_checkpoint(tmp_path / "other", UNet(UNetConfig(base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                                                                attn_resolutions=(), dropout=0.0)),
+                            ScheduleConfig("linear", 1000), tuple(f"class{i}" for i in range(10)), {})
+    monkeypatch.setattr(ev, "synthetic_images", lambda *a, **k: pytest.fail("images were sampled"))
+    with pytest.raises(ValueError, match="checkpoint classes .* differ from data set classes"):
+        ev.run_evaluation(EvaluationSettings(data=str(data_tar), checkpoint=str(other), synthetic_per_class=2,
+                                             epochs=1, seeds=(0,), cache_dir=str(cache_dir)), tmp_path / "out",
+                          show_bars=False)
 
 
 def test_synthetic_labels_follow_the_data_set_class_order():

@@ -55,3 +55,22 @@ def test_inception_frechet_distance_is_added_and_the_test_statistics_cached(
     assert seen[3:] == [30, 30]  # test statistics came from the cache
     assert second["rows"]["generated"]["frechet_distance_inception"] == \
         first["rows"]["generated"]["frechet_distance_inception"]
+
+
+def test_bad_metrics_input_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """Found wrong only after the feature classifier trained and the images were sampled, these cost hours."""
+    import pytest
+
+    import training.generator_metrics as gm
+
+    monkeypatch.setattr(gm, "load_dataset", lambda *a, **k: pytest.fail("the data set was loaded"))
+    base = ["metrics", "--data", str(tmp_path / "data.tar.gz"), "--n-per-class", "10"]
+    for extra, expected in [(["--k", "0"], "k must be in 1..n_per_class - 1 = 9"), (["--k", "10"], "got 10"),
+                            (["--inception-weights", str(tmp_path / "nope.pt")], "inception weights not found"),
+                            (["--out", str(tmp_path)], "is a folder"), (["--steps", "0"], "steps=0 out of range"),
+                            (["--sampler", "dpmpp", "--eta", "0.5"], "ddim sampler only"),
+                            (["--batch-size", "0"], "batch_size must be at least 1")]:
+        with pytest.raises(SystemExit) as e:
+            dreamdata_cli.main(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expected in err and "Traceback" not in err, (extra, err)

@@ -218,6 +218,14 @@ def test_empty_directory(tmp_path):
         load_dataset(tmp_path / "empty")
 
 
+def test_a_file_that_is_not_an_image_is_named(tmp_path):
+    """macOS's ._x.jpg companions, or a truncated download: the error names the file, not a BytesIO object."""
+    root = write_image_folder(tmp_path / "two", make_images(("cat", "dog"), 2))
+    (root / "dog" / "._0001.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with pytest.raises(DatasetError, match=r"dog/\._0001\.png: not a readable image"):
+        load_dataset(root)
+
+
 def test_directory_with_one_class(tmp_path):
     root = write_image_folder(tmp_path / "one", make_images(("cat",), 3))
     with pytest.raises(DatasetError, match=r"found 1 class folder\(s\); need at least 2"):

@@ -149,6 +149,10 @@ def test_train_cli_errors(case, image_folder3, data10, tmp_path, capsys):
     (["sample", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["evaluate", "--data", "x", "--seeds", "4-2"], "argument --seeds: expected comma-separated seeds or a rising range"),
     (["api", "--port", "99999"], "argument --port: a port is a number in 1..65535"),
+    (["sample", "--out-is-a-file"], "is a file, not a folder"),
+    (["evaluate", "--data", "x", "--out-is-a-file"], "is a file, not a folder"),
+    (["evaluate", "--data", "x", "--width", "1"], "width must be at least 2"),
+    (["evaluate", "--data", "x", "--steps", "0"], "steps=0 out of range"),
 ])
 def test_bad_cli_input_is_one_line_and_exit_status_2_before_anything_loads(argv, expected, tmp_path, capsys,
                                                                             monkeypatch):
@@ -157,12 +161,29 @@ def test_bad_cli_input_is_one_line_and_exit_status_2_before_anything_loads(argv,
 
     monkeypatch.setattr(sample_cli, "load_for_sampling", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
+    if "--out-is-a-file" in argv:
+        argv = [a for a in argv if a != "--out-is-a-file"]
+        out.write_text("a file where the output folder should go")
     with pytest.raises(SystemExit) as e:
         main(argv + (["--out", str(out)] if argv[0] in ("sample", "evaluate") else []))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
-    assert not out.exists()
+    assert not out.exists() or out.is_file()
+
+
+def test_ctrl_c_is_a_line_saying_how_to_go_on_not_a_traceback(monkeypatch, capsys):
+    from dreamdata_cli import main
+    from training import sample_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_cli, "run_sample", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--out", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "the same command goes on from where it stopped" in err and "Traceback" not in err
 
 
 def test_a_cuda_device_that_is_not_there_is_a_value_error(monkeypatch):
