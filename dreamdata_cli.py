@@ -28,6 +28,15 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+# What a person can do after stopping a command with Ctrl-C (train saves its state at the first one by itself).
+AFTER_CTRL_C = {
+    "sample": "; the same command with the same --seed goes on from the images already made",
+    "evaluate": "; the same command goes on from the images and training runs it finished",
+    "metrics": "; the same command reuses the images and feature classifier it finished",
+    "train": "; the same command with --resume goes on from the last saved state",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,10 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         available[args.command](args)
-    except (ValueError, OSError) as e:  # bad input, a missing file, --out naming a file: one line, not a traceback
+    except (ValueError, FileNotFoundError) as e:  # bad input, a missing --data or checkpoint: one line, status 2
         parser.exit(2, f"dreamdata {args.command}: error: {e}\n")
-    except KeyboardInterrupt:  # sample and evaluate keep what they finished: the same command goes on from there
-        parser.exit(130, f"\ndreamdata {args.command}: stopped; the same command goes on from where it stopped\n")
+    except OSError as e:  # a disk, permission or file error met while working: one line, the path in it
+        parser.exit(1, f"dreamdata {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"\ndreamdata {args.command}: stopped{AFTER_CTRL_C.get(args.command, '')}\n")
 
 
 if __name__ == "__main__":

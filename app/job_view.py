@@ -46,13 +46,18 @@ def timings(rec: dict, now: float | None = None) -> Timings:
                    run_seconds=None if run_s is None else round(max(run_s, 0.0), 3))
 
 
+ETA_STALE_S = 30.0  # past its estimate by this long with no new progress (a lost worker, a wait): unknown
+
+
 def eta_seconds(rec: dict, now: float | None = None) -> float | None:
-    """A running job's ``eta_seconds`` as its worker last wrote it, less the time since (``updated_at``)."""
+    """A running job's ``eta_seconds`` as its worker last wrote it, less the time since (``updated_at``); None once
+    that has run out by ``ETA_STALE_S`` with no new write."""
     eta = rec.get("eta_seconds")
     if rec["status"] != RUNNING or eta is None:
         return None
     now = time.time() if now is None else now
-    return round(max(eta - (now - rec.get("updated_at", now)), 0.0), 1)
+    left = eta - (now - rec.get("updated_at", now))
+    return None if left < -ETA_STALE_S else round(max(left, 0.0), 1)
 
 
 def job_view(rec: dict, store: JobStore, report: dict | None = None) -> GenerationJob | EvaluationJob:

@@ -232,6 +232,7 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
         log(f"compiled training failed; training eager for {left / 60:.2f} min")
         cfg = replace(cfg, compile=False, max_minutes=left / 60)
         work = work_dir(out, "-train-eager")
+        shutil.rmtree(work, ignore_errors=True)  # a fresh run: an earlier visit's state would be refused
         ckpt_dir = train(cfg, args.data, work, resume=False, progress=False)
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {}

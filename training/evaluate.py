@@ -55,9 +55,8 @@ from typing import Callable, Literal, Sequence, get_args
 import torch
 
 from diffusion.checkpoint import Checkpoint, read_config
-from diffusion.samplers import SAMPLERS, SamplerName, SamplerSettings, sample
-from diffusion.spec import (DEFAULT_SETTINGS, GuidanceInterval, check_eta, check_guidance_interval,
-                            effective_interval, requested_precision)
+from diffusion.samplers import SamplerName, SamplerSettings, sample
+from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval, effective_interval, requested_precision
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
                           TrainSettings, default_train_settings, predict, train_classifier)
@@ -128,8 +127,6 @@ class EvaluationSettings:
     def validate(self) -> None:
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"unknown classifier {self.classifier!r}; expected one of {', '.join(CLASSIFIERS)}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if self.synthetic_per_class < 1:
             raise ValueError(f"synthetic_per_class must be at least 1, got {self.synthetic_per_class}")
         if not 0 < self.real_fraction <= 1:
@@ -141,12 +138,10 @@ class EvaluationSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.width is not None and self.width < 2:  # build_classifier's rule, known before any sampling
             raise ValueError(f"width must be at least 2, got {self.width}")
-        check_eta(self.eta, self.sampler)
-        if self.guidance_interval is not None:
-            check_guidance_interval(self.guidance_interval)
         if self.precision is not None:
             requested_precision(self.precision)
-        self.sampler_settings.validate()  # steps, guidance: the ranges, before the data loads
+        # the sampler, its steps and guidance ranges, eta, the guidance interval: before the data loads
+        self.sampler_settings.validate()
         if self.budget not in BUDGETS:
             raise ValueError(f"unknown budget {self.budget!r}; expected one of {', '.join(BUDGETS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

@@ -89,17 +89,17 @@ def run_evaluate(args: argparse.Namespace) -> None:
         train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir, precision=args.precision)
     settings.validate()
     check_out_dir(args.out)
+    checkpoint = None
+    if args.compile:
+        checkpoint = load_for_sampling(settings.checkpoint or default_checkpoint(), pick_device(settings.device),
+                                       settings.precision)
+        checkpoint = replace(checkpoint, model=compile_for_sampling(checkpoint.model))
     bar = tqdm(total=100, dynamic_ncols=True, bar_format="{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {desc}")
 
     def progress(fraction: float, message: str) -> None:
         bar.n = round(100 * fraction, 1)
         bar.set_description_str(message, refresh=True)
 
-    checkpoint = None
-    if args.compile:
-        checkpoint = load_for_sampling(settings.checkpoint or default_checkpoint(), pick_device(settings.device),
-                                       settings.precision)
-        checkpoint = replace(checkpoint, model=compile_for_sampling(checkpoint.model))
     try:
         report = run_evaluation(settings, args.out, progress=progress, show_bars=False,  # one bar, not one per run
                                 resume=not args.restart, checkpoint=checkpoint)

@@ -119,8 +119,8 @@ class MetricsSettings:
         classifier trains or any image is sampled."""
         if self.n_per_class < 2:
             raise ValueError(f"n_per_class must be at least 2, got {self.n_per_class}")
-        if not 1 <= self.k < self.n_per_class:
-            raise ValueError(f"k must be in 1..n_per_class - 1 = {self.n_per_class - 1}, got {self.k}")
+        if self.k < 1:  # the upper bound (below the images of all classes) is checked where they are counted
+            raise ValueError(f"k must be at least 1, got {self.k}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.feature_width is not None and self.feature_width < 2:
@@ -129,7 +129,11 @@ class MetricsSettings:
             raise ValueError(f"feature_epochs must be at least 1, got {self.feature_epochs}")
         if self.inception_weights and not Path(self.inception_weights).is_file():
             raise FileNotFoundError(f"inception weights not found: {self.inception_weights}")
-        SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval).validate()
+        self.sampler_settings.validate()
+
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval)
 
 
 def _row(feats: torch.Tensor, fidelity_pred: torch.Tensor, fidelity_labels: torch.Tensor, ref_stats,
@@ -161,8 +165,8 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
     clf, clf_info = real_data_classifier(train, kind=s.feature_classifier, width=s.feature_width,
                                          epochs=s.feature_epochs, cache_dir=cache_dir, device=device, test=test,
                                          show_bar=show_bars)
-    settings = SamplerSettings(s.sampler, s.steps, s.guidance, s.eta, s.guidance_interval)
-    gen, gen_info = synthetic_images(checkpoint or s.checkpoint or default_checkpoint(), s.n_per_class, settings,
+    gen, gen_info = synthetic_images(checkpoint or s.checkpoint or default_checkpoint(), s.n_per_class,
+                                     s.sampler_settings,
                                      base_seed=s.seed, cache_dir=cache_dir, device=device, precision=s.precision,
                                      batch_size=s.batch_size, progress=progress)
     gen = align_classes(gen, names)

@@ -180,6 +180,11 @@ def training_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     return True
 
 
+def _architecture(unet: dict | None) -> dict:
+    """A UNet config's fields that shape its weights (dropout does not: it may change on resume)."""
+    return {k: v for k, v in (unet or {}).items() if k != "dropout"}
+
+
 def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) and return the EMA checkpoint directory."""
     out = Path(out)
@@ -210,7 +215,7 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     if resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=True)
         saved, now = json.loads(st["config"]), json.loads(json.dumps(cfg.to_dict()))
-        if saved.get("unet") != now["unet"]:
+        if _architecture(saved.get("unet")) != _architecture(now["unet"]):
             raise ValueError(f"{state_path} is a run of another model (its UNet config differs): resume it with "
                              f"the --config it was trained with, or choose another --out")
         model.load_state_dict(st["model"])

@@ -17,7 +17,8 @@ from pathlib import Path
 from training.evaluate import RUNS_DIR, EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
-from .generation import not_run, record_canceled, record_failed, record_requeued, start_job, worker_model, write_json
+from .generation import (not_run, record_canceled, record_failed, start_job, stopped_by_shutdown, worker_model,
+                         write_json)
 from .jobs import RUNNING, SUCCEEDED, JobStore
 from .progress import JobCanceled, StageProgress, WorkerStopping, job_hooks
 from .settings import Settings
@@ -98,9 +99,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     except JobCanceled:
         return record_canceled(store, job_id, out)
     except WorkerStopping:
-        if record_requeued(store, job_id, rec.get("delivery")):
-            raise
-        return {"id": job_id, "status": "superseded"}
+        return stopped_by_shutdown(store, job_id, rec)
     except Exception as e:
         record_failed(store, job_id, e, settings.eval_time_limit, settings)
         raise

@@ -113,8 +113,16 @@ def record_requeued(store: JobStore, job_id: str, delivery: str | None) -> bool:
     if mine[0]:
         log.info("job %s: the worker is shutting down; back in the queue", job_id)
     else:
-        log.info("job %s: the worker is shutting down; another delivery runs the job now", job_id)
+        log.info("job %s: the worker is shutting down; the job is no longer this delivery's run", job_id)
     return mine[0]
+
+
+def stopped_by_shutdown(store: JobStore, job_id: str, rec: dict) -> dict:
+    """The ``except WorkerStopping`` of a task body: raise it again if the job went back to the queue (the task
+    then puts its message back), else this delivery's result (another delivery has the job)."""
+    if record_requeued(store, job_id, rec.get("delivery")):
+        raise WorkerStopping()
+    return {"id": job_id, "status": "superseded"}
 
 
 def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
@@ -206,9 +214,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     except JobCanceled:
         return record_canceled(store, job_id, out)
     except WorkerStopping:
-        if record_requeued(store, job_id, rec.get("delivery")):
-            raise
-        return {"id": job_id, "status": "superseded"}
+        return stopped_by_shutdown(store, job_id, rec)
     except Exception as e:
         record_failed(store, job_id, e, settings.job_time_limit, settings)
         raise

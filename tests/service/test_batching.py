@@ -159,7 +159,7 @@ def test_requests_arriving_during_a_batch_join_the_next_one(model, schedule):
     reqs = requests(4, 2)
     first = threading.Thread(target=batcher, args=(model, schedule, *reqs[0]), kwargs=KW)
     first.start()
-    time.sleep(0.2)  # the first batch is running now
+    wait_for(lambda: counting.sizes, 10, "the first batch to run")
     got = run_concurrently([lambda lb=lb, sd=sd: batcher(model, schedule, lb, sd, **KW) for lb, sd in reqs[1:]])
     first.join(30)
     assert counting.sizes == [2, 6]

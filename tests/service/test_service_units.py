@@ -318,7 +318,8 @@ def test_progress_estimates_the_time_left_from_this_runs_rate():
     assert writes[-1]["eta_seconds"] == 0.0
 
     rec = {"status": "running", "eta_seconds": 4.5, "updated_at": 100.0}
-    assert eta_seconds(rec, now=101.0) == 3.5 and eta_seconds(rec, now=200.0) == 0.0
+    assert eta_seconds(rec, now=101.0) == 3.5 and eta_seconds(rec, now=120.0) == 0.0
+    assert eta_seconds(rec, now=200.0) is None  # long past its estimate with no new write: unknown
     assert eta_seconds(dict(rec, status="queued"), now=101.0) is None
     assert eta_seconds(dict(rec, eta_seconds=None), now=101.0) is None
 
