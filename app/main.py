@@ -50,12 +50,9 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
 
 
 def json_safe(value: object) -> object:
-    """``value`` with every NaN or infinite float, which JSON cannot hold, as its string ('nan', 'inf'), and
-    bytes (a body that is not JSON, echoed as the 422's input) as text, undecodable bytes replaced."""
+    """``value`` with every NaN or infinite float, which JSON cannot hold, as its string ('nan', 'inf')."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace")
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -66,7 +63,8 @@ def json_safe(value: object) -> object:
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's own 422, except that a NaN or infinite input is echoed as a string, and a body of bytes that
     are not UTF-8 as text: the default handler cannot encode either, so ``guidance=nan`` would be a 500."""
-    return JSONResponse({"detail": json_safe(jsonable_encoder(json_safe(exc.errors())))}, status_code=422)
+    text = {bytes: lambda b: b.decode("utf-8", "replace")}  # a body that is not JSON, echoed as the input
+    return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors(), custom_encoder=text))}, status_code=422)
 
 
 async def _no_checkpoint(request: Request, exc: CheckpointMissing) -> JSONResponse:

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from diffusion.checkpoint import load_for_sampling
 from diffusion.precision import compile_for_sampling
 from diffusion.samplers import sample
 from diffusion.spec import DEFAULT_SETTINGS as D
 from training.plots import to_uint8
-from training.synthetic_cache import image_specs
+from training.synthetic_cache import image_specs, load_pngs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     compiled, t_compiled = run(compile_for_sampling(ckpt.model))  # includes compiling its shapes
     rows = {"eager vs compiled": compare(eager, compiled)}
     if a.cache is not None:
-        cached = np.stack([np.asarray(Image.open(a.cache / s.file).convert("RGB")).transpose(2, 0, 1)
-                           for s in specs])
+        cached = load_pngs(a.cache, specs)[0].numpy()
         rows["eager vs cache"] = compare(eager, cached)
         rows["compiled vs cache"] = compare(compiled, cached)
     print(f"{len(specs)} images (j {a.first}..{a.first + a.per_class - 1} of {k} classes), {D.sampler} {D.steps} "

@@ -65,7 +65,7 @@ from .evaluate_report import write_outputs
 from .evaluation_stats import mean_std, paired_delta
 from .generate import default_checkpoint
 from .sample_cli import pick_device
-from .synthetic_cache import align_classes, synthetic_images
+from .synthetic_cache import align_classes, check_classes, synthetic_images
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
     # the checkpoint's classes, from its config.json: a mismatch is found now, not after hours of sampling
     model_names = (checkpoint.class_names if checkpoint is not None
                    else read_config(settings.checkpoint or default_checkpoint())["class_names"])
-    if sorted(model_names) != sorted(names):
-        raise ValueError(f"checkpoint classes {list(model_names)} differ from data set classes {list(names)}")
+    check_classes(model_names, names)
 
     gen_share = 0.25
     synth, synth_info = synthetic_images(

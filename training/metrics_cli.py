@@ -57,8 +57,7 @@ def run_metrics(args: argparse.Namespace) -> None:
         feature_classifier=args.feature_classifier, feature_width=args.feature_width,
         feature_epochs=args.feature_epochs, inception_weights=args.inception_weights, device=args.device,
         cache_dir=args.cache_dir, precision=args.precision)
-    s.validate()  # before hours of work: the sampler settings, k, the weights file, --out
-    if args.out and Path(args.out).is_dir():
+    if args.out and Path(args.out).is_dir():  # the settings are checked first thing in measure_generator
         raise ValueError(f"--out {args.out} is a folder; name a file for the JSON")
     bars: list[tqdm] = []  # opened at the first call: the feature classifier trains under its own bar before
 

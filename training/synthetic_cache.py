@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -174,11 +174,16 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     return LabelledImages(images, labels, tuple(names), str(folder)), info
 
 
+def check_classes(checkpoint_names: Sequence[str], data_names: Sequence[str]) -> None:
+    """ValueError unless the checkpoint and the data set have the same classes (in any order)."""
+    if sorted(checkpoint_names) != sorted(data_names):
+        raise ValueError(f"checkpoint classes {list(checkpoint_names)} differ from data set classes {list(data_names)}")
+
+
 def align_classes(synth: LabelledImages, class_names: tuple[str, ...]) -> LabelledImages:
     """Relabel synthetic images into the data set's class order (the checkpoint's may differ)."""
     if tuple(synth.class_names) == tuple(class_names):
         return synth
-    if sorted(synth.class_names) != sorted(class_names):
-        raise ValueError(f"checkpoint classes {list(synth.class_names)} differ from data set classes {list(class_names)}")
+    check_classes(synth.class_names, class_names)
     remap = torch.tensor([class_names.index(c) for c in synth.class_names])
     return LabelledImages(synth.images, remap[synth.labels], tuple(class_names), synth.source)

@@ -20,7 +20,8 @@ from training.evaluate_report import markdown
 from .generation import (not_run, record_canceled, record_failed, start_job, stopped_by_shutdown, worker_model,
                          write_json)
 from .jobs import RUNNING, SUCCEEDED, JobStore
-from .progress import JobCanceled, StageProgress, WorkerStopping, job_hooks
+from .progress import JobCanceled, StageProgress, job_hooks
+from .stopping import WorkerStopping
 from .settings import Settings
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from training.generate import generate_to_dir, resolve_class, tmp_path
 
 from .batching import BatchingSampler
 from .jobs import ACTIVE, CANCELED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
-from .progress import JobCanceled, ProgressReporter, WorkerStopping, job_hooks
+from .progress import JobCanceled, ProgressReporter, job_hooks
+from .stopping import WorkerStopping
 from .settings import Settings
 
 log = logging.getLogger(__name__)

@@ -107,8 +107,9 @@ class ProgressReporter(_JobChecks):
                    eta_seconds=self.eta(now))
 
     def eta(self, now: float) -> float | None:
-        """Seconds this run still needs at its rate so far; None for its first second (nothing measured yet)."""
-        t0, p0 = self.since or (now, self.best)
+        """Seconds this run still needs at its rate so far; None for its first second (nothing measured yet).
+        Called by ``__call__``, after its first call has set ``since``."""
+        t0, p0 = self.since
         if self.best >= 1:
             return 0.0
         if now - t0 < 1.0 or self.best <= p0:

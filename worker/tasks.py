@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 from celery import Task, shared_task
@@ -54,14 +55,7 @@ def generate(self: Task, job_id: str, request: dict) -> dict:
     """Generate the images of one job (see ``run_generation``)."""
     from .generation import run_generation
 
-    settings = get_settings()
-    try:
-        return run_generation(job_id, request, store=job_store(settings), settings=settings,
-                              worker=self.request.hostname)
-    except WorkerStopping:
-        raise Reject("the worker is shutting down; the job goes back to the queue", requeue=True) from None
-    finally:
-        prune_expired(settings)
+    return _run_job(self, run_generation, job_id, request)
 
 
 @shared_task(name=TASK_EVALUATE, bind=True, base=JobTask)
@@ -69,10 +63,15 @@ def evaluate(self: Task, job_id: str, request: dict) -> dict:
     """Run the augmentation experiment of one job (see ``run_evaluation_job``)."""
     from .evaluation import run_evaluation_job
 
+    return _run_job(self, run_evaluation_job, job_id, request)
+
+
+def _run_job(task: Task, body: Callable[..., dict], job_id: str, request: dict) -> dict:
+    """A task body run with this process's settings and store: a job its worker's cold shutdown stopped goes back
+    to the queue (``Reject(requeue=True)``), and expired job folders and cache entries are pruned after."""
     settings = get_settings()
     try:
-        return run_evaluation_job(job_id, request, store=job_store(settings), settings=settings,
-                                  worker=self.request.hostname)
+        return body(job_id, request, store=job_store(settings), settings=settings, worker=task.request.hostname)
     except WorkerStopping:
         raise Reject("the worker is shutting down; the job goes back to the queue", requeue=True) from None
     finally:
