@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -177,8 +178,9 @@ def test_interleaved_ab_times_every_variant_in_every_round(ab, tiny_checkpoint, 
     assert result["calls"] == {default: calls, "every step": 6, **({"diffusers": 6} if HAS_DIFFUSERS else {})}
     assert "round 2:" in out and f"{default} / every step: " in out
     r = result["ratios"][f"{default} / every step"]  # paired by round, not a ratio of medians
-    assert r["rounds"] == [x / y for x, y in zip(result["rates"][default], result["rates"]["every step"])]
-    assert r["min"] <= r["median"] <= r["max"]
+    rounds = [x / y for x, y in zip(result["rates"][default], result["rates"]["every step"])]
+    assert r["rounds"] == rounds
+    assert (r["min"], r["median"], r["max"]) == (min(rounds), statistics.median(rounds), max(rounds))
 
 
 def test_interleaved_ab_can_time_the_unfolded_upsampling_too(ab, tiny_checkpoint, capsys):
@@ -189,7 +191,7 @@ def test_interleaved_ab_can_time_the_unfolded_upsampling_too(ab, tiny_checkpoint
     assert result["calls"][names[0]] == result["calls"]["default, unfolded upsampling"]
     assert f"{names[0]} / default, unfolded upsampling: " in capsys.readouterr().out
     diff = result["unfolded_difference"]
-    assert 0 <= diff["changed"] <= 1 and 0 <= diff["mean"] <= diff["max"] <= 255
+    assert diff["max"] <= 1 and diff["changed"] < 0.01  # the same maths: float rounding at most
 
 
 def test_interleaved_ab_can_time_the_compiled_default(ab, tiny_checkpoint, capsys, cheap_compile):

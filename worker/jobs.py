@@ -108,7 +108,7 @@ class JobStore:
 
     def __init__(self, client: redis.Redis, prefix: str = "dreamdata", keep: int = 0, retry_for: float = 0.0):
         self.r, self.prefix, self.keep, self.retry_for = client, prefix, keep, retry_for
-        self.sleep = time.sleep
+        self.sleep, self.clock = time.sleep, time.monotonic  # replaceable in tests
         self._create = client.register_script(_CREATE)
         self._update = client.register_script(_UPDATE)
 
@@ -241,13 +241,13 @@ class JobStore:
                 pipe.persist(key)
             result[0] = old
 
-        deadline, delay = time.monotonic() + (self.retry_for if retry_for is None else retry_for), 0.5
+        deadline, delay = self.clock() + (self.retry_for if retry_for is None else retry_for), 0.5
         while True:
             try:
                 self.r.transaction(apply, key)
                 return result[0]
             except TRANSIENT as e:
-                if not transient(e) or time.monotonic() + delay > deadline:
+                if not transient(e) or self.clock() + delay > deadline:
                     raise
                 log.warning("job %s: Redis unreachable (%s); trying the status change again in %.1f s",
                             job_id, type(e).__name__, delay)

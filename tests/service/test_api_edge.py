@@ -60,33 +60,37 @@ def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
         assert w in msg, (w, msg)
 
 
-@pytest.mark.parametrize("body, loc", [
-    ({"classes": {"cat": 5, "unicorn": 5}}, ["body", "classes", "unicorn"]),
-    ({"classes": {"cat": 5, "3": 5}}, ["body", "classes", "3"]),           # the same class twice
-    ({"classes": {"cat": 0}}, ["body", "classes", "cat"]),
-    ({"classes": {"cat": 6000, "dog": 6000}}, ["body", "classes"]),        # 12000 in all
-    ({"classes": {}}, ["body", "classes"]),
-    ({"classes": {"cat": 5}, "steps": 500, "sampler": "dpmpp"}, ["body", "steps"]),
-    ({"classes": {"cat": 5}, "guidance": 21}, ["body", "guidance"]),
-    ({"classes": {"cat": 5}, "seed": -3}, ["body", "seed"]),
-    ({"classes": {"cat": 5}, "sampler": "euler"}, ["body", "sampler"]),
-    ({"classes": {"cat": 5}, "colour": "red"}, ["body", "colour"]),
-    ({"classes": {"cat": 5}, "guidance_interval": [3, 1]}, ["body", "guidance_interval"]),
-    ({"classes": {"cat": 5}, "guidance_interval": "0,inf"}, ["body", "guidance_interval"]),
-    ({"classes": {"cat": 5}, "guidance_interval": 2}, ["body", "guidance_interval"]),
-    ({"classes": {"cat": 5}, "guidance_interval": {"0": 1, "3": 2}}, ["body", "guidance_interval"]),  # not its keys
-    ({"classes": {"cat": True}}, ["body", "classes", "cat"]),               # not 1 image
-    ({"classes": {"cat": "5"}}, ["body", "classes", "cat"]),
-    ({"classes": {"cat": 5.5}}, ["body", "classes", "cat"]),
-    ({"classes": {"cat": 5}, "steps": True}, ["body", "steps"]),
-    ({"classes": {"cat": 5}, "seed": "7"}, ["body", "seed"]),
-    ({"classes": {"cat": 5}, "guidance_interval": [True, 2]}, ["body", "guidance_interval"]),  # strict, as above
-    ({"classes": {"cat": 5}, "guidance_interval": ["0.5", "3"]}, ["body", "guidance_interval"]),
+@pytest.mark.parametrize("body, loc, words", [
+    ({"classes": {"cat": 5, "unicorn": 5}}, ["body", "classes", "unicorn"],
+     ("unknown class 'unicorn'", "airplane", "truck")),
+    ({"classes": {"cat": 5, "3": 5}}, ["body", "classes", "3"], ("'cat' is given twice",)),  # the same class twice
+    ({"classes": {"cat": 0}}, ["body", "classes", "cat"], ("1..10000",)),
+    ({"classes": {"cat": 6000, "dog": 6000}}, ["body", "classes"], ("12000 images in all", "at most 10000")),
+    ({"classes": {}}, ["body", "classes"], ()),
+    ({"classes": {"cat": 5}, "steps": 500, "sampler": "dpmpp"}, ["body", "steps"], ("dpmpp", "1..100")),
+    ({"classes": {"cat": 5}, "guidance": 21}, ["body", "guidance"], ("20",)),
+    ({"classes": {"cat": 5}, "seed": -3}, ["body", "seed"], ("greater than or equal to 0",)),
+    ({"classes": {"cat": 5}, "sampler": "euler"}, ["body", "sampler"], ("'dpmpp_sde'",)),
+    ({"classes": {"cat": 5}, "colour": "red"}, ["body", "colour"], ("not permitted",)),
+    ({"classes": {"cat": 5}, "guidance_interval": [3, 1]}, ["body", "guidance_interval"], ("0 <= lo < hi",)),
+    ({"classes": {"cat": 5}, "guidance_interval": "0,inf"}, ["body", "guidance_interval"], ()),
+    ({"classes": {"cat": 5}, "guidance_interval": 2}, ["body", "guidance_interval"], ()),
+    ({"classes": {"cat": 5}, "guidance_interval": {"0": 1, "3": 2}}, ["body", "guidance_interval"], ()),  # not its keys
+    ({"classes": {"cat": True}}, ["body", "classes", "cat"], ()),               # not 1 image
+    ({"classes": {"cat": "5"}}, ["body", "classes", "cat"], ()),
+    ({"classes": {"cat": 5.5}}, ["body", "classes", "cat"], ()),
+    ({"classes": {"cat": 5}, "steps": True}, ["body", "steps"], ()),
+    ({"classes": {"cat": 5}, "seed": "7"}, ["body", "seed"], ()),
+    ({"classes": {"cat": 5}, "guidance_interval": [True, 2]}, ["body", "guidance_interval"], ()),  # strict, as above
+    ({"classes": {"cat": 5}, "guidance_interval": ["0.5", "3"]}, ["body", "guidance_interval"], ()),
 ])
-def test_bad_body_is_422_naming_the_field(idle, body, loc):
+def test_bad_body_is_422_naming_the_field(idle, body, loc, words):
     r = idle.post("/generate", json=body)
     assert r.status_code == 422, r.text
     assert loc in _locs(r), r.json()
+    msg = " ".join(e["msg"] for e in r.json()["detail"] if e["loc"] == loc)
+    for w in words:  # and the reason
+        assert w in msg, (w, msg)
 
 
 @pytest.mark.parametrize("method, url, raw, loc", [
@@ -406,7 +410,7 @@ def test_missing_checkpoint_is_503(make_settings, tmp_path):
 
 
 def test_readyz_503_without_worker_or_broker(make_settings):
-    with client_for(make_settings(db=5)) as c:  # no worker listens on database 5
+    with client_for(make_settings(db=15)) as c:  # no test starts a worker on database 15 (keep it so)
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["broker"] == "ok" and r.json()["workers"] == []
         assert c.get("/healthz").json() == {"status": "ok"}

@@ -20,7 +20,7 @@ from training.generate import generate_to_dir
 from worker.jobs import JobStore, connect
 
 from .conftest import client_for
-from .service_testlib import TERMINAL, png_pixels, poll_job, wait_for
+from .service_testlib import TERMINAL, png_pixels, poll_job, wait_for, zip_pngs
 
 N, STEPS, SEED = 160, 10, 1234  # 40 batches of 4, ddpm: seconds even on a fast idle machine, so it is killed mid-run
 # no guidance_interval: the default one applies, and the reference below samples with it too
@@ -87,7 +87,10 @@ def test_whole_worker_killed_job_completes_on_a_new_worker(make_settings, start_
         images = _images_of(settings, job_id)
         assert images.keys() == reference.keys()
         assert all(np.array_equal(images[k], reference[k]) for k in images)
-        assert len(client.get(job["output"]["zip"]).content) > 0
+        z = client.get(job["output"]["zip"])
+        assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
+        served = zip_pngs(z.content)
+        assert served.keys() == reference.keys() and all(np.array_equal(served[k], reference[k]) for k in served)
 
 
 def test_pool_child_killed_job_is_requeued_at_once(client, worker, settings, reference):

@@ -74,16 +74,20 @@ def test_progress_is_written_while_running(store, body_settings):
 def test_cancel_flag_stops_between_steps(store, body_settings):
     job_id = _submit(store)
     original = store.update
+    after_cancel: list[dict] = []
 
     def update(jid, **f):
         original(jid, **f)
-        if f["images_done"] >= 2:  # the first batch is done: ask for cancellation
+        if store.r.exists(store.key(jid) + ":cancel"):
+            after_cancel.append(f)
+        elif f["images_done"] == 0 and f["step"] == 1:  # step 1 of 2 of the first batch: ask for cancellation
             store.r.set(store.key(jid) + ":cancel", 1)
 
     store.update = update  # type: ignore[method-assign]
     result = run_generation(job_id, REQUEST, store=store, settings=body_settings)
     rec = store.get(job_id)
     assert result["status"] == rec["status"] == "canceled" and rec["finished_at"] is not None
+    assert [f for f in after_cancel if "step" in f] == []  # no second step, no batch end: it stopped at once
     assert not (body_settings.jobs_dir / job_id).exists()
 
 
