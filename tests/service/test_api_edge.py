@@ -401,6 +401,18 @@ def test_guarded_routes_document_401_and_403(idle):
     assert "401" not in spec["paths"]["/healthz"]["get"]["responses"]
 
 
+def test_the_image_cap_is_the_setting_not_a_constant(idle_settings):
+    """DREAMDATA_MAX_N: a service capped at 30 images a job refuses 31, in one class or across classes."""
+    with client_for(idle_settings.model_copy(update={"max_n": 30})) as c:
+        r = c.post("/generate?class=cat&n=31")
+        assert r.status_code == 422 and "1..30" in r.text, r.text
+        r = c.post("/generate?class=all&n=4")
+        assert r.status_code == 422 and "40 images in all; at most 30 per job" in r.text, r.text
+        r = c.post("/generate", json={"classes": {"cat": 20, "dog": 11}})
+        assert r.status_code == 422 and "31 images in all; at most 30 per job" in r.text, r.text
+        assert c.post("/generate?class=cat&n=30").status_code == 202
+
+
 def test_missing_checkpoint_is_503(make_settings, tmp_path):
     with client_for(make_settings(checkpoint=tmp_path / "nothing")) as c:
         r = c.get("/classes")
