@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -10,6 +11,47 @@ from diffusion.unet import UNET_CONFIGS, UNetConfig
 
 
 CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
+
+# Numeric fields: (integer only?, allowed range in words, test; every test is false for NaN). None, the default of
+# max_minutes and num_threads, means "not set" there and stays allowed.
+_LIMITS: dict[str, tuple[bool, str, Callable[[float], bool]]] = {
+    "batch_size": (True, ">= 1", lambda v: v >= 1),
+    "lr": (False, "> 0", lambda v: v > 0),
+    "weight_decay": (False, ">= 0", lambda v: v >= 0),
+    "warmup_steps": (True, ">= 0", lambda v: v >= 0),
+    "grad_clip": (False, "> 0", lambda v: v > 0),
+    "ema_decay": (False, "in [0, 1)", lambda v: 0 <= v < 1),
+    "p_uncond": (False, "in [0, 1]", lambda v: 0 <= v <= 1),
+    "max_steps": (True, ">= 1", lambda v: v >= 1),
+    "max_minutes": (False, "> 0 (or null: no limit)", lambda v: v > 0),
+    "log_every": (True, ">= 1", lambda v: v >= 1),
+    "sample_every": (True, ">= 0 (0: never)", lambda v: v >= 0),
+    "checkpoint_every": (True, ">= 0 (0: at the end only)", lambda v: v >= 0),
+    "sample_steps": (True, ">= 1", lambda v: v >= 1),
+    "num_threads": (True, ">= 1 (or null: torch's default)", lambda v: v >= 1),
+    "seed": (True, "", lambda v: True),
+}
+_OPTIONAL = ("max_minutes", "num_threads")
+_FLAGS = ("bf16", "channels_last", "compile")
+
+
+def _check_fields(cfg: "TrainConfig") -> None:
+    """ValueError naming the first field whose value is of the wrong type or out of its range."""
+    for name, (integer, allowed, ok) in _LIMITS.items():
+        value = getattr(cfg, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        number = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number or not ok(value):
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"training config: {name} must be {kind}{' ' + allowed if allowed else ''}, "
+                             f"got {value!r}")
+    for name in _FLAGS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"training config: {name} must be true or false, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.unet, UNetConfig):
+        raise ValueError(f"training config: unet must be a UNet config name or an object of its fields, "
+                         f"got {cfg.unet!r}")
 
 
 def _schedule(value: object) -> ScheduleConfig:
@@ -50,10 +92,13 @@ class TrainConfig:
     compile: bool = False
     num_threads: int | None = None # torch intra-op threads on CPU (None = torch default)
     seed: int = 0
-    checkpoint_dtype: str = "float32"  # EMA weights in checkpoint/: float32 or float16 (half the size)
+    checkpoint_dtype: str = "float32"  # EMA weights in checkpoint/: float32, or float16 or bfloat16 (half the size)
 
     def __post_init__(self):
-        # checked now: a typo would otherwise surface only at the first checkpoint write, thousands of steps in
+        # checked now (dataclasses.replace runs this too, so command-line overrides are checked as well): a bad
+        # value would otherwise surface only later, e.g. log_every 0 after the data is decoded, or a bad
+        # checkpoint_dtype at the first checkpoint write, thousands of steps in
+        _check_fields(self)
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             raise ValueError(f"checkpoint_dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, "
                              f"got {self.checkpoint_dtype!r}")
@@ -79,7 +124,8 @@ class TrainConfig:
 
 
 CONFIGS: dict[str, TrainConfig] = {
-    # The shipped default: trained on a 2-core CPU; <= 8M parameters (weights < 16 MiB in fp32).
+    # The shipped default: trained on a 2-core CPU; <= 8M parameters (at most 32 MB of weights in fp32; its
+    # checkpoint stores them in float16, half that).
     # fp32 NCHW: measured fastest for training this UNet on the 2-core CPU (img/s, median of 3:
     # fp32 NCHW 20.1, fp32 channels_last 17.6, bf16 NCHW 13.1, bf16 channels_last 12.1;
     # benchmarks/training_throughput.py).  Its first 500 steps ran with channels_last.
@@ -116,6 +162,13 @@ def resolve_config(name_or_file: str, **overrides) -> TrainConfig:
         p = Path(name_or_file)
         if not p.is_file():
             raise ValueError(f"unknown config {name_or_file!r}: not one of {', '.join(CONFIGS)} and not a JSON file")
-        cfg = TrainConfig.from_dict(json.loads(p.read_text()))
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {p}: expected a JSON object of training config fields, "
+                             f"got {type(d).__name__}")
+        cfg = TrainConfig.from_dict(d)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return replace(cfg, **overrides) if overrides else cfg

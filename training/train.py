@@ -6,6 +6,10 @@
 Writes to ``--out``: ``state.pt`` (resumable training state: weights, EMA, optimizer, step, RNG),
 ``checkpoint/`` (EMA weights in the checkpoint format), ``metrics.jsonl``, ``loss.png`` and
 ``samples/step_NNNNNNN.png`` (EMA sample grids, one row per class).
+
+A SIGINT or SIGTERM finishes the step, writes the checkpoint and state, and then raises
+``TrainingInterrupted`` (a KeyboardInterrupt: ``dreamdata train`` exits 130), so a script can tell a
+stopped run from a finished one.
 """
 from __future__ import annotations
 
@@ -38,9 +42,14 @@ from .plots import image_grid, loss_curve, to_uint8
 log = logging.getLogger(__name__)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """train() stopped early on SIGINT/SIGTERM after writing its checkpoint and state: ``--resume`` goes on."""
+
+
 @contextlib.contextmanager
 def _stop_on_signal():
-    """While training, SIGTERM/SIGINT ask the loop to finish its step, write the checkpoint and state, and exit.
+    """While training, SIGTERM/SIGINT ask the loop to finish its step and stop; train() then writes the checkpoint
+    and state and raises TrainingInterrupted.
 
     Yields a zero-argument function that says whether a stop was requested. Only installed in the main
     thread (signal handlers cannot be set elsewhere); a second signal restores the default behaviour.
@@ -107,7 +116,8 @@ class _Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
+        self.owns_group = self.world > 1 and not dist.is_initialized()  # then train() also destroys it
+        if self.owns_group:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
     @property
@@ -123,12 +133,17 @@ class _Dist:
 
 def _save_state(path: Path, model, ema, opt, step: int, images_seen: int, wall: float, cfg: TrainConfig,
                 gen: torch.Generator, perm: torch.Tensor | None = None, pos: int = 0,
-                device: torch.device | None = None) -> None:
+                device: torch.device | None = None, class_names: tuple[str, ...] | None = None,
+                data_fingerprint: str | None = None) -> None:
     state = {
         "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
         "step": step, "images_seen": images_seen, "wall_time_s": wall,
         "config": json.dumps(cfg.to_dict()), "rng_torch": torch.get_rng_state(), "rng_data": gen.get_state(),
     }
+    if class_names is not None:  # the data set trained on, checked on resume
+        state["class_names"] = list(class_names)
+    if data_fingerprint is not None:
+        state["data_fingerprint"] = data_fingerprint
     if perm is not None:  # the epoch's data order and position in it, for an exact resume mid-epoch
         state["perm"], state["pos"] = perm, pos
     if device is not None and device.type == "cuda":  # dropout and noise drawn on the GPU use its own stream
@@ -185,12 +200,40 @@ def _architecture(unet: dict | None) -> dict:
     return {k: v for k, v in (unet or {}).items() if k != "dropout"}
 
 
+def _check_resumable(state_path: Path, st: dict, saved: dict, now: dict, class_names: tuple[str, ...],
+                     data: str, fingerprint: str | None) -> None:
+    """Refuse (ValueError) to resume ``st``, a run saved with config ``saved``, under config ``now`` on a data set
+    of ``class_names``, where its weights would mean something else; warn where only the data's content differs.
+    A state.pt written before class names and fingerprints were saved is not checked for them."""
+    again = "resume it with the --config and --data it was trained with, or choose another --out"
+    if _architecture(saved.get("unet")) != _architecture(now["unet"]):
+        raise ValueError(f"{state_path} is a run of another model (its UNet config differs): {again}")
+    if "schedule" in saved and saved["schedule"] != now["schedule"]:
+        raise ValueError(f"{state_path} was trained with another noise schedule ({saved['schedule']}, this "
+                         f"config has {now['schedule']}): the model predicts noise for that schedule; {again}")
+    if "class_names" in st and tuple(st["class_names"]) != tuple(class_names):
+        raise ValueError(f"{state_path} was trained on the classes {', '.join(st['class_names'])}, but {data} has "
+                         f"{', '.join(class_names)}: its class labels would mean other classes; {again}")
+    if fingerprint is not None and st.get("data_fingerprint") not in (None, fingerprint):
+        log.warning("%s was trained on a data set of other contents (fingerprint %s; %s has %s): resuming on it",
+                    state_path, st["data_fingerprint"], data, fingerprint)
+
+
+def _per_rank_batch(batch_size: int, world: int) -> int:
+    """The batch each of ``world`` processes trains, refusing a global batch that does not split evenly."""
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {world} processes: each trains an equal "
+                         f"share of the global batch, so choose a multiple of {world}")
+    return batch_size // world
+
+
 def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) and return the EMA checkpoint directory."""
     out = Path(out)
     dd = _Dist()
+    per_rank = _per_rank_batch(cfg.batch_size, dd.world)
     device = dd.device()
-    if cfg.num_threads and device.type == "cpu":
+    if cfg.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
     state_path = out / "state.pt"
     if not resume and state_path.exists():  # a fresh run would overwrite it at its first checkpoint
@@ -200,6 +243,8 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     ds = load_dataset(data, "train", image_size=cfg.unet.image_size)
     if len(ds.class_names) != cfg.unet.num_classes:
         raise ValueError(f"data set has {len(ds.class_names)} classes but the model expects {cfg.unet.num_classes}")
+    # the data's content, saved in state.pt and compared on resume (sha256 of the pixels: ~0.3 s for CIFAR-10)
+    fingerprint = ds.fingerprint() if dd.main else None
     torch.manual_seed(cfg.seed + dd.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + dd.rank)
     bf16 = training_autocast(cfg, device)
@@ -215,12 +260,12 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     if resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=True)
         saved, now = json.loads(st["config"]), json.loads(json.dumps(cfg.to_dict()))
-        if _architecture(saved.get("unet")) != _architecture(now["unet"]):
-            raise ValueError(f"{state_path} is a run of another model (its UNet config differs): resume it with "
-                             f"the --config it was trained with, or choose another --out")
+        _check_resumable(state_path, st, saved, now, ds.class_names, data, fingerprint)
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
+        for g in opt.param_groups:  # the saved groups carry the old run's value (lr is set at every step)
+            g["weight_decay"] = cfg.weight_decay
         step, images_seen, wall = st["step"], st["images_seen"], st["wall_time_s"]
         if dd.rank == 0:
             # RNG states must be CPU ByteTensors (map_location may have moved them to the GPU).
@@ -250,9 +295,6 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    per_rank = cfg.batch_size // dd.world
-    if per_rank < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the world size {dd.world}")
     # On a GPU the data set lives there (CIFAR-10: 150 MB of uint8): a batch is gathered, flipped and converted on
     # the GPU, instead of on the CPU with its 6 MB of floats copied over every step.  The random draws stay on the
     # CPU generator (the same streams on any device); their small copies still wait for the GPU at each step.
@@ -276,15 +318,27 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                     trained_until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         save_checkpoint(out / "checkpoint", ema, cfg.schedule, ds.class_names, prov,
                         dtype=getattr(torch, cfg.checkpoint_dtype))
-        _save_state(state_path, model, ema, opt, step, images_seen, wall, cfg, gen, perm, pos, device)
+        _save_state(state_path, model, ema, opt, step, images_seen, wall, cfg, gen, perm, pos, device,
+                    class_names=ds.class_names, data_fingerprint=fingerprint)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and dd.main), unit="step",
                dynamic_ncols=True)
     # summed on the device and read at log steps only (one wait for the GPU fewer per step)
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     n_acc, t_log = 0, time.perf_counter()
-    t_start_wall = wall
-    stop = False
+    start_step, t_start_wall = step, wall
+
+    def budget_spent() -> bool:
+        return cfg.max_minutes is not None and wall >= cfg.max_minutes * 60
+
+    # wall and step are the same on every rank here (all read them from state.pt), so all ranks agree
+    stop = budget_spent()
+    if stop and dd.main:
+        log.info("the time budget is spent (%.1f of max_minutes %g trained): no step to train; raise --max-minutes "
+                 "to go on", wall / 60, cfg.max_minutes)
+    elif step >= cfg.max_steps and dd.main:
+        log.info("already at max_steps %d: no step to train; raise --max-steps to go on", cfg.max_steps)
+    interrupted = False  # stopped by SIGINT/SIGTERM (not by max_steps or max_minutes)
     model.train()
     with _stop_on_signal() as stop_requested:
         while step < cfg.max_steps and not stop:
@@ -310,16 +364,21 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
             wall += time.perf_counter() - t0
             loss_acc += loss.detach()
             n_acc += 1
-            if (cfg.max_minutes is not None and wall >= cfg.max_minutes * 60) or stop_requested():
-                stop = True
+            reason = 2.0 if stop_requested() else 1.0 if budget_spent() else 0.0  # 2: a signal, 1: the budget
             if dd.world > 1:
-                # Wall time differs between ranks: stop together, or the ranks left behind hang in all-reduce.
-                flag = torch.tensor([float(stop)], device=device)
+                # Wall time and signals differ between ranks: stop together, or the ranks left behind hang in
+                # all-reduce (a signal to any rank wins, so every rank raises TrainingInterrupted below).
+                flag = torch.tensor([reason], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
+                reason = flag.item()
+            stop, interrupted = reason > 0, reason == 2.0
+            log_now = step % cfg.log_every == 0 or stop or step == cfg.max_steps  # the same on every rank
+            if log_now and dd.world > 1:  # the loss of the global batch: the mean over ranks
+                dist.all_reduce(loss_acc)
+                loss_acc /= dd.world
             if dd.main:
                 bar.update(1)
-                if step % cfg.log_every == 0 or stop or step == cfg.max_steps:
+                if log_now:
                     now = time.perf_counter()
                     rec = {"step": step, "loss": loss_acc.item() / n_acc, "grad_norm": float(gnorm),
                            "lr": lr_at(step - 1, cfg), "images_seen": images_seen, "wall_time_s": round(wall, 2),
@@ -327,8 +386,11 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                     metrics_f.write(json.dumps(rec) + "\n")
                     metrics_f.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=rec["images_per_s"])
-                    loss_acc.zero_()
-                    n_acc, t_log = 0, now
+                    t_log = now
+            if log_now:
+                loss_acc.zero_()
+                n_acc = 0
+            if dd.main:
                 if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop or step == cfg.max_steps):
                     write_checkpoint()
                     loss_curve(out / "metrics.jsonl", out / "loss.png")
@@ -336,13 +398,19 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                     _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", bf16)
     bar.close()
     if dd.main:
-        if written_at[0] != step:  # not already written by the loop's last step
+        # written unless the loop's last step wrote it, or no step ran (a spent budget, a finished run)
+        if step != start_step and written_at[0] != step:
             write_checkpoint()
             loss_curve(out / "metrics.jsonl", out / "loss.png")
         metrics_f.close()
-        log.info("trained %d steps (%.1f min this run)", step, (wall - t_start_wall) / 60)
+        log.info("at step %d, %d of them trained in this run (%.1f min)", step, step - start_step,
+                 (wall - t_start_wall) / 60)
     if dd.world > 1:
         dist.barrier()
+        if dd.owns_group:
+            dist.destroy_process_group()
+    if interrupted:
+        raise TrainingInterrupted(f"stopped by a signal at step {step}; {state_path} holds the state to resume")
     return out / "checkpoint"
 
 
@@ -373,7 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
-    run_train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        run_train(args)
+    except KeyboardInterrupt:  # torchrun forwards SIGINT/SIGTERM to every rank: one line each, no traceback
+        p.exit(130, "stopped; the same command with --resume goes on from the last saved state\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -62,8 +63,11 @@ def test_bad_json_configs(tmp_path):
     p.write_text(json.dumps({"unet": {"widths": 3}}))
     with pytest.raises(ValueError, match="unknown UNet config keys"):
         resolve_config(str(p))
-    p.write_text("{not json")
-    with pytest.raises(ValueError):
+    p.write_text('{"batch_size": 8,\n "lr": }')  # a JSONDecodeError is a ValueError too: the message matters
+    with pytest.raises(ValueError, match=r"config file .*c\.json: not valid JSON: Expecting value at line 2 column 8"):
+        resolve_config(str(p))
+    p.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="c.json: expected a JSON object of training config fields, got list"):
         resolve_config(str(p))
 
 
@@ -83,6 +87,48 @@ def test_a_config_is_checked_before_training_starts(tmp_path):
             resolve_config(str(p))
 
 
+@pytest.mark.parametrize("field, value, allowed", [
+    ("log_every", 0, "an integer >= 1"),  # used to be a ZeroDivisionError at the first step, after decoding
+    ("p_uncond", 1.5, "a number in [0, 1]"),
+    ("p_uncond", -0.1, "a number in [0, 1]"),
+    ("ema_decay", 1.0, "a number in [0, 1)"),
+    ("ema_decay", -0.5, "a number in [0, 1)"),
+    ("lr", 0, "a number > 0"),
+    ("lr", "x", "a number > 0"),
+    ("lr", float("nan"), "a number > 0"),
+    ("weight_decay", -1e-4, "a number >= 0"),
+    ("batch_size", 0, "an integer >= 1"),
+    ("batch_size", 8.5, "an integer >= 1"),
+    ("batch_size", True, "an integer >= 1"),
+    ("max_steps", 0, "an integer >= 1"),
+    ("warmup_steps", -1, "an integer >= 0"),
+    ("grad_clip", 0, "a number > 0"),
+    ("sample_every", -1, "an integer >= 0"),
+    ("checkpoint_every", -5, "an integer >= 0"),
+    ("sample_steps", 0, "an integer >= 1"),
+    ("num_threads", 0, "an integer >= 1"),
+    ("max_minutes", 0, "a number > 0"),
+    ("max_minutes", "10", "a number > 0"),
+    ("seed", 1.5, "an integer"),
+    ("bf16", "false", "true or false"),
+])
+def test_a_bad_value_in_a_config_file_names_the_field_and_the_allowed_range(tmp_path, field, value, allowed):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"unet": "cpu-tiny", field: value}))
+    with pytest.raises(ValueError, match=re.escape(f"{field} must be {allowed}") + ".*" + re.escape(f"got {value!r}")):
+        resolve_config(str(p))
+
+
+def test_bad_overrides_are_refused_and_edge_values_accepted():
+    for field, value in (("num_threads", 0), ("max_minutes", -1.0), ("batch_size", 0), ("lr", -1.0)):
+        with pytest.raises(ValueError, match=f"{field} must be"):  # --threads 0 used to be ignored silently
+            resolve_config("tiny", **{field: value})
+    edges = dict(p_uncond=1.0, ema_decay=0.0, warmup_steps=0, weight_decay=0.0, sample_every=0, checkpoint_every=0,
+                 num_threads=None, max_minutes=None, lr=1)  # an integer where a number is asked for is a number
+    assert replace(CONFIGS["tiny"], **edges).lr == 1
+    assert replace(CONFIGS["tiny"], p_uncond=0).p_uncond == 0
+
+
 def test_overrides(tmp_path):
     cfg = resolve_config("tiny", max_steps=7, batch_size=4, bf16=False, max_minutes=None, compile=None)
     assert (cfg.max_steps, cfg.batch_size, cfg.bf16) == (7, 4, False)
@@ -97,7 +143,7 @@ def test_overrides(tmp_path):
 
 
 def test_cpu_configs_fit_the_size_budget():
-    # The shipped CPU default must stay <= 8M parameters (< 16 MiB of fp32 weights).
+    # The shipped CPU default must stay <= 8M parameters (at most 32 MB of fp32 weights).
     for name in ("cifar10-cpu", "cifar10-cpu-tiny"):
         cfg = CONFIGS[name]
         assert count_parameters(UNet(cfg.unet)) <= 8_000_000, name

@@ -12,12 +12,14 @@ import torch
 from diffusion.checkpoint import load_checkpoint
 
 # Runs training.train's own entry point (main(argv) = `python -m training.train`) in every rank and
-# afterwards saves that rank's raw weights and the sums of the batches it trained on.
+# afterwards saves that rank's raw weights, the sums of the batches it trained on, its losses, and whether
+# the process group was left initialised.
 RANK_WRAPPER = textwrap.dedent('''
     import os, sys, torch
+    import torch.distributed as dist
     import training.train as tt
 
-    seen = {"batches": []}
+    seen = {"batches": [], "losses": []}
     orig_ema_update, orig_loss = tt.ema_update, tt.diffusion_loss
 
     def ema_update(ema, model, decay):
@@ -26,14 +28,17 @@ RANK_WRAPPER = textwrap.dedent('''
 
     def diffusion_loss(model, schedule, x0, y, *a, **k):
         seen["batches"].append(float(x0.double().sum()))
-        return orig_loss(model, schedule, x0, y, *a, **k)
+        loss = orig_loss(model, schedule, x0, y, *a, **k)
+        seen["losses"].append(loss.item())
+        return loss
 
     tt.ema_update, tt.diffusion_loss = ema_update, diffusion_loss
     tt.main(sys.argv[1:])
     out = sys.argv[sys.argv.index("--out") + 1]
     rank = int(os.environ["RANK"])
     torch.save({"model": {k: v.detach().cpu().contiguous() for k, v in seen["model"].state_dict().items()},
-                "batches": seen["batches"]}, os.path.join(out, f"rank{rank}-{os.environ['TAG']}.pt"))
+                "batches": seen["batches"], "losses": seen["losses"], "group_left": dist.is_initialized()},
+               os.path.join(out, f"rank{rank}-{os.environ['TAG']}.pt"))
 ''')
 
 
@@ -72,6 +77,11 @@ def test_ddp_two_processes_on_cpu(data10, tmp_path, subprocess_env):
     # ... and the ranks trained on different batches.
     assert len(r0["batches"]) == len(r1["batches"]) == 2
     assert r0["batches"] != r1["batches"]
+    # The logged loss is the global batch's: the mean of the ranks' losses (log_every 1), not rank 0's.
+    assert r0["losses"] != r1["losses"]
+    for m, l0, l1 in zip(metrics, r0["losses"], r1["losses"]):
+        assert m["loss"] == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    assert not r0["group_left"] and not r1["group_left"]  # train() destroys the process group it made
 
     # Resume under DDP: still in step, and rank 1 does not replay rank 0's data stream.
     _torchrun(wrapper, [*args, "--max-steps", "4", "--resume"], subprocess_env, "b")
@@ -122,14 +132,19 @@ def test_train_cli_json_config(data10, tmp_path):
     assert ck.schedule.config.name == "cosine" and ck.model.config.channel_mult == (1,)
 
 
-@pytest.mark.parametrize("case", ["wrong-classes", "missing-data", "unknown-config"])
+@pytest.mark.parametrize("case", ["wrong-classes", "missing-data", "unknown-config", "bad-config-value",
+                                  "threads-0"])
 def test_train_cli_errors(case, image_folder3, data10, tmp_path, capsys):
     main, prefix = _cli_main()
     data = {"wrong-classes": image_folder3, "missing-data": tmp_path / "nope"}.get(case, data10)
-    config = "no-such-config" if case == "unknown-config" else "tiny"
+    config = {"unknown-config": "no-such-config", "bad-config-value": str(tmp_path / "cfg.json")}.get(case, "tiny")
+    (tmp_path / "cfg.json").write_text(json.dumps({"unet": "cpu-tiny", "log_every": 0}))
     expected = {"wrong-classes": "3 classes but the model expects 10", "missing-data": "data set not found",
-                "unknown-config": "unknown config 'no-such-config'"}[case]
-    argv = [*prefix, "--config", config, "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1"]
+                "unknown-config": "unknown config 'no-such-config'",
+                "bad-config-value": "log_every must be an integer >= 1, got 0",  # was a ZeroDivisionError
+                "threads-0": "num_threads must be an integer >= 1"}[case]  # was ignored
+    argv = [*prefix, "--config", config, "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
+            *(["--threads", "0"] if case == "threads-0" else [])]
     if prefix:  # dreamdata: a one-line error and exit status 2
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -185,6 +200,35 @@ def test_ctrl_c_is_a_line_saying_how_to_go_on_not_a_traceback(monkeypatch, capsy
         main(["sample", "--out", "x"])
     err = capsys.readouterr().err
     assert e.value.code == 130 and "with the same --seed goes on from the images" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("entry", ["dreamdata", "training.train"])
+def test_train_stopped_by_a_signal_exits_130_saying_how_to_go_on(entry, data10, tmp_path, capsys, monkeypatch):
+    """A script can tell a stopped run from a finished one: not status 0 and no "EMA checkpoint" line."""
+    import os
+    import signal
+
+    import training.train as tt
+    from dreamdata_cli import main as dreamdata_main
+
+    real_update, calls = tt.ema_update, []
+
+    def update_then_signal(ema, model, decay):
+        real_update(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(tt, "ema_update", update_then_signal)
+    main, prefix = (dreamdata_main, ["train"]) if entry == "dreamdata" else (tt.main, [])
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main([*prefix, "--config", "tiny", "--data", str(data10), "--out", str(out), "--max-steps", "100",
+              "--no-bf16"])
+    captured = capsys.readouterr()
+    assert e.value.code == 130 and "with --resume goes on from the last saved state" in captured.err
+    assert "EMA checkpoint" not in captured.out and "Traceback" not in captured.err
+    assert load_checkpoint(out / "checkpoint").provenance["steps"] == 1
 
 
 def test_a_cuda_device_that_is_not_there_is_a_value_error(monkeypatch):

@@ -16,7 +16,8 @@ from tests.fixtures import CIFAR10_CLASSES
 from training.configs import CONFIGS
 from training.data import load_dataset, to_model_range
 from training import train as train_module
-from training.train import diffusion_loss, ema_decay_at, ema_update, lr_at, train, training_autocast
+from training.train import (TrainingInterrupted, diffusion_loss, ema_decay_at, ema_update, lr_at, train,
+                            training_autocast)
 
 TINY = CONFIGS["tiny"]
 FAST = replace(TINY, bf16=False)  # fp32 is several times faster than bf16 autocast on CPU
@@ -28,6 +29,16 @@ def _metrics(out):
 
 def _state(out):
     return torch.load(out / "state.pt", weights_only=True)
+
+
+def _count_writes(monkeypatch):
+    """A list that gets one entry per state.pt or checkpoint written by train()."""
+    writes = []
+    real_state, real_ckpt = train_module._save_state, train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "_save_state", lambda *a, **k: writes.append("state") or real_state(*a, **k))
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda *a, **k: writes.append("checkpoint") or real_ckpt(*a, **k))
+    return writes
 
 
 # --------------------------------------------------------------------------- pieces
@@ -199,7 +210,7 @@ def test_sample_grid_during_training(tmp_path):
 
 
 @pytest.mark.parametrize("batch_size", [4, 8])
-def test_resume_matches_an_uninterrupted_run(data10, tmp_path, batch_size):
+def test_resume_matches_an_uninterrupted_run(data10, tmp_path, batch_size, caplog):
     # Dropout on, so the global RNG matters too; batch 4 stops mid-epoch (20 images: 8 of 20 used),
     # batch 8 crosses an epoch boundary on the first step after resuming.
     cfg = replace(FAST, batch_size=batch_size, unet=replace(FAST.unet, dropout=0.1))
@@ -207,7 +218,9 @@ def test_resume_matches_an_uninterrupted_run(data10, tmp_path, batch_size):
     train(replace(cfg, max_steps=4), str(data10), full, progress=False)
     train(replace(cfg, max_steps=2), str(data10), part, progress=False)
     assert _state(part)["step"] == 2
+    caplog.set_level("INFO", logger="training.train")
     train(replace(cfg, max_steps=4), str(data10), part, resume=True, progress=False)
+    assert "at step 4, 2 of them trained in this run" in caplog.text
 
     a, b = _state(full), _state(part)
     assert b["step"] == 4 and b["images_seen"] == a["images_seen"] == 4 * batch_size
@@ -243,17 +256,65 @@ def test_a_trained_folder_is_not_trained_over_without_resume(data10, tmp_path):
     wider = replace(FAST, max_steps=2, unet=replace(FAST.unet, base_channels=2 * FAST.unet.base_channels))
     with pytest.raises(ValueError, match="another model"):
         train(wider, str(data10), out, resume=True, progress=False)
+    # the model predicts the noise of the schedule it was trained with: another one is refused too
+    for schedule in (ScheduleConfig("cosine", FAST.schedule.timesteps), ScheduleConfig(FAST.schedule.name, 500)):
+        with pytest.raises(ValueError, match="trained with another noise schedule"):
+            train(replace(FAST, max_steps=2, schedule=schedule), str(data10), out, resume=True, progress=False)
     assert ((out / "state.pt").read_bytes(), (out / "metrics.jsonl").read_text()) == before
 
 
-def test_resume_without_state_starts_fresh(data10, tmp_path, caplog):
+def test_resume_refuses_a_data_set_of_other_classes(data10, tmp_path):
+    """The same number of classes under other names: the labels the model learnt would mean other classes."""
+    from tests.fixtures import make_images, write_image_folder
+
+    other = write_image_folder(tmp_path / "other", make_images(tuple(f"class{i}" for i in range(10)), 2))
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=1), str(data10), out, progress=False)
+    before = (out / "state.pt").read_bytes()
+    with pytest.raises(ValueError, match="trained on the classes airplane, .*, truck, but .*other has class0"):
+        train(replace(FAST, max_steps=2), str(other), out, resume=True, progress=False)
+    assert (out / "state.pt").read_bytes() == before
+
+
+def test_resume_uses_the_configs_weight_decay(data10, tmp_path):
+    """The optimizer state saved in state.pt carries the old run's weight decay; the config's is used on resume."""
+    import shutil
+
+    cfg = replace(FAST, max_steps=1, warmup_steps=1)
+    train(cfg, str(data10), tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    p1 = _state(tmp_path / "a")["model"]
+    train(replace(cfg, max_steps=2), str(data10), tmp_path / "a", resume=True, progress=False)
+    train(replace(cfg, max_steps=2, weight_decay=0.5), str(data10), tmp_path / "b", resume=True, progress=False)
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert b["opt"]["param_groups"][0]["weight_decay"] == 0.5
+    # AdamW's decoupled decay: the same step, less lr * weight_decay * the weights before it
+    for k, v in p1.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(b["model"][k], a["model"][k] - cfg.lr * 0.5 * v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_batch_that_does_not_split_evenly_over_the_processes_is_refused(data10, tmp_path, monkeypatch):
+    """Batch 7 on 2 processes used to train 3 + 3 images a step while the provenance said 7."""
+    class TwoProcesses(train_module._Dist):
+        def __init__(self):  # rank 0 of 2, without a process group (refused before one would be used)
+            self.world, self.rank, self.local_rank, self.owns_group = 2, 0, 0, False
+
+    monkeypatch.setattr(train_module, "_Dist", TwoProcesses)
+    with pytest.raises(ValueError, match="batch_size 7 is not a multiple of the 2 processes"):
+        train(replace(FAST, batch_size=7), str(data10), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_state_starts_fresh(data10, tmp_path, caplog, monkeypatch):
     out = tmp_path / "run"
     train(replace(FAST, max_steps=1), str(data10), out, resume=True, progress=False)
     assert "does not exist; starting fresh" in caplog.text
     assert _state(out)["step"] == 1
-    # Resuming a finished run trains no further.
+    # Resuming a finished run trains no further, and does not write its state and checkpoint again.
+    writes = _count_writes(monkeypatch)
     train(replace(FAST, max_steps=1), str(data10), out, resume=True, progress=False)
-    assert _state(out)["step"] == 1
+    assert _state(out)["step"] == 1 and writes == []
 
 
 def test_a_resumed_run_logs_each_step_once_and_says_what_config_changed(data10, tmp_path, caplog, monkeypatch):
@@ -277,18 +338,24 @@ def test_a_resumed_run_logs_each_step_once_and_says_what_config_changed(data10, 
 
 
 def test_resume_from_a_state_without_perm(data10, tmp_path):
-    # state.pt files written before perm/pos were saved still resume.
+    # state.pt files written before perm/pos, class names and the data's fingerprint were saved still resume
+    # (on a set of other class names too: there is nothing to compare them with).
+    from tests.fixtures import make_images, write_image_folder
+
+    other = write_image_folder(tmp_path / "other", make_images(tuple(f"class{i}" for i in range(10)), 2))
     out = tmp_path / "run"
     train(replace(FAST, max_steps=1), str(data10), out, progress=False)
     st = _state(out)
-    del st["perm"], st["pos"]
+    assert st["class_names"] == list(CIFAR10_CLASSES) and st["data_fingerprint"] == load_dataset(data10).fingerprint()
+    del st["perm"], st["pos"], st["class_names"], st["data_fingerprint"]
     torch.save(st, out / "state.pt")
-    train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
+    train(replace(FAST, max_steps=2), str(other), out, resume=True, progress=False)
     assert _state(out)["step"] == 2
 
 
-def test_resume_on_a_data_set_of_another_size_draws_a_new_order(data10, tmp_path):
-    """The saved epoch order indexes the old data set: on a smaller one it points past its end."""
+def test_resume_on_a_data_set_of_another_size_draws_a_new_order(data10, tmp_path, caplog):
+    """The saved epoch order indexes the old data set: on a smaller one it points past its end. The same classes
+    with other images are allowed, with a warning."""
     from tests.fixtures import make_images, write_image_folder
 
     bigger = write_image_folder(tmp_path / "data-big", make_images(CIFAR10_CLASSES, 3))
@@ -297,23 +364,31 @@ def test_resume_on_a_data_set_of_another_size_draws_a_new_order(data10, tmp_path
     st = _state(out)
     assert len(st["perm"]) == 30 and st["pos"] == 8
     assert st["perm"][8:16].max() >= 20  # the next batch of the saved order is not all inside the 20 images
+    assert "data set of other contents" not in caplog.text
     train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
     st = _state(out)
     assert st["step"] == 2 and sorted(st["perm"].tolist()) == list(range(20))
+    assert "was trained on a data set of other contents" in caplog.text
 
 
-def test_max_minutes_stops_and_is_resumable(data10, tmp_path):
+def test_max_minutes_stops_and_is_resumable(data10, tmp_path, caplog, monkeypatch):
     out = tmp_path / "run"
     train(replace(FAST, max_steps=100, max_minutes=1e-6), str(data10), out, progress=False)
     st = _state(out)
     assert st["step"] == 1 and st["wall_time_s"] > 0
     assert [r["step"] for r in _metrics(out)][-1] == 1
+    # Resumed with its budget spent: no step, and nothing written again.
+    writes = _count_writes(monkeypatch)
+    caplog.set_level("INFO", logger="training.train")
+    train(replace(FAST, max_steps=100, max_minutes=1e-6), str(data10), out, resume=True, progress=False)
+    assert _state(out)["step"] == 1 and writes == [] and [r["step"] for r in _metrics(out)] == [1]
+    assert "the time budget is spent" in caplog.text
     train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
     st2 = _state(out)
     assert st2["step"] == 2 and st2["wall_time_s"] > st["wall_time_s"]  # wall time accumulates across runs
 
 
-def test_sigterm_finishes_the_step_and_saves_a_resumable_state(data10, tmp_path, monkeypatch):
+def test_sigterm_finishes_the_step_saves_a_resumable_state_and_says_it_stopped(data10, tmp_path, monkeypatch):
     import os
     import signal
 
@@ -330,11 +405,17 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_state(data10, tmp_path,
     monkeypatch.setattr(tt, "ema_update", update_then_signal)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"
-    train(replace(FAST, max_steps=1000), str(data10), out, progress=False)
+    # not a normal return: a caller (dreamdata train: exit status 130) can tell it from a finished run
+    with pytest.raises(TrainingInterrupted, match="stopped by a signal at step 3"):
+        train(replace(FAST, max_steps=1000), str(data10), out, progress=False)
+    assert isinstance(TrainingInterrupted(), KeyboardInterrupt)
     assert _state(out)["step"] == 3
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert json.loads((out / "checkpoint" / "config.json").read_text())["provenance"]["steps"] == 3
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed again
+    # --resume goes on from there, and a run that reaches max_steps returns normally
+    assert train(replace(FAST, max_steps=4), str(data10), out, resume=True, progress=False) == out / "checkpoint"
+    assert _state(out)["step"] == 4 and len(calls) == 4
 
 
 def _fixed_noise_loss(model, x0, y, schedule):
