@@ -54,10 +54,12 @@ then about a minute of eager sampling and four compiles (two batch sizes, each g
 shapes) of roughly 30-60 s each: 8-9 minutes, of the 15 a task's device time allows.
 
 One visit, so nothing may end it early. ``--deadline-s`` (seconds from the start) fits the stages in: the
-experiment stops when only a short training and the sampling would be left (its finished runs are packed
-all the same), training gets what is left after the sampling's reserve, the eager rows, the noise timing
-and the DDPM probe run before any compiled variant, and a compiled variant starts only with
-``COMPILE_MIN_S`` left.  A stage that raises is recorded in session.json's ``errors`` and the next one
+experiment stops when only a short training and the sampling would be left, or before a classifier run as
+long as its longest so far would eat into that (its finished runs are packed all the same), training gets
+what is left after the sampling's reserve, the eager rows, the noise timing and the DDPM probe run before
+any compiled variant, and a compiled variant starts only with ``COMPILE_MIN_S`` left, or, after the first,
+with what the previous one measured (1.3 times its compiling first run, plus its timed runs scaled to the
+batch). The clock starts before torch loads.  A stage that raises is recorded in session.json's ``errors`` and the next one
 runs; a compiled training that fails is run again eager.  session.json is replaced whole at each write.
 
 A smoke run on the CPU (what the tests do; seconds)::
@@ -83,7 +85,9 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+STARTED = time.perf_counter()  # the deadline counts from here, before torch and CUDA load
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, not installed
 
@@ -112,8 +116,8 @@ MIN_TRAIN_S = 30.0
 class Clock:
     """Seconds left before ``--deadline-s`` (infinite without one)."""
 
-    def __init__(self, deadline_s: float | None):
-        self.t0, self.deadline_s = time.perf_counter(), deadline_s
+    def __init__(self, deadline_s: float | None, t0: float | None = None):
+        self.t0, self.deadline_s = time.perf_counter() if t0 is None else t0, deadline_s
 
     def left(self) -> float:
         return math.inf if self.deadline_s is None else self.deadline_s - (time.perf_counter() - self.t0)
@@ -121,6 +125,17 @@ class Clock:
 
 class OutOfTime(Exception):
     """A stage stopped to leave the later ones their time."""
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch-sizes``: comma-separated positive integers (checked at the start, not after the training)."""
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes like 100,1000, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1, got {text!r}")
+    return sizes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,7 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"{COMPILE_TRAIN_MIN_MINUTES:g} minutes (its compile time counts in them)")
     p.add_argument("--skip-train", metavar="CHECKPOINT", default=None,
                    help="time sampling of this checkpoint instead of training one")
-    p.add_argument("--batch-sizes", default="100,1000", help="images per timed sampling run (default 100,1000)")
+    p.add_argument("--batch-sizes", type=batch_sizes, default=(100, 1000),
+                   help="images per timed sampling run (default 100,1000)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median; default 3)")
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps, help="sampler steps (default: the default's)")
     p.add_argument("--ddpm-probe-steps", type=int, default=20, help="timed steps of the 1000-step loop")
@@ -244,6 +260,9 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
                            "process_seconds": round(time.perf_counter() - t0, 1)}
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(ckpt_dir / name, out / name)
+    if (out / "model.safetensors").stat().st_size >= 16 * 2**20:  # the device tool brings back files under 16 MiB
+        summary.setdefault("errors", {})["model.safetensors"] = "16 MiB or more: it will not come back from the device"
+        log("warning: model.safetensors is 16 MiB or more and will not come back; use checkpoint_dtype float16")
     for name in ("metrics.jsonl", "loss.png"):
         if (work / name).exists():
             shutil.copy2(work / name, out / name)
@@ -267,7 +286,7 @@ def _settings(args: argparse.Namespace) -> SamplerSettings:
 
 
 def _batches(args: argparse.Namespace) -> list[int]:
-    return [int(b) for b in args.batch_sizes.split(",")]
+    return list(args.batch_sizes)
 
 
 def _time_variant(name: str, model, ckpt, batch: int, args, device, summary: dict, save) -> None:
@@ -292,22 +311,28 @@ def time_sampling(ckpt, args: argparse.Namespace, device: torch.device, summary:
     for batch in _batches(args):
         stage(f"sampling eager, batch {batch}",
               lambda: _time_variant("eager", ckpt.model, ckpt, batch, args, device, summary, save), summary, save)
-        noise = _Noise(list(range(batch)), (3, ckpt.model.config.image_size, ckpt.model.config.image_size), device)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps + 1):  # initial noise plus one draw per step (the SDE sampler's most)
-            noise.next()
-        sync(device)
-        summary.setdefault("noise_seconds_per_run", {})[str(batch)] = round(time.perf_counter() - t0, 4)
-        save()
+        stage(f"noise draws, batch {batch}", lambda: _time_noise(ckpt, batch, steps, device, summary, save),
+              summary, save)
+
+
+def _time_noise(ckpt, batch: int, steps: int, device: torch.device, summary: dict, save) -> None:
+    noise = _Noise(list(range(batch)), (3, ckpt.model.config.image_size, ckpt.model.config.image_size), device)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps + 1):  # initial noise plus one draw per step (the SDE sampler's most)
+        noise.next()
+    sync(device)
+    summary.setdefault("noise_seconds_per_run", {})[str(batch)] = round(time.perf_counter() - t0, 4)
+    save()
 
 
 def time_compiled(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save, clock: Clock) -> None:
-    """``torch.compile(mode="reduce-overhead")`` rows, smallest batch first, each only with COMPILE_MIN_S left."""
+    """``torch.compile(mode="reduce-overhead")`` rows, smallest batch first, each only with the time it needs left."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model = torch.compile(ckpt.model, mode="reduce-overhead", dynamic=False)
+    need = COMPILE_MIN_S  # then from the last batch's measured times, scaled to the next batch
     for batch in sorted(_batches(args)):
-        if clock.left() < COMPILE_MIN_S:
+        if clock.left() < need:
             summary.setdefault("skipped", []).append(f"compile reduce-overhead, batch {batch}: "
                                                      f"{clock.left():.0f} s left before the deadline")
             save()
@@ -316,6 +341,11 @@ def time_compiled(ckpt, args: argparse.Namespace, device: torch.device, summary:
         stage(f"sampling compiled, batch {batch}",
               lambda: _time_variant("compile reduce-overhead", model, ckpt, batch, args, device, summary, save),
               summary, save)
+        row = summary.get("sampling", [])[-1:]
+        if row and row[0]["variant"] == "compile reduce-overhead" and row[0]["batch"] == batch:
+            next_batches = [b for b in _batches(args) if b > batch]
+            scale = min(next_batches) / batch if next_batches else 1.0
+            need = max(COMPILE_MIN_S, 1.3 * row[0]["first_run_s"] + args.repeats * row[0]["seconds_per_run"] * scale)
 
 
 def time_ddpm_loop(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save) -> None:
@@ -365,13 +395,20 @@ def evaluate_at_size(args: argparse.Namespace, out: Path, device: torch.device, 
         f"{settings.epochs} epochs, seeds {list(settings.seeds)} -> {work / 'report'}")
     # seconds left when it must give way: a short training, its set-up, the sampling, and packing the archive
     stop_at = MIN_TRAIN_S + TRAIN_SETUP_S + SAMPLING_RESERVE_S + EVAL_PACK_S
-    last = [""]
+    last, started, longest = [""], [time.perf_counter()], [0.0]  # longest: the longest classifier run so far
 
     def progress(fraction: float, message: str) -> None:
         # Stops while sampling or as a stage or classifier run begins, never inside a run (a run that trained to
-        # its end is saved, and comes back) and never at the end ("done", after the report is written).
-        new, last[0] = message != last[0], message
-        if fraction < 1 and (new or message.startswith("sampling")) and clock.left() < stop_at:
+        # its end is saved, and comes back) and never at the end ("done", after the report is written). A
+        # classifier run starts only if one as long as the longest so far would still leave stop_at.
+        new = message != last[0]
+        if new:
+            now = time.perf_counter()
+            if last[0].startswith("training"):
+                longest[0] = max(longest[0], now - started[0])
+            last[0], started[0] = message, now
+        need = stop_at + (longest[0] if message.startswith("training") else 0.0)
+        if fraction < 1 and (new or message.startswith("sampling")) and clock.left() < need:
             raise OutOfTime(f"stopped at {fraction:.0%} ({message}): {clock.left():.0f} s left before the deadline")
 
     t0 = time.perf_counter()
@@ -412,7 +449,7 @@ def sample_grid(ckpt, out: Path, device: torch.device, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    clock = Clock(args.deadline_s)
+    clock = Clock(args.deadline_s, STARTED if __name__ == "__main__" else None)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

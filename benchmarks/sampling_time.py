@@ -2,7 +2,9 @@
 method) vs DDIM 50 vs DPM-Solver++ 20, each with and without classifier-free guidance.
 
 DDPM's cost per step is constant, so with --ddpm-probe-steps K < 1000 it times the first K of
-the 1000 steps and reports the measured time scaled to 1000 (marked "extrapolated").
+the 1000 steps and reports the measured time scaled to 1000 (marked "extrapolated"). Every row first
+runs two untimed steps of its own sampler and guidance (since 2026-12-02), so first-call costs (kernel
+set-up for a new batch shape) are neither timed nor, for DDPM, multiplied by 1000/K.
 
     python benchmarks/sampling_time.py [--checkpoint checkpoints/cifar10] [--n 100] [--threads 2]
 """
@@ -68,6 +70,7 @@ def main() -> None:
     for sampler, steps, w in rows:
         probe = a.ddpm_probe_steps if sampler == "ddpm" and a.ddpm_probe_steps else None
         repeats = a.repeats if sampler == "dpmpp" else a.slow_repeats
+        time_sampler(ckpt, a.n, sampler, steps, w, a.bf16, 2)  # warm-up, not timed: this shape's first-call costs
         runs = [time_sampler(ckpt, a.n, sampler, steps, w, a.bf16, probe) for _ in range(repeats)]
         s = statistics.median(runs)
         base.setdefault(w, s)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from diffusion.checkpoint import load_checkpoint
@@ -163,3 +164,15 @@ def test_a_stage_that_fails_is_recorded_and_the_next_ones_run(tmp_path):
     assert list(s["errors"]) == ["evaluation"] and "evaluation failed" in r.stdout
     assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2)] and s["finished"]
     assert (out / "samples.png").exists()
+
+
+@pytest.mark.parametrize("bad", ["100,", "a", "0,100"])
+def test_bad_batch_sizes_are_refused_at_the_start_not_after_the_training(bad, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
+    gpu_session = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_session)
+    with pytest.raises(SystemExit) as e:
+        gpu_session.parse_args(["--data", "x", "--out", "y", "--batch-sizes", bad])
+    assert e.value.code == 2 and "--batch-sizes" in capsys.readouterr().err
