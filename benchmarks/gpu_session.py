@@ -99,7 +99,7 @@ from training.configs import resolve_config  # noqa: E402
 from training.evaluate_cli import parse_seeds  # noqa: E402
 from training.generate import default_checkpoint  # noqa: E402
 from training.plots import image_grid, to_uint8  # noqa: E402
-from training.train import train  # noqa: E402
+from training.train import TrainingInterrupted, train  # noqa: E402
 
 # Estimates for the deadline (not measured on a GPU): the sample grid, the eager rows, the noise timing
 # and the DDPM probe at the default sizes; the set-up of a training run (data decode, model build) beyond
@@ -235,8 +235,15 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
     log(f"training {args.config} for {minutes:.2f} min: batch {cfg.batch_size}, lr {cfg.lr}, "
         f"bf16 {cfg.bf16}, compile {cfg.compile} -> {work}")
     t0 = time.perf_counter()
+
+    def run(cfg, work: Path, resume: bool) -> tuple[Path, TrainingInterrupted | None]:
+        try:
+            return train(cfg, args.data, work, resume=resume, progress=False), None
+        except TrainingInterrupted as e:  # a signal: it saved its checkpoint; bring that back, then stop too
+            return work / "checkpoint", e
+
     try:
-        ckpt_dir = train(cfg, args.data, work, resume=True, progress=False)
+        ckpt_dir, stopped = run(cfg, work, True)
     except Exception as e:
         if not cfg.compile:
             raise
@@ -249,7 +256,7 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
         cfg = replace(cfg, compile=False, max_minutes=left / 60)
         work = work_dir(out, "-train-eager")
         shutil.rmtree(work, ignore_errors=True)  # a fresh run: an earlier visit's state would be refused
-        ckpt_dir = train(cfg, args.data, work, resume=False, progress=False)
+        ckpt_dir, stopped = run(cfg, work, False)
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {}
     steady = [r["images_per_s"] for r in rows[len(rows) // 2:]]  # the second half: compile and warm-up behind
@@ -266,8 +273,12 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
     for name in ("metrics.jsonl", "loss.png"):
         if (work / name).exists():
             shutil.copy2(work / name, out / name)
+    if stopped is not None:
+        summary["training"]["stopped_by_signal"] = str(stopped)
     save()
     log(f"trained {last.get('step')} steps, {last.get('images_seen')} images, loss {last.get('loss')}")
+    if stopped is not None:
+        raise stopped
     return ckpt_dir
 
 

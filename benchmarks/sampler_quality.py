@@ -390,7 +390,7 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
     n = rows[0].images
     print(f"checkpoint {checkpoint} (sha256 {syn['checkpoint_sha256'][:12]}, "
           f"{prov.get('steps', '?')} training steps); {a.n_per_class} images per class = {n} per setting, "
-          f"seeds {a.seed}..{a.seed + n - 1}, the same for every setting")
+          f"image j of class c with seed {a.seed} + c x 1,000,000 + j, the same for every setting")
     print(f"feature space: penultimate layer of the {clf['kind']} (width {clf['width']}, {clf['epochs']} epochs) "
           f"trained on the real training split, test accuracy {_fmt(clf.get('test_accuracy'), '.3f')}")
     print("FD: Frechet distance to all real test images (lower is better); fidelity: share classified as the "

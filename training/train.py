@@ -228,9 +228,17 @@ def _per_rank_batch(batch_size: int, world: int) -> int:
 
 
 def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) and return the EMA checkpoint directory."""
-    out = Path(out)
+    """Train (or resume) and return the EMA checkpoint directory; TrainingInterrupted after a stop by signal."""
+    _per_rank_batch(cfg.batch_size, int(os.environ.get("WORLD_SIZE", "1")))  # refused before any process group
     dd = _Dist()
+    try:
+        return _train(cfg, data, Path(out), resume, progress, dd)
+    finally:  # also after an error: a group left behind makes torch warn at exit, and blocks a later init
+        if dd.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool, dd: _Dist) -> Path:
     per_rank = _per_rank_batch(cfg.batch_size, dd.world)
     device = dd.device()
     if cfg.num_threads is not None and device.type == "cpu":
@@ -371,7 +379,8 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                 flag = torch.tensor([reason], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 reason = flag.item()
-            stop, interrupted = reason > 0, reason == 2.0
+            stop = reason > 0
+            interrupted = reason == 2.0 and step < cfg.max_steps  # a signal at the last step: finished all the same
             log_now = step % cfg.log_every == 0 or stop or step == cfg.max_steps  # the same on every rank
             if log_now and dd.world > 1:  # the loss of the global batch: the mean over ranks
                 dist.all_reduce(loss_acc)
@@ -398,8 +407,9 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                     _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", bf16)
     bar.close()
     if dd.main:
-        # written unless the loop's last step wrote it, or no step ran (a spent budget, a finished run)
-        if step != start_step and written_at[0] != step:
+        # written unless the loop's last step wrote it, or no step ran (a spent budget, a finished run) and the
+        # checkpoint is there
+        if (step != start_step and written_at[0] != step) or not (out / "checkpoint" / "config.json").exists():
             write_checkpoint()
             loss_curve(out / "metrics.jsonl", out / "loss.png")
         metrics_f.close()
@@ -407,8 +417,6 @@ def train(cfg: TrainConfig, data: str, out: str | Path, resume: bool = False, pr
                  (wall - t_start_wall) / 60)
     if dd.world > 1:
         dist.barrier()
-        if dd.owns_group:
-            dist.destroy_process_group()
     if interrupted:
         raise TrainingInterrupted(f"stopped by a signal at step {step}; {state_path} holds the state to resume")
     return out / "checkpoint"

@@ -34,14 +34,17 @@ def schedule():
 
 
 class CountingSample:
-    """diffusion.samplers.sample, counting the merged calls and their sizes."""
+    """diffusion.samplers.sample, counting the merged calls and their sizes; each call first sleeps ``delay``
+    seconds, or waits until ``gate`` is set."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
         self.sizes: list[int] = []
-        self.delay = delay
+        self.delay, self.gate = delay, gate
 
     def __call__(self, *args, **kw):
         self.sizes.append(len(args[3]))
+        if self.gate is not None:
+            assert self.gate.wait(30)
         time.sleep(self.delay)
         return sample(*args, **kw)
 
@@ -183,7 +186,8 @@ def test_requests_arriving_during_a_batch_join_the_next_one(model, schedule):
 def test_a_request_waiting_its_turn_stops_when_its_check_raises(model, schedule):
     """A job queued behind other jobs' batches learns at once that it was canceled (or is out of time, or its
     worker is stopping), not when its turn comes; its rows never run."""
-    counting = CountingSample(delay=3.0)
+    release = threading.Event()
+    counting = CountingSample(gate=release)  # the first batch runs until the test releases it
     batcher = BatchingSampler(window=0.0, max_batch=2, sample_fn=counting)
     reqs = requests(2, 2)
     first = threading.Thread(target=batcher, args=(model, schedule, *reqs[0]), kwargs=KW)
@@ -196,9 +200,11 @@ def test_a_request_waiting_its_turn_stops_when_its_check_raises(model, schedule)
         if len(checks) == 2:
             raise Canceled()
 
-    with pytest.raises(Canceled):
-        batcher(model, schedule, *reqs[1], check=check, **KW)
-    assert len(checks) == 2 and first.is_alive()  # two half-second waits, not the first batch's 3 s
+    try:
+        with pytest.raises(Canceled):  # while the first batch still runs: it has not been released
+            batcher(model, schedule, *reqs[1], check=check, **KW)
+    finally:
+        release.set()
     first.join(30)
     batcher(model, schedule, *requests(2, 2)[1], **KW)  # the next request runs alone:
     assert counting.sizes == [2, 2]  # the abandoned request never ran, neither by itself nor merged into it

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -383,6 +384,9 @@ def test_max_minutes_stops_and_is_resumable(data10, tmp_path, caplog, monkeypatc
     train(replace(FAST, max_steps=100, max_minutes=1e-6), str(data10), out, resume=True, progress=False)
     assert _state(out)["step"] == 1 and writes == [] and [r["step"] for r in _metrics(out)] == [1]
     assert "the time budget is spent" in caplog.text
+    shutil.rmtree(out / "checkpoint")  # ... unless the checkpoint is gone: then it is written from the state
+    train(replace(FAST, max_steps=100, max_minutes=1e-6), str(data10), out, resume=True, progress=False)
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["provenance"]["steps"] == 1
     train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
     st2 = _state(out)
     assert st2["step"] == 2 and st2["wall_time_s"] > st["wall_time_s"]  # wall time accumulates across runs
@@ -416,6 +420,11 @@ def test_sigterm_finishes_the_step_saves_a_resumable_state_and_says_it_stopped(d
     # --resume goes on from there, and a run that reaches max_steps returns normally
     assert train(replace(FAST, max_steps=4), str(data10), out, resume=True, progress=False) == out / "checkpoint"
     assert _state(out)["step"] == 4 and len(calls) == 4
+    # a signal during the step that reaches max_steps: the run is finished, a normal return (nothing to resume)
+    calls.clear()
+    out2 = tmp_path / "run2"
+    assert train(replace(FAST, max_steps=3), str(data10), out2, progress=False) == out2 / "checkpoint"
+    assert _state(out2)["step"] == 3
 
 
 def _fixed_noise_loss(model, x0, y, schedule):
