@@ -24,7 +24,7 @@ from diffusion.precision import compile_for_sampling
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
 from .evaluate import BUDGETS, EvaluationSettings, run_evaluation
 from .generate import default_checkpoint
-from .sample_cli import add_sampler_args, arg_type, check_out_dir, pick_device
+from .sample_cli import add_sampler_args, arg_type, as_options, check_out_dir, pick_device
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -87,7 +87,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
         seeds=args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
         guidance_interval=args.guidance_interval, synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
         train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir, precision=args.precision)
-    settings.validate()
+    try:
+        settings.validate()
+    except ValueError as e:  # the settings' field names, as the options that set them
+        raise ValueError(as_options(str(e), EvaluationSettings, {"sample_batch_size": "--batch-size"})) from None
     check_out_dir(args.out)
     checkpoint = None
     if args.compile:

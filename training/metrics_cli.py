@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
 from .generator_metrics import MetricsSettings, measure_generator
-from .sample_cli import add_sampler_args
+from .sample_cli import add_sampler_args, as_options
 
 
 def add_feature_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +57,11 @@ def run_metrics(args: argparse.Namespace) -> None:
         feature_classifier=args.feature_classifier, feature_width=args.feature_width,
         feature_epochs=args.feature_epochs, inception_weights=args.inception_weights, device=args.device,
         cache_dir=args.cache_dir, precision=args.precision)
-    if args.out and Path(args.out).is_dir():  # the settings are checked first thing in measure_generator
+    try:  # checked again first thing in measure_generator; here to name the options in the message
+        s.validate()
+    except ValueError as e:
+        raise ValueError(as_options(str(e), MetricsSettings)) from None
+    if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; name a file for the JSON")
     bars: list[tqdm] = []  # opened at the first call: the feature classifier trains under its own bar before
 

@@ -52,6 +52,16 @@ def arg_type(parse: Callable[[str], object]) -> Callable[[str], object]:
     return wrapped
 
 
+def as_options(message: str, settings_class: type, renamed: dict[str, str] | None = None) -> str:
+    """A settings dataclass's error that starts with a field name ("synthetic_per_class must be at least 1, ...") in
+    the words of the command line ("--synthetic-per-class must be ..."); ``renamed``: fields whose option is not
+    the field's name with dashes."""
+    field, sep, rest = message.partition(" ")
+    if field.isidentifier() and field in getattr(settings_class, "__dataclass_fields__", {}):
+        return (renamed or {}).get(field, "--" + field.replace("_", "-")) + sep + rest
+    return message
+
+
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     """--sampler, --steps, --guidance, --guidance-interval, --eta, --precision: shared by sample, evaluate and
     metrics."""

@@ -65,11 +65,12 @@ def test_bad_metrics_input_is_refused_before_any_work(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(gm, "load_dataset", lambda *a, **k: pytest.fail("the data set was loaded"))
     base = ["metrics", "--data", str(tmp_path / "data.tar.gz"), "--n-per-class", "10"]
-    for extra, expected in [(["--k", "0"], "k must be at least 1, got 0"),
+    for extra, expected in [(["--k", "0"], "--k must be at least 1, got 0"),
                             (["--inception-weights", str(tmp_path / "nope.pt")], "inception weights not found"),
                             (["--out", str(tmp_path)], "is a folder"), (["--steps", "0"], "steps=0 out of range"),
                             (["--sampler", "dpmpp", "--eta", "0.5"], "ddim sampler only"),
-                            (["--batch-size", "0"], "batch_size must be at least 1")]:
+                            (["--batch-size", "0"], "--batch-size must be at least 1"),
+                            (["--feature-width", "1"], "--feature-width must be at least 2")]:
         with pytest.raises(SystemExit) as e:
             dreamdata_cli.main(base + extra)
         err = capsys.readouterr().err

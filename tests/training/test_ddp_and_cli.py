@@ -166,7 +166,10 @@ def test_train_cli_errors(case, image_folder3, data10, tmp_path, capsys):
     (["api", "--port", "99999"], "argument --port: a port is a number in 1..65535"),
     (["sample", "--out-is-a-file"], "is a file, not a folder"),
     (["evaluate", "--data", "x", "--out-is-a-file"], "is a file, not a folder"),
-    (["evaluate", "--data", "x", "--width", "1"], "width must be at least 2"),
+    (["evaluate", "--data", "x", "--width", "1"], "--width must be at least 2"),
+    (["evaluate", "--data", "x", "--synthetic-per-class", "0"], "--synthetic-per-class must be at least 1, got 0"),
+    (["evaluate", "--data", "x", "--real-fraction", "2"], "--real-fraction must be in (0, 1], got 2.0"),
+    (["evaluate", "--data", "x", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["evaluate", "--data", "x", "--steps", "0"], "steps=0 out of range"),
 ])
 def test_bad_cli_input_is_one_line_and_exit_status_2_before_anything_loads(argv, expected, tmp_path, capsys,
