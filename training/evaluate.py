@@ -104,6 +104,10 @@ class EvaluationSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        for name in ("guidance", "eta", "real_fraction"):  # 6 and 6.0 are one setting, with one saved-run key
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
         # a JSON list -> a tuple; none when unguided
         object.__setattr__(self, "guidance_interval", effective_interval(self.guidance, self.guidance_interval))
 
@@ -179,8 +183,12 @@ def _run_file(out: Path, arm: str, seed: int) -> Path:
     return out / RUNS_DIR / f"{arm.replace('+', '_')}-seed{seed}.json"
 
 
-def load_run(out: Path, arm: str, seed: int, key: str) -> dict | None:
-    """The saved result of a finished training run with this key, or None (none saved, unreadable, other key)."""
+def load_run(out: Path, arm: str, seed: int, key: str, synthetic_fingerprint: str | None = None) -> dict | None:
+    """The saved result of a finished training run with this key, or None (none saved, unreadable, other key).
+
+    The key names the synthetic set by its cache entry; ``synthetic_fingerprint`` (its content) also tells a set
+    sampled again into that entry (pruned, then re-sampled on another kind of machine: other rounding) from the
+    one the run trained on. Runs saved before fingerprints were (2026-12-02) are taken on their key alone."""
     f = _run_file(out, arm, seed)
     try:
         run = json.loads(f.read_text())
@@ -188,6 +196,10 @@ def load_run(out: Path, arm: str, seed: int, key: str) -> dict | None:
         return None
     if not isinstance(run, dict) or run.get("key") != key:
         log.info("%s was saved by other settings; training %s seed %d again", f, arm, seed)
+        return None
+    saved_fp = run.get("synthetic_fingerprint")
+    if synthetic_fingerprint is not None and saved_fp is not None and saved_fp != synthetic_fingerprint:
+        log.info("%s was trained on another sampling of the synthetic set; training %s seed %d again", f, arm, seed)
         return None
     return run
 
@@ -265,7 +277,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         sample_fn=sample_fn,
         progress=lambda f: report_progress(gen_share * f, f"sampling synthetic images ({f:.0%})"))
     synth = align_classes(synth, names)
-    base = 0.0 if synth_info["reused"] else gen_share
+    synth_fp = synth.fingerprint()  # the set's content (the run key names its cache entry): saved with each run
+    base = gen_share  # also for a cached set: it reported its share done (progress(1.0)), and progress never goes back
 
     reals = {s: train.subset(settings.real_fraction, seed=s) for s in settings.seeds}
     overrides = {"batch_size": settings.train_batch_size} if settings.train_batch_size else {}
@@ -295,7 +308,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
                       checkpoint_sha256=synth_info["checkpoint_sha256"],
                       synthetic_set=Path(synth_info["cache_dir"]).name, train_settings=_key_settings(tset, n_images),
                       device=device, arm=arm, seed=seed)
-        run = load_run(out, arm, seed, key) if resume else None
+        uses_synth = arm != "real"  # the real arm does not depend on the synthetic images
+        run = load_run(out, arm, seed, key, synth_fp if uses_synth else None) if resume else None
         saved = run is not None
         if saved:
             reused.append(f"{arm} seed {seed}")
@@ -311,6 +325,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
                    "confusion": confusion_matrix(test.labels, pred, len(names)).tolist(),
                    "train_images": n_images, "steps": info["steps"], "seconds": info["seconds"],
                    "host": platform.node(), "finished_at": time.time()}
+            if uses_synth:
+                run["synthetic_fingerprint"] = synth_fp
             save_run(out, arm, seed, run)
         per_seed[arm].append(run)
         done_cost += size

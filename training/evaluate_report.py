@@ -44,7 +44,7 @@ def accuracy_plot(report: dict, path: Path) -> None:
         ax.text(i, 50 * a["accuracy_mean"], f"{100 * a['accuracy_mean']:.1f}", ha="center", va="center",
                 color="white", fontweight="bold")
     ax.set_xticks(range(len(names)), [f"{n}\n({arms[n]['train_images']} img)" for n in names])
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%); bar: mean, line: ±1 SD, dots: seeds")
     s = report["settings"]
     ax.set_title(f"{s['classifier']}, k={s['synthetic_per_class']}/class, f={s['real_fraction']:g}, "
                  f"{len(s['seeds'])} seed(s)", fontsize=10)
@@ -113,7 +113,7 @@ def markdown(report: dict) -> str:
         f"- classifier: {c['kind']} (width {c['width']}, {c['parameters']:,} parameters), " + (
             f"{c['train_settings']['steps']} optimizer steps per arm (= {s['epochs']} epochs of the real arm)"
             if s.get("budget", "epochs") == "steps" else f"{s['epochs']} epochs per arm"),
-        f"- real data: {s['real_fraction']:g} of the training set, class-balanced "
+        f"- real data: {100 * s['real_fraction']:g}% of the training set, class-balanced "
         f"({report['data']['real_train_images_per_seed']} images; {s['data']})",
         f"- synthetic data: {s['synthetic_per_class']} images per class from checkpoint "
         f"`{report['synthetic']['checkpoint_sha256'][:12]}` ({s['sampler']}, {s['steps']} steps, "
@@ -131,7 +131,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## Effect of the synthetic images", ""]
     if d["ci95"] is None:
         lines.append(f"real+synthetic minus real: {_pct(d['mean'], True)} points from one seed; the confidence "
-                     "interval is undefined (run with 3 or more seeds).")
+                     "interval is undefined (run with 2 or more seeds; 3 or more for a useful interval).")
     else:
         lo, hi = d["ci95"]
         verdict = ("the interval excludes 0: the synthetic images " + ("helped" if d["mean"] > 0 else "hurt")

@@ -1,6 +1,7 @@
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,6 +249,32 @@ def test_saved_runs_are_keyed_by_the_data_sets_content_not_its_path(data_tar, ti
     # other images at the first path (the data set rebuilt): trained again, not mixed into one report
     write_tar(tmp_path / "data.tar.gz", {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS}, seed=1)
     assert run_evaluation(settings, tmp_path / "out", show_bars=False)["runs"]["reused"] == [] and len(trained) == 3
+
+
+def test_a_synthetic_set_sampled_again_into_its_cache_entry_trains_its_arms_again(data_tar, tiny_checkpoint, cache_dir,
+                                                                                    tmp_path, monkeypatch):
+    """The run key names the synthetic set's cache entry; a set pruned and sampled again (another machine's
+    rounding) has other pixels: the runs that used it train again, the real arm's is reused."""
+    import numpy as np
+
+    import training.evaluate as evaluate
+
+    trained = []
+    real_train = evaluate.train_classifier
+    monkeypatch.setattr(evaluate, "train_classifier",
+                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
+                                  synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0,), steps=2,
+                                  guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
+    first = run_evaluation(settings, tmp_path / "out", show_bars=False)
+    assert len(trained) == 3
+    png = next(Path(first["synthetic"]["cache_dir"]).glob("images/0/*.png"))
+    pixels = np.asarray(Image.open(png).convert("RGB")).copy()
+    pixels[0, 0, 0] ^= 1  # one level in one value, as another machine's rounding might
+    Image.fromarray(pixels).save(png)
+    trained.clear()
+    again = run_evaluation(settings, tmp_path / "out", show_bars=False)
+    assert again["runs"]["reused"] == ["real seed 0"] and trained == ["real+synthetic seed 0", "synthetic seed 0"]
 
 
 def test_evaluate_compile_samples_on_the_compiled_model(data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch,
