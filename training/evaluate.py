@@ -33,11 +33,13 @@ Writes ``report.json``, ``report.md`` and PNG plots into ``out_dir`` (see ``eval
 Resuming: every finished training run (one arm, one seed) is saved at once as
 ``out_dir/runs/<arm>-seed<s>.json`` with a key of everything that decides its result (the settings,
 the data set's content, the checkpoint's and the synthetic set's identity, the classifier's width and
-training settings, the device type). A run of the same experiment into the same ``out_dir``, after a crash, a kill or a worker
-redelivery, reuses the runs whose key matches and trains only the rest; ``resume=False`` (CLI
-``--restart``) trains everything again. Runs are seeded end to end, so on one machine a resumed
-report equals an uninterrupted one; runs finished on another machine keep that machine's numbers
-(each saved run records its host).
+training settings, the device type; the real arm's key leaves out what only the synthetic set depends
+on, so an experiment that changes k or the sampler in the same ``out_dir`` reuses its real runs). A run
+of the same experiment into the same ``out_dir``, after a crash, a kill or a worker redelivery, reuses
+the runs whose key matches and trains only the rest; ``resume=False`` (CLI ``--restart``) trains
+everything again. Runs are seeded end to end, so on one machine a resumed report equals an
+uninterrupted one; runs finished on another machine keep that machine's numbers (each saved run
+records its host).
 """
 from __future__ import annotations
 
@@ -77,6 +79,10 @@ RUNS_DIR = "runs"  # under out_dir: one JSON per finished training run (arm, see
 # Settings that do not change a training run's result, or that enter its key in another form
 # (checkpoint and cache_dir: the checkpoint's sha256 and the synthetic set's folder name).
 _NOT_IN_RUN_KEY = ("data", "checkpoint", "cache_dir", "device", "precision", "sample_batch_size", "seeds")
+# what only the synthetic images depend on: not in the real arm's key (since 2026-12-02), so an experiment that
+# changes k or the sampler in the same folder reuses its real runs
+_SYNTHETIC_ONLY = ("synthetic_per_class", "sampler", "steps", "guidance", "eta", "guidance_interval", "synthetic_seed",
+                   "checkpoint_sha256", "synthetic_set")
 
 
 @dataclass(frozen=True)
@@ -166,16 +172,21 @@ def _arm_data(arm: str, real: LabelledImages, synth: LabelledImages) -> tuple[to
 
 
 def run_key(settings: EvaluationSettings, *, data_fingerprint: str, width: int, checkpoint_sha256: str,
-            synthetic_set: str, train_settings: dict, device: torch.device, arm: str, seed: int) -> str:
+            synthetic_set: str, train_settings: dict, device: torch.device, arm: str, seed: int,
+            legacy: bool = False) -> str:
     """A digest of everything that decides the result of training ``arm`` with ``seed`` (module docstring).
 
     The data set counts by its content (``data_fingerprint``: train and test split), not its path, so a set
     rebuilt at the same path trains again and one moved elsewhere does not; ``width`` is the classifier's
-    actual width (the setting may be None, the default)."""
+    actual width (the setting may be None, the default). The real arm's key leaves out the synthetic set's
+    settings; ``legacy``: the key as it was before, with them (of runs saved until 2026-12-02)."""
     parts = {k: v for k, v in settings.to_dict().items() if k not in _NOT_IN_RUN_KEY}
     parts.update(data_fingerprint=data_fingerprint, width=width, checkpoint_sha256=checkpoint_sha256,
                  synthetic_set=synthetic_set, train_settings=train_settings, device_type=device.type, arm=arm,
                  seed=seed)
+    if arm == "real" and not legacy:
+        parts = {k: v for k, v in parts.items() if k not in _SYNTHETIC_ONLY}
+        parts["key_form"] = 2
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -183,8 +194,10 @@ def _run_file(out: Path, arm: str, seed: int) -> Path:
     return out / RUNS_DIR / f"{arm.replace('+', '_')}-seed{seed}.json"
 
 
-def load_run(out: Path, arm: str, seed: int, key: str, synthetic_fingerprint: str | None = None) -> dict | None:
+def load_run(out: Path, arm: str, seed: int, key: str, synthetic_fingerprint: str | None = None,
+             legacy_key: str | None = None) -> dict | None:
     """The saved result of a finished training run with this key, or None (none saved, unreadable, other key).
+    A run saved under ``legacy_key`` (the same run, keyed the old way) is taken and saved again under ``key``.
 
     The key names the synthetic set by its cache entry; ``synthetic_fingerprint`` (its content) also tells a set
     sampled again into that entry (pruned, then re-sampled on another kind of machine: other rounding) from the
@@ -194,6 +207,9 @@ def load_run(out: Path, arm: str, seed: int, key: str, synthetic_fingerprint: st
         run = json.loads(f.read_text())
     except (OSError, ValueError):
         return None
+    if isinstance(run, dict) and legacy_key is not None and run.get("key") == legacy_key:
+        run["key"] = key
+        save_run(out, arm, seed, run)
     if not isinstance(run, dict) or run.get("key") != key:
         log.info("%s was saved by other settings; training %s seed %d again", f, arm, seed)
         return None
@@ -304,12 +320,14 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
             torch.manual_seed(seed)
             model = build_classifier(settings.classifier, len(names), settings.width)
         params = count_parameters(model)
-        key = run_key(settings, data_fingerprint=data_fingerprint, width=model.width,
-                      checkpoint_sha256=synth_info["checkpoint_sha256"],
-                      synthetic_set=Path(synth_info["cache_dir"]).name, train_settings=_key_settings(tset, n_images),
-                      device=device, arm=arm, seed=seed)
+        key_parts = dict(data_fingerprint=data_fingerprint, width=model.width,
+                         checkpoint_sha256=synth_info["checkpoint_sha256"],
+                         synthetic_set=Path(synth_info["cache_dir"]).name,
+                         train_settings=_key_settings(tset, n_images), device=device, arm=arm, seed=seed)
+        key = run_key(settings, **key_parts)
         uses_synth = arm != "real"  # the real arm does not depend on the synthetic images
-        run = load_run(out, arm, seed, key, synth_fp if uses_synth else None) if resume else None
+        legacy_key = None if uses_synth else run_key(settings, **key_parts, legacy=True)
+        run = load_run(out, arm, seed, key, synth_fp if uses_synth else None, legacy_key) if resume else None
         saved = run is not None
         if saved:
             reused.append(f"{arm} seed {seed}")

@@ -277,6 +277,33 @@ def test_a_synthetic_set_sampled_again_into_its_cache_entry_trains_its_arms_agai
     assert again["runs"]["reused"] == ["real seed 0"] and trained == ["real+synthetic seed 0", "synthetic seed 0"]
 
 
+def test_the_real_arm_is_reused_by_an_experiment_that_changes_only_the_synthetic_set(data_tar, tiny_checkpoint,
+                                                                                       cache_dir, tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+
+    trained = []
+    real_train, real_key = evaluate.train_classifier, evaluate.run_key
+    monkeypatch.setattr(evaluate, "train_classifier",
+                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
+                                  synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0,), steps=2,
+                                  guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
+    # saved the way runs were keyed until 2026-12-02 (the real arm's key with the synthetic settings in it)
+    monkeypatch.setattr(evaluate, "run_key", lambda *a, **k: real_key(*a, **dict(k, legacy=True)))
+    first = run_evaluation(settings, tmp_path / "out", show_bars=False)
+    monkeypatch.setattr(evaluate, "run_key", real_key)
+    saved = json.loads((tmp_path / "out" / "runs" / "real-seed0.json").read_text())
+    trained.clear()
+    again = run_evaluation(settings, tmp_path / "out", show_bars=False)  # the old keys still count
+    assert len(again["runs"]["reused"]) == 3 and trained == []
+    migrated = json.loads((tmp_path / "out" / "runs" / "real-seed0.json").read_text())
+    assert migrated["key"] != saved["key"] and migrated["accuracy"] == saved["accuracy"]
+    # twice the synthetic images, another guidance: only the arms that use them train again
+    more = run_evaluation(replace(settings, synthetic_per_class=2, guidance=2.0), tmp_path / "out", show_bars=False)
+    assert more["runs"]["reused"] == ["real seed 0"] and trained == ["real+synthetic seed 0", "synthetic seed 0"]
+    assert more["arms"]["real"]["accuracies"] == first["arms"]["real"]["accuracies"]
+
+
 def test_evaluate_compile_samples_on_the_compiled_model(data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch,
                                                         cheap_compile):
     """``--compile`` samples through ``compile_for_sampling`` (here on the cheap aot_eager backend) and the report
