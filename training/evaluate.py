@@ -209,7 +209,11 @@ def load_run(out: Path, arm: str, seed: int, key: str, synthetic_fingerprint: st
         return None
     if isinstance(run, dict) and legacy_key is not None and run.get("key") == legacy_key:
         run["key"] = key
-        save_run(out, arm, seed, run)
+        try:
+            save_run(out, arm, seed, run)
+            log.info("%s: saved under the real arm's new key (without the synthetic settings)", f)
+        except OSError as e:  # a read-only folder: the run is good all the same
+            log.warning("%s: could not save it under its new key (%s); using it", f, e)
     if not isinstance(run, dict) or run.get("key") != key:
         log.info("%s was saved by other settings; training %s seed %d again", f, arm, seed)
         return None
@@ -375,8 +379,9 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
             "delta": "real+synthetic minus real, paired by seed; ci95 = mean +- t(0.975, n-1) * sd / sqrt(n); "
                      "null with one seed",
             "synthetic": "one synthetic set shared by all seeds: the interval does not cover the draw of synthetic images",
-            "runs": "each finished training run is saved in runs/; 'reused' lists those taken from an earlier, "
-                    "interrupted run of the same experiment (their train_seconds are from that run)",
+            "runs": "each finished training run is saved in runs/; 'reused' lists those taken from an earlier run "
+                    "in this folder: of the same experiment, interrupted, or, for the real arm, of one with other "
+                    "synthetic settings (their train_seconds are from that run)",
             "train_steps": "optimizer steps per run (batches of train_settings.batch_size; the last partial batch "
                            "of an epoch is dropped); budget 'steps' gives every arm the real arm's steps, in full "
                            "batches also where an arm has fewer images than one batch",

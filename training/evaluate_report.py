@@ -46,7 +46,7 @@ def accuracy_plot(report: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), [f"{n}\n({arms[n]['train_images']} img)" for n in names])
     ax.set_ylabel("test accuracy (%); bar: mean, line: ±1 SD, dots: seeds")
     s = report["settings"]
-    ax.set_title(f"{s['classifier']}, k={s['synthetic_per_class']}/class, f={s['real_fraction']:g}, "
+    ax.set_title(f"{s['classifier']}, k={s['synthetic_per_class']}/class, {100 * s['real_fraction']:g}% real, "
                  f"{len(s['seeds'])} seed(s)", fontsize=10)
     ax.set_ylim(0, 105)
     ax.grid(True, axis="y", alpha=0.3)

@@ -275,6 +275,15 @@ def test_a_synthetic_set_sampled_again_into_its_cache_entry_trains_its_arms_agai
     trained.clear()
     again = run_evaluation(settings, tmp_path / "out", show_bars=False)
     assert again["runs"]["reused"] == ["real seed 0"] and trained == ["real+synthetic seed 0", "synthetic seed 0"]
+    # a run saved before runs recorded the set's content is taken on its key alone
+    saved = tmp_path / "out" / "runs" / "real_synthetic-seed0.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items()
+                                 if k != "synthetic_fingerprint"}))
+    pixels[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(png)
+    trained.clear()
+    last = run_evaluation(settings, tmp_path / "out", show_bars=False)
+    assert last["runs"]["reused"] == ["real seed 0", "real+synthetic seed 0"] and trained == ["synthetic seed 0"]
 
 
 def test_the_real_arm_is_reused_by_an_experiment_that_changes_only_the_synthetic_set(data_tar, tiny_checkpoint,
@@ -301,7 +310,30 @@ def test_the_real_arm_is_reused_by_an_experiment_that_changes_only_the_synthetic
     # twice the synthetic images, another guidance: only the arms that use them train again
     more = run_evaluation(replace(settings, synthetic_per_class=2, guidance=2.0), tmp_path / "out", show_bars=False)
     assert more["runs"]["reused"] == ["real seed 0"] and trained == ["real+synthetic seed 0", "synthetic seed 0"]
-    assert more["arms"]["real"]["accuracies"] == first["arms"]["real"]["accuracies"]
+    # ... rightly: trained afresh with those settings, the real arm gives the same result
+    fresh = run_evaluation(replace(settings, synthetic_per_class=2, guidance=2.0), tmp_path / "fresh",
+                           show_bars=False)
+    for k in ("accuracies", "confusion_matrix"):
+        assert fresh["arms"]["real"][k] == first["arms"]["real"][k]
+
+
+def test_the_old_real_arm_key_is_the_key_runs_were_saved_under():
+    """Pinned digests: the legacy form must equal what the code before 2026-12-02 computed (1becaaad...: by that
+    code, for these inputs), or a long experiment resumed across the change would train its real runs again.
+    A new EvaluationSettings field changes every key: then update these on purpose."""
+    from training.evaluate import run_key
+
+    s = EvaluationSettings(data="d.tar.gz", classifier="cnn", width=16, synthetic_per_class=2500, real_fraction=1.0,
+                           epochs=10, budget="steps", seeds=(0, 1, 2), sampler="dpmpp_sde", steps=20, guidance=6.0,
+                           eta=0.0, guidance_interval=(0.28, 4.0), synthetic_seed=0)
+    kw = dict(data_fingerprint="0123456789abcdef", width=16, checkpoint_sha256="89574521e555" + "0" * 52,
+              synthetic_set="89574521e555-dpmpp_sde-s20-g6-i0.28,4-seed0-5a8611e8a6",
+              train_settings={"steps": 970, "batch_size": 512}, device=torch.device("cpu"), arm="real", seed=0)
+    assert run_key(s, **kw, legacy=True) == "1becaaadc7e244bc7566"
+    assert run_key(s, **kw) == "8f77fa3dfe7f46fc55e0"
+    assert run_key(replace(s, synthetic_per_class=5000, guidance=4.0), **kw) == "8f77fa3dfe7f46fc55e0"
+    synthetic = dict(kw, arm="synthetic")  # 6 and 6.0 are one guidance, 1 and 1.0 one fraction
+    assert run_key(replace(s, guidance=6, real_fraction=1), **synthetic) == run_key(s, **synthetic)
 
 
 def test_evaluate_compile_samples_on_the_compiled_model(data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch,
