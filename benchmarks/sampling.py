@@ -25,7 +25,7 @@ model load, as the worker does). diffusers runs fp32 (its default) and bf16 (its
 diffusers users run bf16), and the summary sets the service's path against both.
 
 At the defaults, on the 2-core development machine, expect about an hour (estimated from the timings
-in README.md: one guided 100-image run of DPM-Solver++ 20 steps takes over a minute); --skip-compile
+in docs/results.md: one guided 100-image run of DPM-Solver++ 20 steps takes over a minute); --skip-compile
 saves about a quarter of it.
 
     python benchmarks/sampling.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch-sizes 1,10,100]

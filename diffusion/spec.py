@@ -145,7 +145,8 @@ def format_guidance_interval(interval: GuidanceInterval | None) -> str:
 
 # What ``dreamdata sample`` and the service use when a request leaves a setting out: SDE-DPM-Solver++(2M),
 # 20 steps, guidance 6 at the 9 steps with 0.28 < sigma_t <= 4 only, 29 model calls per image; on 1,000 images
-# as good as guidance 4 at every step (40 calls). README "Which sampler" and benchmarks/README.md have the numbers.
+# as good as guidance 4 at every step (40 calls). README "Which sampler", docs/results.md "Guidance only where it
+# helps" and benchmarks/README.md have the numbers.
 DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp_sde", steps=20, guidance=6.0, guidance_interval=(0.28, 4.0))
 
 
