@@ -173,10 +173,19 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
     assert "undefined" in (tmp_path / "run2" / "report.md").read_text()
 
 
-def test_a_stopped_evaluation_resumes_from_its_saved_runs(data_tar, tiny_checkpoint, cache_dir, tmp_path,
-                                                          monkeypatch):
+def _count_training(monkeypatch) -> list[str]:
+    """The runs that train from now on (their ``desc``: "real seed 0", ...), in order; each still trains."""
     import training.evaluate as evaluate
 
+    trained: list[str] = []
+    real_train = evaluate.train_classifier
+    monkeypatch.setattr(evaluate, "train_classifier",
+                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    return trained
+
+
+def test_a_stopped_evaluation_resumes_from_its_saved_runs(data_tar, tiny_checkpoint, cache_dir, tmp_path,
+                                                          monkeypatch):
     settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
                                   synthetic_per_class=2, real_fraction=0.5, epochs=2, seeds=(0, 1), steps=2,
                                   guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
@@ -195,10 +204,7 @@ def test_a_stopped_evaluation_resumes_from_its_saved_runs(data_tar, tiny_checkpo
         run_evaluation(settings, tmp_path / "cut", progress=stop_after_two, show_bars=False)
     assert not (tmp_path / "cut" / "report.json").exists()
 
-    trained = []
-    real_train = evaluate.train_classifier
-    monkeypatch.setattr(evaluate, "train_classifier",
-                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    trained = _count_training(monkeypatch)
     resumed = run_evaluation(settings, tmp_path / "cut", show_bars=False)
     assert trained == ["synthetic seed 0", "real seed 1", "real+synthetic seed 1", "synthetic seed 1"]
     assert resumed["runs"]["reused"] == ["real seed 0", "real+synthetic seed 0"]
@@ -229,13 +235,9 @@ def test_saved_runs_are_keyed_by_the_data_sets_content_not_its_path(data_tar, ti
                                                                       monkeypatch):
     import shutil
 
-    import training.evaluate as evaluate
     from tests.evaluation.conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, write_tar
 
-    trained = []
-    real_train = evaluate.train_classifier
-    monkeypatch.setattr(evaluate, "train_classifier",
-                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    trained = _count_training(monkeypatch)
     data = shutil.copy(data_tar, tmp_path / "data.tar.gz")
     settings = EvaluationSettings(data=str(data), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
                                   synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0,), steps=2,
@@ -257,12 +259,7 @@ def test_a_synthetic_set_sampled_again_into_its_cache_entry_trains_its_arms_agai
     rounding) has other pixels: the runs that used it train again, the real arm's is reused."""
     import numpy as np
 
-    import training.evaluate as evaluate
-
-    trained = []
-    real_train = evaluate.train_classifier
-    monkeypatch.setattr(evaluate, "train_classifier",
-                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    trained = _count_training(monkeypatch)
     settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
                                   synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0,), steps=2,
                                   guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
@@ -290,10 +287,7 @@ def test_the_real_arm_is_reused_by_an_experiment_that_changes_only_the_synthetic
                                                                                        cache_dir, tmp_path, monkeypatch):
     import training.evaluate as evaluate
 
-    trained = []
-    real_train, real_key = evaluate.train_classifier, evaluate.run_key
-    monkeypatch.setattr(evaluate, "train_classifier",
-                        lambda model, x, y, tset, **kw: trained.append(kw["desc"]) or real_train(model, x, y, tset, **kw))
+    trained, real_key = _count_training(monkeypatch), evaluate.run_key
     settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
                                   synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0,), steps=2,
                                   guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
