@@ -101,6 +101,9 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
         image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     if null_class is None:
         null_class = getattr(model, "null_class", None)
+    if guidance != 1.0 and null_class is None:  # w = 0 is the unconditional model alone
+        raise ValueError(f"guidance {guidance} needs the unconditional class: the model has no null_class; "
+                         "pass null_class= or use guidance 1")
     try:
         device = next(model.parameters()).device  # type: ignore[attr-defined]
     except (AttributeError, StopIteration):

@@ -140,6 +140,17 @@ def test_guided_eps_without_null_class_is_conditional():
     torch.testing.assert_close(got, model(x, torch.full((2,), 3), labels))
 
 
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_sample_refuses_guidance_without_null_class(guidance, linear_schedule):
+    # a model without an unconditional class cannot be guided; the sampler must not silently sample unguided
+    labels = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="null_class"):
+        sample(RecordingModel(null_class=None), linear_schedule, labels, [0, 1], guidance=guidance,
+               image_shape=(1, 2, 2))
+    out = sample(RecordingModel(null_class=None), linear_schedule, labels, [0, 1], guidance=1.0,
+                 image_shape=(1, 2, 2), steps=2)
+    assert out.shape == (2, 1, 2, 2)
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("guidance,batch", [(1.0, 4), (1.5, 8)])
 def test_model_calls_per_step(sampler, guidance, batch, linear_schedule):
