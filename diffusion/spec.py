@@ -130,7 +130,7 @@ def parse_guidance_interval(value: str | Sequence[float] | None) -> GuidanceInte
         if not isinstance(value, (str, list, tuple)):  # a dict or set would give its keys
             raise TypeError
         numbers = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too big for a float
         raise ValueError(f"guidance interval must be two numbers, 'lo,hi' or [lo, hi], or "
                          f"'{GUIDANCE_INTERVAL_ALL}'; got {value!r}") from None
     return check_guidance_interval(numbers)

@@ -93,6 +93,17 @@ def test_bad_body_is_422_naming_the_field(idle, body, loc, words):
         assert w in msg, (w, msg)
 
 
+@pytest.mark.parametrize("url, body", [
+    ("/generate", {"classes": {"cat": 1}, "guidance_interval": [0, 10 ** 400]}),
+    ("/evaluations", {"guidance_interval": [0, 10 ** 400]}),
+])
+def test_an_integer_too_big_for_a_float_is_422_not_500(idle, url, body):
+    # float(10 ** 400) raises OverflowError, not ValueError; it must still be the caller's error
+    r = idle.post(url, json=body)
+    assert r.status_code == 422, r.text
+    assert ["body", "guidance_interval"] in _locs(r), r.json()
+    assert any("two numbers" in e["msg"] for e in r.json()["detail"]), r.json()
+
 @pytest.mark.parametrize("method, url, raw, loc", [
     ("post", "/generate?class=cat&n=1&guidance=nan", None, ["query", "guidance"]),
     ("post", "/generate?class=cat&n=1&guidance=inf", None, ["query", "guidance"]),
