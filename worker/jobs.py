@@ -39,21 +39,34 @@ CANCEL_FLAG_TTL = 7 * 24 * 3600
 # the clean-up, leaves a record that expires instead of a queued job that never runs.
 PENDING_TTL = 300
 
-# KEYS: record, recent, queued.  ARGV: max_queued, submit time, id, pending ttl, record key prefix,
-# field, value, field, value ...  When the queue is full, queued ids whose record has gone (a submit that never
-# reached the broker) are dropped first: they hold no place in it.
-_CREATE = """
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-    if redis.call('EXISTS', ARGV[5] .. id) == 0 then redis.call('ZREM', KEYS[3], id) end
+# Queued ids whose record has gone (a submit that never reached the broker, see PENDING_TTL) hold no place in
+# the queue: every script that counts or ranks the queue drops them first.  At most max_queued ids to look at.
+_PRUNE_QUEUED = """
+local function prune_queued(queued, record_prefix)
+  for _, id in ipairs(redis.call('ZRANGE', queued, 0, -1)) do
+    if redis.call('EXISTS', record_prefix .. id) == 0 then redis.call('ZREM', queued, id) end
   end
 end
+"""
+
+# KEYS: record, recent, queued.  ARGV: max_queued, submit time, id, pending ttl, record key prefix,
+# field, value, field, value ...
+_CREATE = _PRUNE_QUEUED + """
+prune_queued(KEYS[3], ARGV[5])
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
+"""
+
+# KEYS: queued.  ARGV: record key prefix[, id].  Returns {queued jobs, the id's 0-based rank or nil}.
+_QUEUED = _PRUNE_QUEUED + """
+prune_queued(KEYS[1], ARGV[1])
+local rank = false
+if ARGV[2] then rank = redis.call('ZRANK', KEYS[1], ARGV[2]) end
+return {redis.call('ZCARD', KEYS[1]), rank}
 """
 
 # KEYS: record.  ARGV: field, value, ...  Only an existing record: a job forgotten at submit (its message
@@ -111,6 +124,7 @@ class JobStore:
         self.sleep, self.clock = time.sleep, time.monotonic  # replaceable in tests
         self._create = client.register_script(_CREATE)
         self._update = client.register_script(_UPDATE)
+        self._queued = client.register_script(_QUEUED)
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -178,11 +192,13 @@ class JobStore:
 
     def queue_position(self, job_id: str) -> int | None:
         """1 = next to start; None when the job is not queued."""
-        rank = self.r.zrank(self.queued_key, job_id)
+        _, rank = self._queued(keys=[self.queued_key], args=[self.key(""), job_id])
         return None if rank is None else rank + 1
 
     def queued_count(self) -> int:
-        return self.r.zcard(self.queued_key)
+        """Jobs waiting to start (not counting submits whose record expired before their message was sent)."""
+        count, _ = self._queued(keys=[self.queued_key], args=[self.key("")])
+        return count
 
     def request_cancel(self, job_id: str) -> dict | None:
         """Flag the job for cancellation; a queued job is canceled at once.  Returns the record."""

@@ -130,7 +130,7 @@ def test_a_record_lives_only_once_its_message_is_sent(settings):
 
 def test_a_job_whose_message_was_never_sent_holds_no_place_in_the_queue(settings):
     """The API died between storing a record and sending its message: the record expires, and its id stops
-    counting toward the queue limit and the queue positions at the next submit."""
+    counting toward the queue limit: a full queue takes the next submit."""
     store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
     orphan, queued = new_job_id(), new_job_id()
     store.create(new_record(orphan, {"steps": 2}, 1, 2), max_queued=2)
@@ -143,6 +143,20 @@ def test_a_job_whose_message_was_never_sent_holds_no_place_in_the_queue(settings
     assert store.get(orphan) is None and store.queue_position(orphan) is None
     assert [store.queue_position(i) for i in (queued, late)] == [1, 2]
 
+
+def test_an_expired_submit_is_not_counted_while_the_queue_has_room(settings):
+    """The same without a full queue or a later submit: positions and the queued count (GET /readyz) skip it."""
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    orphan, queued = new_job_id(), new_job_id()
+    store.create(new_record(orphan, {"steps": 2}, 1, 2), max_queued=100)
+    time.sleep(0.002)
+    store.create(new_record(queued, {"steps": 2}, 1, 2), max_queued=100)
+    store.confirm(queued)
+    assert store.queue_position(queued) == 2 and store.queued_count() == 2
+    store.r.pexpire(store.key(orphan), 1)  # PENDING_TTL passing
+    time.sleep(0.01)
+    assert store.queue_position(queued) == 1 and store.queued_count() == 1
+    assert store.queue_position(orphan) is None
 
 def test_a_failed_send_leaves_no_queued_record_even_if_redis_fails_too(settings):
     from fastapi import HTTPException
