@@ -249,6 +249,30 @@ def test_hard_time_limit_marks_the_record_failed(store, body_settings, monkeypat
     assert store.get(job_id)["error"].startswith("hard time limit")  # a finished record is not rewritten
 
 
+
+def test_celery_calls_on_failure_after_a_hard_time_limit(store, body_settings, monkeypatch):
+    # The test above calls on_failure by hand; this one checks that Celery calls it when the pool kills a
+    # child at the hard limit (Request.on_timeout in the worker's main process). Celery releases before 5.7
+    # only marked the result backend, so the record would stay "running" for ever: pyproject pins >= 5.7.
+    from unittest import mock
+
+    from celery.contrib.testing.mocks import TaskMessage
+    from celery.worker.request import Request
+
+    import worker.tasks as tasks
+    from worker.celery_app import celery_for
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: body_settings)
+    job_id = _submit(store)
+    store.transition(job_id, ("queued",), {"status": "running"})
+    task = celery_for(body_settings).tasks[tasks.TASK_GENERATE]
+    message = TaskMessage(task.name, id=job_id, kwargs={"job_id": job_id, "request": REQUEST})
+    with mock.patch.object(task.backend, "mark_as_failure"):
+        Request(message, app=task.app, task=task).on_timeout(soft=False, timeout=16)
+    rec = store.get(job_id)
+    assert rec["status"] == "failed"
+    assert rec["error"] == f"hard time limit of {body_settings.hard_time_limit} s exceeded"
+
 def test_the_evaluation_task_reports_its_own_hard_limit(store, make_settings, tmp_path, monkeypatch):
     from celery.exceptions import TimeLimitExceeded
 
