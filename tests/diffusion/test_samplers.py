@@ -151,6 +151,7 @@ def test_sample_refuses_guidance_without_null_class(guidance, linear_schedule):
                  image_shape=(1, 2, 2), steps=2)
     assert out.shape == (2, 1, 2, 2)
 
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("guidance,batch", [(1.0, 4), (1.5, 8)])
 def test_model_calls_per_step(sampler, guidance, batch, linear_schedule):

@@ -249,7 +249,6 @@ def test_hard_time_limit_marks_the_record_failed(store, body_settings, monkeypat
     assert store.get(job_id)["error"].startswith("hard time limit")  # a finished record is not rewritten
 
 
-
 def test_celery_calls_on_failure_after_a_hard_time_limit(store, body_settings, monkeypatch):
     # The test above calls on_failure by hand; this one checks that Celery calls it when the pool kills a
     # child at the hard limit (Request.on_timeout in the worker's main process). Celery releases before 5.7
@@ -272,6 +271,7 @@ def test_celery_calls_on_failure_after_a_hard_time_limit(store, body_settings, m
     rec = store.get(job_id)
     assert rec["status"] == "failed"
     assert rec["error"] == f"hard time limit of {body_settings.hard_time_limit} s exceeded"
+
 
 def test_the_evaluation_task_reports_its_own_hard_limit(store, make_settings, tmp_path, monkeypatch):
     from celery.exceptions import TimeLimitExceeded
