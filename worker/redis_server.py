@@ -36,11 +36,15 @@ def redis_server_binary() -> Path:
     return path
 
 
+# Looked up here, in the parent: a child forked while other threads run (serve's supervisor starting a worker
+# beside uvicorn's threads) should not load libraries between fork and exec.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a child process: Linux sends it SIGTERM when its parent dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:

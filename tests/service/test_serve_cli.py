@@ -118,31 +118,60 @@ def test_worker_options_reach_the_settings_through_the_environment(tmp_path, mon
 
 
 def _supervise(script: str, min_uptime: float) -> tuple[WorkerSupervisor, threading.Event]:
-    failed = threading.Event()
-    return WorkerSupervisor([sys.executable, "-c", script], env=dict(os.environ), on_fail=failed.set,
-                            min_uptime=min_uptime).start(), failed
+    stopped = threading.Event()
+    return WorkerSupervisor([sys.executable, "-c", script], env=dict(os.environ), on_stop=stopped.set,
+                            min_uptime=min_uptime).start(), stopped
 
 
-def test_a_worker_that_dies_at_its_start_stops_the_service():
-    sup, failed = _supervise("import sys; sys.exit(3)", min_uptime=60)
-    assert failed.wait(10)
-    assert sup.failed == 3 and sup.starts == 1
-    sup.stop()
+def test_a_worker_that_crashes_at_its_start_stops_the_service():
+    sup, stopped = _supervise("import sys; sys.exit(3)", min_uptime=60)
+    try:
+        assert stopped.wait(10)
+        assert sup.error.startswith("the worker exited with status 3 within 60 s of its start") and sup.starts == 1
+    finally:
+        sup.stop()
 
 
-def test_a_worker_that_dies_after_running_a_while_is_started_again(tmp_path):
-    # each run appends a line and exits after 0.3 s, past min_uptime: the supervisor starts another
+def test_a_worker_that_crashes_after_running_a_while_is_started_again(tmp_path):
+    # each run appends a line and crashes after 0.3 s, past min_uptime: the supervisor starts another
     runs = tmp_path / "runs"
-    sup, failed = _supervise(f"import time; open({str(runs)!r}, 'a').write('x\\n'); time.sleep(0.3)",
-                             min_uptime=0.1)
-    wait_for(lambda: runs.exists() and len(runs.read_text().split()) >= 3, 20,
-             "the worker to be started again twice and run")
-    sup.stop()
-    assert not failed.is_set() and sup.failed is None
+    sup, stopped = _supervise(f"import sys, time; open({str(runs)!r}, 'a').write('x\\n'); time.sleep(0.3); "
+                              "sys.exit(1)", min_uptime=0.1)
+    try:
+        wait_for(lambda: runs.exists() and len(runs.read_text().split()) >= 3, 20,
+                 "the worker to be started again twice and run")
+    finally:
+        sup.stop()
+    assert not stopped.is_set() and sup.error is None
     starts = sup.starts
     time.sleep(0.5)
     assert sup.starts == starts  # stopped: not started again
     assert sup.proc.poll() is not None
+
+
+def test_a_worker_that_was_asked_to_stop_stops_the_service_without_an_error():
+    # status 0 is a worker's cold shutdown by a signal that reached it (a service manager signalling every
+    # process of the service): not a crash to restart, nor a failure to report
+    sup, stopped = _supervise("import time; time.sleep(0.3)", min_uptime=0.1)
+    try:
+        assert stopped.wait(10)
+        assert sup.error is None and sup.starts == 1
+    finally:
+        sup.stop()
+
+
+def test_a_worker_that_cannot_be_started_again_stops_the_service(monkeypatch):
+    sup, stopped = _supervise("import sys, time; time.sleep(0.3); sys.exit(1)", min_uptime=0.1)
+    try:
+        def no_fork(*a, **k):
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        monkeypatch.setattr(subprocess, "Popen", no_fork)  # from now on: the restart fails
+        assert stopped.wait(10)
+        assert sup.starts == 1
+        assert sup.error.startswith("the worker exited with status 1 and could not be started again:")
+    finally:
+        monkeypatch.undo()
+        sup.stop()
 
 
 def test_serve_stops_when_its_worker_dies_at_its_start(tmp_path, tiny_checkpoint):
