@@ -104,6 +104,7 @@ def test_an_integer_too_big_for_a_float_is_422_not_500(idle, url, body):
     assert ["body", "guidance_interval"] in _locs(r), r.json()
     assert any("two numbers" in e["msg"] for e in r.json()["detail"]), r.json()
 
+
 @pytest.mark.parametrize("method, url, raw, loc", [
     ("post", "/generate?class=cat&n=1&guidance=nan", None, ["query", "guidance"]),
     ("post", "/generate?class=cat&n=1&guidance=inf", None, ["query", "guidance"]),

@@ -89,7 +89,6 @@ def test_dockerfile_builds_the_cuda_image():
     assert re.search(r"apt-get install [^\n]*\bgcc\b", text) and "python3.11-dev" in text
 
 
-
 def test_compose_passes_the_cuda_build_args_only_when_set(compose):
     # README: TORCH_INDEX and CUDA_IMAGE pick another CUDA build through `docker compose up --build`; a bare
     # name passes the environment's value if set, and otherwise leaves Dockerfile.gpu's default
@@ -100,6 +99,7 @@ def test_compose_passes_the_cuda_build_args_only_when_set(compose):
         assert sorted(build["args"]) == ["CUDA_IMAGE", "TORCH_INDEX"]
     for arg in ("CUDA_IMAGE", "TORCH_INDEX"):
         assert re.search(rf"^ARG {arg}=\S", dockerfile, re.M)
+
 
 def test_dockerignore_keeps_local_state_out():
     ignored = (REPO / ".dockerignore").read_text().split()

@@ -158,6 +158,7 @@ def test_an_expired_submit_is_not_counted_while_the_queue_has_room(settings):
     assert store.queue_position(queued) == 1 and store.queued_count() == 1
     assert store.queue_position(orphan) is None
 
+
 def test_a_failed_send_leaves_no_queued_record_even_if_redis_fails_too(settings):
     from fastapi import HTTPException
 
