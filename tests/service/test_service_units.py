@@ -128,15 +128,21 @@ def test_a_record_lives_only_once_its_message_is_sent(settings):
     assert store.r.ttl(store.key(done)) == -1
 
 
+def _orphan_before_a_job(settings, max_queued: int) -> tuple[JobStore, str, str]:
+    """A submit whose message was never sent (unconfirmed), then a confirmed one queued behind it."""
+    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
+    orphan, queued = new_job_id(), new_job_id()
+    store.create(new_record(orphan, {"steps": 2}, 1, 2), max_queued=max_queued)
+    time.sleep(0.002)
+    store.create(new_record(queued, {"steps": 2}, 1, 2), max_queued=max_queued)
+    store.confirm(queued)
+    return store, orphan, queued
+
+
 def test_a_job_whose_message_was_never_sent_holds_no_place_in_the_queue(settings):
     """The API died between storing a record and sending its message: the record expires, and its id stops
     counting toward the queue limit: a full queue takes the next submit."""
-    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
-    orphan, queued = new_job_id(), new_job_id()
-    store.create(new_record(orphan, {"steps": 2}, 1, 2), max_queued=2)
-    time.sleep(0.002)
-    store.create(new_record(queued, {"steps": 2}, 1, 2), max_queued=2)
-    store.confirm(queued)
+    store, orphan, queued = _orphan_before_a_job(settings, max_queued=2)
     store.r.pexpire(store.key(orphan), 1)  # PENDING_TTL passing
     time.sleep(0.01)
     store.create(new_record(late := new_job_id(), {"steps": 2}, 1, 2), max_queued=2)  # not QueueFull
@@ -146,12 +152,7 @@ def test_a_job_whose_message_was_never_sent_holds_no_place_in_the_queue(settings
 
 def test_an_expired_submit_is_not_counted_while_the_queue_has_room(settings):
     """The same without a full queue or a later submit: positions and the queued count (GET /readyz) skip it."""
-    store = JobStore(connect(settings.redis_url), f"units-{uuid.uuid4().hex[:8]}")
-    orphan, queued = new_job_id(), new_job_id()
-    store.create(new_record(orphan, {"steps": 2}, 1, 2), max_queued=100)
-    time.sleep(0.002)
-    store.create(new_record(queued, {"steps": 2}, 1, 2), max_queued=100)
-    store.confirm(queued)
+    store, orphan, queued = _orphan_before_a_job(settings, max_queued=100)
     assert store.queue_position(queued) == 2 and store.queued_count() == 2
     store.r.pexpire(store.key(orphan), 1)  # PENDING_TTL passing
     time.sleep(0.01)
