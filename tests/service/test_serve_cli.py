@@ -34,11 +34,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _serve_env() -> dict[str, str]:
+    """This environment without the service's settings (serve starts its own Redis), on one CPU thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMDATA_") and k != "REDIS_URL"}
+    env.update(DREAMDATA_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    return env
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_runs_all_three_and_stops_them(tmp_path, tiny_checkpoint, sig):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMDATA_") and k != "REDIS_URL"}
-    env.update(DREAMDATA_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    env = _serve_env()
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dreamdata_cli", "serve", "--port", str(port),
                              "--data-dir", str(tmp_path / "data"), "--checkpoint", str(tiny_checkpoint)],
@@ -180,8 +186,7 @@ def test_serve_stops_when_its_worker_dies_at_its_start(tmp_path, tiny_checkpoint
     ckpt = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, ckpt)
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMDATA_") and k != "REDIS_URL"}
-    env.update(DREAMDATA_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    env = _serve_env()
     proc = subprocess.run([sys.executable, "-m", "dreamdata_cli", "serve", "--port", str(free_port()),
                            "--data-dir", str(tmp_path / "data"), "--checkpoint", str(ckpt), "--pool", "threads"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
