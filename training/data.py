@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,7 +240,8 @@ def load_dataset(path: str | os.PathLike, split: str = "train", image_size: int 
     log.info("decoded %d images in %d classes from %s", len(ds), len(ds.class_names), path)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks decode and write concurrently
+        # DDP ranks, and jobs of one threads-pool worker, decode and write concurrently: a name of their own
+        tmp = cache.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         torch.save({"images": ds.images, "labels": ds.labels, "class_names": list(ds.class_names)}, tmp)
         tmp.replace(cache)
     except OSError as e:  # a read-only home must not stop training

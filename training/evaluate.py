@@ -264,6 +264,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
                    progress: ProgressFn | None = None,   # (fraction, message); raise from it to cancel
                    checkpoint: Checkpoint | None = None, # an already loaded checkpoint (the worker's)
                    sample_fn: Callable = sample,         # the worker may pass its batching sampler
+                   check: Callable[[], None] | None = None,  # with it: raises to stop waiting (synthetic_images)
                    show_bars: bool = True,               # tqdm bars on stderr (off in the worker)
                    resume: bool = True,                  # reuse the finished runs saved in out_dir/runs
                    ) -> dict:
@@ -294,7 +295,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
         checkpoint if checkpoint is not None else (settings.checkpoint or default_checkpoint()),
         settings.synthetic_per_class, settings.sampler_settings, base_seed=settings.synthetic_seed,
         cache_dir=cache_dir, device=device, precision=settings.precision, batch_size=settings.sample_batch_size,
-        sample_fn=sample_fn,
+        sample_fn=sample_fn, check=check,
         progress=lambda f: report_progress(gen_share * f, f"sampling synthetic images ({f:.0%})"))
     synth = align_classes(synth, names)
     synth_fp = synth.fingerprint()  # the set's content (the run key names its cache entry): saved with each run

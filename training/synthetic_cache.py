@@ -9,11 +9,14 @@ entry grows across runs (and sessions) instead of being sampled again.  It lives
         images/<class index>/<j>.png    one PNG per image, with its metadata (class, seed, sampler, ...)
         grid.png                        the first 10 images of every class (rewritten when the set grows)
         timing.json                     images sampled into the entry and the seconds they took, summed
+        .lock                           held (``fcntl.flock``) by the one process or thread sampling into it
 
 keyed by the checkpoint weights' sha256, the sampler settings, the seed base and the precision of the
 model calls (``diffusion.precision``: bf16 images differ from fp32 ones).  A PNG is written
 atomically as soon as its batch is done, so an interrupted run keeps its images; a set is complete when
-all of its PNGs exist.  Missing images are sampled j-major (every class's image j before any class's
+all of its PNGs exist.  One writer fills an entry at a time: a second (another job of a threads-pool worker,
+or the command line and the service sharing a cache) waits for the lock, then samples only what is still
+missing, so no image is sampled twice.  Missing images are sampled j-major (every class's image j before any class's
 j + 1), so an interrupted run toward a large set leaves the largest possible complete smaller set.
 ``CACHE`` defaults to ``training.data.default_cache_dir()`` (``$DREAMDATA_CACHE`` or ``~/.cache/dreamdata``).
 Any single image can be reproduced through the service: ``POST /generate`` with its class, n=1 and its seed
@@ -27,6 +30,8 @@ sampler, so a set whose images came from both sides of such a change is still a 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +39,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -102,6 +107,32 @@ def _add_time(folder: Path, images: int, seconds: float) -> None:
     tmp.replace(folder / "timing.json")
 
 
+@contextlib.contextmanager
+def filling(folder: Path, check: Callable[[], None] | None = None, poll: float = 1.0) -> Iterator[None]:
+    """Hold ``folder``'s fill lock (creating the folder): one writer per entry, across processes and threads
+    (each call opens the lock file anew, and ``flock`` locks belong to an open file).  While another writer
+    holds it, wait, calling ``check`` every ``poll`` seconds (it may raise to give up: a canceled job).  The
+    kernel drops the lock of a writer that dies, so a killed run never leaves an entry locked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log.info("another writer is sampling into %s: waiting for it", folder)
+                    waited = True
+                if check is not None:
+                    check()
+                time.sleep(poll)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_pngs(folder: Path, specs: list[ImageSpec]) -> tuple[torch.Tensor, torch.Tensor]:
     """The PNGs of ``specs`` (in that order) -> (uint8 [N, 3, H, W], int64 [N])."""
     arrays = [np.asarray(Image.open(folder / s.file).convert("RGB"), dtype=np.uint8) for s in specs]
@@ -117,6 +148,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
                      batch_size: int | None = None,           # images per model batch (default: the device's)
                      sample_fn: Callable = sample,            # the worker may pass its batching sampler
                      progress: ProgressFn | None = None,
+                     check: Callable[[], None] | None = None, # raises to stop waiting (the lock, a batch's turn)
                      ) -> tuple[LabelledImages, dict]:
     """``per_class`` synthetic images of every class (class-major), from the cache or sampled into it.
 
@@ -126,7 +158,8 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     ``{"cache_dir", "reused", "checkpoint_sha256", "seconds", "sampled", "class_seed_stride", "precision",
     "compiled"}`` (compiled: this call sampled images, on a ``torch.compile`` wrapper of the model):
     ``seconds`` of sampling in this call (0 when reused) for ``sampled`` images; ``reused`` is true when
-    nothing had to be sampled.
+    nothing had to be sampled.  ``check`` is called while this call waits for another writer of the same entry
+    (:func:`filling`) and goes to ``sample_fn`` (see ``training.generate.sample_specs``); it may raise to stop.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
@@ -143,30 +176,32 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     if folder.is_dir():
         touch(folder)  # in use from now on: sampling into it also renews this, batch by batch (timing.json)
     todo = [s for s in specs if not (folder / s.file).exists()]
-    info = {"cache_dir": str(folder), "reused": not todo, "checkpoint_sha256": sha, "seconds": 0.0,
-            "sampled": len(todo), "class_seed_stride": CLASS_SEED_STRIDE,  # image j of class c: base + c * stride + j
+    sampled, seconds, on_disk = 0, 0.0, len(specs) - len(todo)
+    if todo:
+        with filling(folder, check):
+            todo = [s for s in specs if not (folder / s.file).exists()]  # another writer may have sampled some
+            on_disk = len(specs) - len(todo)
+            if todo:
+                def on_progress(done: int, total: int, step: int, steps: int) -> None:  # done, total: of ``todo``
+                    if progress:
+                        progress(progress_fraction(on_disk + done, len(specs), step, steps, batch_size))
+
+                log.info("sampling %d synthetic images into %s (%d on disk)", len(todo), folder, on_disk)
+                t0 = time.perf_counter()
+                # timing.json grows batch by batch, so a run stopped half way still accounts for the images it wrote
+                sampled = sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, autocast=bf16,
+                                       progress=on_progress, sample_fn=sample_fn, check=check,
+                                       on_batch=lambda n, secs: _add_time(folder, n, secs))
+                seconds = round(time.perf_counter() - t0, 3)
+                write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
+    if not sampled and progress:
+        progress(1.0)
+    info = {"cache_dir": str(folder), "reused": not sampled, "checkpoint_sha256": sha, "seconds": seconds,
+            "sampled": sampled, "class_seed_stride": CLASS_SEED_STRIDE,  # image j of class c: base + c * stride + j
             "precision": "bf16" if bf16 else "fp32",
-            "compiled": bool(todo) and isinstance(ckpt.model, torch._dynamo.eval_frame.OptimizedModule)}
+            "compiled": bool(sampled) and isinstance(ckpt.model, torch._dynamo.eval_frame.OptimizedModule)}
     if ckpt.precision is not None:
         info["precision_reason"] = ckpt.precision.reason
-    if todo:
-        on_disk = len(specs) - len(todo)
-
-        def on_progress(done: int, total: int, step: int, steps: int) -> None:  # done, total: of ``todo``
-            if progress:
-                progress(progress_fraction(on_disk + done, len(specs), step, steps, batch_size))
-
-        log.info("sampling %d synthetic images into %s (%d on disk)", len(todo), folder, on_disk)
-        t0 = time.perf_counter()
-        # sample_specs looks again at what is on disk (another process may be filling the same entry)
-        # timing.json grows batch by batch, so a run stopped half way still accounts for the images it wrote
-        info["sampled"] = sample_specs(ckpt, todo, folder, settings=settings, batch_size=batch_size, autocast=bf16,
-                                       progress=on_progress, sample_fn=sample_fn,
-                                       on_batch=lambda n, seconds: _add_time(folder, n, seconds))
-        info["seconds"] = round(time.perf_counter() - t0, 3)
-        write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
-    elif progress:
-        progress(1.0)
     touch(folder)  # its last use, for the service's cache pruning (worker.jobs.prune_cache)
     ordered = sorted(specs, key=lambda s: s.index)
     images, labels = load_pngs(folder, ordered)

@@ -17,8 +17,8 @@ from pathlib import Path
 from training.evaluate import RUNS_DIR, EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
-from .generation import (not_run, record_canceled, record_failed, start_job, stopped_by_shutdown, worker_model,
-                         write_json)
+from .generation import (job_sampler, not_run, record_canceled, record_failed, start_job, stopped_by_shutdown,
+                         worker_model, write_json)
 from .jobs import RUNNING, SUCCEEDED, JobStore
 from .progress import JobCanceled, StageProgress, job_hooks
 from .stopping import WorkerStopping
@@ -95,7 +95,10 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
         progress = StageProgress(*job_hooks(store, job_id), interval=settings.progress_interval,
                                  time_limit=settings.eval_time_limit, start=rec.get("progress") or 0.0)
         clear_partial_report(out)
-        report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False)
+        # the generation jobs' batching sampler: on a threads-pool worker the set's batches share model calls with
+        # them, padded to the compiled shapes; progress.check stops a batch waiting its turn (or the cache's lock)
+        report = run_evaluation(config, out, progress=progress, checkpoint=ckpt, show_bars=False,
+                                sample_fn=job_sampler(settings), check=progress.check)
         publish(report, out)
     except JobCanceled:
         return record_canceled(store, job_id, out)

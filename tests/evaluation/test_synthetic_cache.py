@@ -1,6 +1,7 @@
 """The synthetic-set cache: per-class seeds, so a set grows instead of being sampled again."""
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from diffusion.samplers import SamplerSettings
-from training.synthetic_cache import CLASS_SEED_STRIDE, cache_path, image_specs, missing, synthetic_images
+from training.synthetic_cache import CLASS_SEED_STRIDE, cache_path, filling, image_specs, missing, synthetic_images
 
 SETTINGS = SamplerSettings("ddim", 2, 1.0)
 
@@ -70,6 +71,57 @@ def test_an_interrupted_fill_keeps_its_images_and_images_do_not_depend_on_the_ba
     assert missing(folder, 2, 10, 0) == 0
     # sampled again in other batches (of 3, not 20), the images are the same up to float rounding
     assert (refilled.images.int() - full.images.int()).abs().max() <= 1
+
+
+def test_two_writers_of_one_entry_sample_each_image_once(tiny_checkpoint, cache_dir):
+    """Two jobs of a threads-pool worker (or the CLI and the service) filling one entry: the second waits for
+    the first's lock, then finds the images on disk, instead of sampling the whole set again beside it."""
+    from diffusion.samplers import sample
+
+    seeds: list[int] = []
+    start = threading.Barrier(2)
+    results: list = [None, None]
+
+    def counting(*args, **kwargs):
+        seeds.extend(args[3])
+        return sample(*args, **kwargs)
+
+    def fill(i: int) -> None:
+        start.wait()
+        results[i] = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, batch_size=5,
+                                      sample_fn=counting)
+
+    threads = [threading.Thread(target=fill, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in results), "a writer failed (see the captured log)"
+    assert sorted(seeds) == sorted(s.seed for s in image_specs(2, 10, 0))  # every image once, by one writer
+    assert sorted(info["sampled"] for _, info in results) == [0, 20]
+    assert torch.equal(results[0][0].images, results[1][0].images)
+    assert json.loads((Path(results[0][1]["cache_dir"]) / "timing.json").read_text())["images"] == 20
+
+
+def test_a_writer_waiting_for_the_lock_stops_when_its_check_raises(tiny_checkpoint, cache_dir, sampling_calls):
+    class Canceled(Exception):
+        pass
+
+    _, info = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir)
+    folder = Path(info["cache_dir"])
+    checks = []
+
+    def cancel_on_the_second_look() -> None:
+        checks.append(time.monotonic())
+        if len(checks) == 2:
+            raise Canceled
+
+    with filling(folder):  # another writer holds the entry
+        with pytest.raises(Canceled):
+            synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, check=cancel_on_the_second_look)
+    assert len(sampling_calls) == 1 and missing(folder, 2, 10, 0) == 10  # it sampled nothing
+    _, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir)  # the lock is free again
+    assert info["sampled"] == 10
 
 
 def test_a_stopped_fill_has_recorded_the_time_of_the_batches_it_wrote(tiny_checkpoint, cache_dir):

@@ -197,6 +197,27 @@ def test_an_evaluation_delivered_again_trains_only_the_runs_it_had_not_finished(
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_evaluation_samples_through_the_workers_batching_sampler(make_settings, tmp_path, monkeypatch):
+    """Its synthetic set goes through the generation jobs' batching sampler (shared model calls on a threads-pool
+    worker, padded shapes with compile on), with the job's check, so a batch waiting its turn can be stopped."""
+    from worker.batching import BatchingSampler
+
+    settings = make_settings(data_dir=tmp_path, key_prefix=f"body-{uuid.uuid4().hex[:8]}")
+    store = JobStore(connect(settings.redis_url), settings.key_prefix)
+    job_id = new_job_id()
+    store.create(new_record(job_id, QUICK, 20, 2, job_type="evaluation"), max_queued=10)
+    calls, real_call = [], BatchingSampler.__call__
+
+    def recording(self, model, schedule, labels, seeds, **kwargs):
+        calls.append((len(seeds), kwargs.get("check")))
+        return real_call(self, model, schedule, labels, seeds, **kwargs)
+
+    monkeypatch.setattr(BatchingSampler, "__call__", recording)
+    assert run_evaluation_job(job_id, QUICK, store=store, settings=settings)["status"] == "succeeded"
+    assert [n for n, _ in calls] == [4] * 5  # 2 per class, in the worker's batches of 4
+    assert all(callable(check) for _, check in calls)
+
+
 def test_stage_progress_throttles_and_cancels():
     writes, clock, canceled = [], [0.0], [False]
     p = StageProgress(lambda **f: writes.append(f), lambda: canceled[0], interval=1.0, clock=lambda: clock[0])
