@@ -108,6 +108,12 @@ def benchmark_precisions(arg: str | None) -> tuple[list[str], str | None]:
                                              "anyway)" if arg is None else f"--precisions {arg}")
 
 
+def gpu_has_bf16(device: torch.device | str) -> bool:
+    """Whether a CUDA GPU computes bf16 natively (compute capability 8.0 or newer: Ampere, Hopper, ...).  Older
+    ones (V100, T4) emulate it, slower than fp32, though ``torch.cuda.is_bf16_supported()`` says yes."""
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+
+
 def _time_forward(model: torch.nn.Module, bf16: bool, channels_last: bool, device: torch.device,
                   give_up_after: float = float("inf")) -> float:
     """Median seconds of ``PROBE_REPEATS`` forward passes after a warm-up one; the warm-up's seconds alone
@@ -148,8 +154,9 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
     p = requested_precision(precision)
     device = next(model.parameters()).device
     if device.type != "cpu":
-        bf16 = p != "fp32"
-        return PrecisionChoice(bf16, False, f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type} ({p})")
+        bf16 = p == "bf16" or (p == "auto" and (device.type != "cuda" or gpu_has_bf16(device)))
+        why = p if bf16 or p == "fp32" else "auto: this GPU has no native bf16"
+        return PrecisionChoice(bf16, False, f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type} ({why})")
     if p != "auto":
         # fp32: channels_last was measured faster on both CPUs above; bf16: NCHW on the EPYC
         choice = PrecisionChoice(p == "bf16", p == "fp32", f"{p} (requested)")

@@ -6,11 +6,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from diffusion.samplers import SamplerSettings
 from diffusion.schedules import ScheduleConfig, make_betas
 from diffusion.unet import UNET_CONFIGS, UNetConfig
 
 
 CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
+GRID_SAMPLER = "dpmpp"  # the sampler of the sample grids that training writes (sample_steps steps, unguided)
 
 # Numeric fields: (integer only?, allowed range in words, test; every test is false for NaN). None, the default of
 # max_minutes and num_threads, means "not set" there and stays allowed.
@@ -102,6 +104,11 @@ class TrainConfig:
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             raise ValueError(f"checkpoint_dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, "
                              f"got {self.checkpoint_dtype!r}")
+        if self.sample_every:  # the sample grids' sampler, checked now rather than at the first grid
+            try:
+                SamplerSettings(GRID_SAMPLER, self.sample_steps, 1.0).validate(self.schedule.timesteps)
+            except ValueError as e:
+                raise ValueError(f"training config: sample_steps: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,7 +1,10 @@
 """Train a class-conditional DDPM.
 
     dreamdata train --config cifar10-cpu --data ../shared/data/cifar10-jpeg.tar.gz --out runs/cpu [--resume]
-    torchrun --nproc_per_node 8 -m training.train --config cifar10-ddpm --data ... --out runs/ddpm
+    torchrun --nproc_per_node 8 --shutdown-timeout 300 -m training.train --config cifar10-ddpm --data ... --out runs/ddpm
+
+(torchrun sends SIGKILL 30 s after it forwards a stop unless ``--shutdown-timeout`` says otherwise: rank 0
+needs the time to finish its step and write the state.)
 
 Writes to ``--out``: ``state.pt`` (resumable training state: weights, EMA, optimizer, step, RNG),
 ``checkpoint/`` (EMA weights in the checkpoint format), ``metrics.jsonl``, ``loss.png`` and
@@ -9,7 +12,8 @@ Writes to ``--out``: ``state.pt`` (resumable training state: weights, EMA, optim
 
 A SIGINT or SIGTERM finishes the step, writes the checkpoint and state, and then raises
 ``TrainingInterrupted`` (a KeyboardInterrupt: ``dreamdata train`` exits 130), so a script can tell a
-stopped run from a finished one.
+stopped run from a finished one.  A step whose gradient norm is NaN or inf raises ``TrainingDiverged`` at
+the next log step or checkpoint, before anything is written, so ``state.pt`` keeps the last good state.
 """
 from __future__ import annotations
 
@@ -30,12 +34,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from diffusion.checkpoint import save_checkpoint
-from diffusion.precision import cpu_has_bf16
+from diffusion.precision import cpu_has_bf16, gpu_has_bf16
 from diffusion.samplers import sample
 from diffusion.schedules import NoiseSchedule
 from diffusion.unet import UNet, count_parameters
 
-from .configs import TrainConfig, resolve_config
+from .configs import GRID_SAMPLER, TrainConfig, resolve_config
 from .data import load_dataset, random_flip, to_model_range
 from .plots import image_grid, loss_curve, to_uint8
 
@@ -44,6 +48,10 @@ log = logging.getLogger(__name__)
 
 class TrainingInterrupted(KeyboardInterrupt):
     """train() stopped early on SIGINT/SIGTERM after writing its checkpoint and state: ``--resume`` goes on."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's gradient norm was NaN or inf: the weights are lost from there, so nothing of them is saved."""
 
 
 @contextlib.contextmanager
@@ -175,7 +183,7 @@ def _sample_grid(ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig, path: Pat
     k = ema.config.num_classes
     per = min(10, max(1, 100 // k))
     labels = torch.arange(k).repeat_interleave(per)
-    x = sample(ema, schedule, labels, list(range(len(labels))), sampler="dpmpp", steps=cfg.sample_steps,
+    x = sample(ema, schedule, labels, list(range(len(labels))), sampler=GRID_SAMPLER, steps=cfg.sample_steps,
                guidance=1.0, autocast=autocast)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(to_uint8(x.cpu()), nrow=per).save(path)
@@ -191,6 +199,10 @@ def training_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     if device.type == "cpu" and cpu_has_bf16() is False:
         log.warning("this CPU has no bf16 instructions (bf16 autocast would be emulated, many times slower): "
                     "training in fp32 (the config asks for bf16)")
+        return False
+    if device.type == "cuda" and not gpu_has_bf16(device):
+        log.warning("this GPU has no native bf16 (compute capability %s.%s; 8.0 or newer has it): training in fp32 "
+                    "(the config asks for bf16)", *torch.cuda.get_device_capability(device))
         return False
     return True
 
@@ -251,6 +263,9 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
     ds = load_dataset(data, "train", image_size=cfg.unet.image_size)
     if len(ds.class_names) != cfg.unet.num_classes:
         raise ValueError(f"data set has {len(ds.class_names)} classes but the model expects {cfg.unet.num_classes}")
+    if per_rank > len(ds.labels):  # a batch is drawn without repeats from one shuffle of the data
+        raise ValueError(f"batch_size {cfg.batch_size} ({per_rank} per process) is larger than the data set "
+                         f"({len(ds.labels)} images): pass a smaller --batch-size")
     # the data's content, saved in state.pt and compared on resume (sha256 of the pixels: ~0.3 s for CIFAR-10)
     fingerprint = ds.fingerprint() if dd.main else None
     torch.manual_seed(cfg.seed + dd.rank)
@@ -320,7 +335,15 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
 
     written_at = [None]  # the step of the last checkpoint written
 
+    def stop_if_diverged():
+        if diverged.item():
+            last = ("nothing was saved" if written_at[0] is None and not state_path.exists() else
+                    f"{state_path} and {out / 'checkpoint'} hold the last state saved before it")
+            raise TrainingDiverged(f"the gradient norm was not finite (NaN or inf) at a step up to {step}: training "
+                                   f"stopped there ({last}); resume with a lower --lr, or start again")
+
     def write_checkpoint():
+        stop_if_diverged()
         written_at[0] = step
         prov = dict(provenance_base, steps=step, images_seen=images_seen, wall_time_s=round(wall, 1),
                     trained_until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -333,6 +356,9 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
                dynamic_ncols=True)
     # summed on the device and read at log steps only (one wait for the GPU fewer per step)
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    # set on the device (no wait for the GPU) at the first step whose gradient norm is not finite; read before
+    # every checkpoint: a diverged run stops and keeps the state and checkpoint of its last good write
+    diverged = torch.zeros((), dtype=torch.bool, device=device)
     n_acc, t_log = 0, time.perf_counter()
     start_step, t_start_wall = step, wall
 
@@ -365,6 +391,7 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            diverged |= ~torch.isfinite(gnorm)
             opt.step()
             ema_update(ema, model, ema_decay_at(step, cfg.ema_decay))
             step += 1
@@ -399,6 +426,7 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
             if log_now:
                 loss_acc.zero_()
                 n_acc = 0
+                stop_if_diverged()  # the same on every rank: their gradients are the same after DDP's all-reduce
             if dd.main:
                 if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop or step == cfg.max_steps):
                     write_checkpoint()
@@ -441,7 +469,10 @@ def run_train(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.config, max_steps=args.max_steps, max_minutes=args.max_minutes,
                          batch_size=args.batch_size, compile=args.compile, bf16=args.bf16,
                          num_threads=args.threads, lr=args.lr)
-    ckpt = train(cfg, args.data, args.out, resume=args.resume)
+    try:
+        ckpt = train(cfg, args.data, args.out, resume=args.resume)
+    except TrainingDiverged as e:  # one line and status 1, not a traceback: nothing in it would help
+        raise SystemExit(f"train: error: {e}") from None
     print(f"EMA checkpoint: {ckpt}")
 
 

@@ -1,5 +1,6 @@
 """The precision of sampling calls: the auto rule, the requested one, and where the choice shows."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,3 +178,18 @@ def test_benchmarks_time_bf16_by_default_unless_the_cpu_has_no_bf16_instructions
     for bad in ("fp16", "", " , ", "fp32,fp16"):
         with pytest.raises(ValueError, match="--precisions: a comma-separated list of fp32 and bf16"):
             precision.benchmark_precisions(bad)
+
+
+@pytest.mark.parametrize("capability, requested, bf16", [((9, 0), "auto", True), ((8, 0), "auto", True),
+                                                          ((7, 5), "auto", False), ((7, 5), "bf16", True),
+                                                          ((9, 0), "fp32", False)])
+def test_auto_on_a_gpu_picks_bf16_only_where_it_is_native(monkeypatch, capability, requested, bf16):
+    """A T4 or V100 (capability 7.x) emulates bf16, slower than fp32: auto takes fp32 there; asked for, bf16."""
+    class OnTheGpu:  # choose_precision reads only the device of a GPU model's weights
+        def parameters(self):
+            yield SimpleNamespace(device=torch.device("cuda", 0))
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    choice = precision.choose_precision(OnTheGpu(), requested)
+    assert choice.bf16 is bf16 and choice.channels_last is False
+    assert ("no native bf16" in choice.reason) is (requested == "auto" and not bf16)

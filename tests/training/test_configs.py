@@ -119,6 +119,15 @@ def test_a_bad_value_in_a_config_file_names_the_field_and_the_allowed_range(tmp_
         resolve_config(str(p))
 
 
+def test_the_sample_grids_steps_are_checked_against_their_sampler_and_schedule():
+    """They used to be checked only at the first sample grid, a thousand steps into training."""
+    with pytest.raises(ValueError, match=r"sample_steps: steps=200 out of range for dpmpp: 1\.\.100"):
+        replace(CONFIGS["cifar10-cpu"], sample_steps=200)
+    with pytest.raises(ValueError, match=r"sample_steps: steps=20 out of range for dpmpp: 1\.\.10"):
+        replace(CONFIGS["cifar10-cpu"], schedule=ScheduleConfig("linear", 10))
+    assert replace(CONFIGS["cifar10-cpu"], sample_steps=200, sample_every=0).sample_steps == 200  # no grids
+
+
 def test_bad_overrides_are_refused_and_edge_values_accepted():
     for field, value in (("num_threads", 0), ("max_minutes", -1.0), ("batch_size", 0), ("lr", -1.0)):
         with pytest.raises(ValueError, match=f"{field} must be"):  # --threads 0 used to be ignored silently

@@ -17,8 +17,8 @@ from tests.fixtures import CIFAR10_CLASSES
 from training.configs import CONFIGS
 from training.data import load_dataset, to_model_range
 from training import train as train_module
-from training.train import (TrainingInterrupted, diffusion_loss, ema_decay_at, ema_update, lr_at, train,
-                            training_autocast)
+from training.train import (TrainingDiverged, TrainingInterrupted, diffusion_loss, ema_decay_at, ema_update, lr_at,
+                            train, training_autocast)
 
 TINY = CONFIGS["tiny"]
 FAST = replace(TINY, bf16=False)  # fp32 is several times faster than bf16 autocast on CPU
@@ -165,7 +165,17 @@ def test_bf16_training_falls_back_to_fp32_on_a_cpu_without_bf16_instructions(mon
         assert training_autocast(TINY, torch.device("cpu")) is expected
     assert ("training in fp32" in caplog.text) is (not expected)
     assert training_autocast(FAST, torch.device("cpu")) is False  # fp32 asked for: fp32, whatever the CPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100 or H200
     assert training_autocast(TINY, torch.device("cuda")) is True  # the CPU's instructions do not matter there
+
+
+def test_bf16_training_falls_back_to_fp32_on_a_gpu_without_native_bf16(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # a V100: emulated bf16
+    with caplog.at_level("WARNING", logger="training.train"):
+        assert training_autocast(TINY, torch.device("cuda")) is False
+    assert "no native bf16 (compute capability 7.0" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert training_autocast(TINY, torch.device("cuda")) is True
 
 
 @pytest.mark.parametrize("has_bf16, precision", [(True, "bf16"), (False, "fp32")])
@@ -202,7 +212,7 @@ def test_mismatched_class_count_is_a_clear_error(image_folder3, tmp_path):
 
 def test_sample_grid_during_training(tmp_path):
     from tests.fixtures import make_images, write_image_folder
-    data = write_image_folder(tmp_path / "d2", make_images(("a", "b"), 2))
+    data = write_image_folder(tmp_path / "d2", make_images(("a", "b"), 4))
     cfg = replace(FAST, max_steps=2, sample_every=2, unet=replace(FAST.unet, num_classes=2))
     train(cfg, str(data), tmp_path / "run", progress=False)
     with Image.open(tmp_path / "run" / "samples" / "step_0000002.png") as im:
@@ -305,6 +315,33 @@ def test_a_batch_that_does_not_split_evenly_over_the_processes_is_refused(data10
     with pytest.raises(ValueError, match="batch_size 7 is not a multiple of the 2 processes"):
         train(replace(FAST, batch_size=7), str(data10), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_larger_than_the_data_set_is_refused(data10, tmp_path):
+    """It used to train on the whole set each step while the provenance counted the batch it asked for."""
+    with pytest.raises(ValueError, match=r"batch_size 32 \(32 per process\) is larger than the data set \(20 images\)"):
+        train(replace(FAST, batch_size=32), str(data10), tmp_path / "run", progress=False)
+    assert train(replace(FAST, batch_size=20, max_steps=1), str(data10), tmp_path / "ok", progress=False).exists()
+
+
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_a_diverged_run_stops_and_keeps_its_last_good_state(data10, tmp_path, monkeypatch, log_every):
+    """A NaN gradient norm at step 3 (NaN weights from there): the run stops at the next log step or checkpoint,
+    whichever comes first, without writing, so state.pt and the checkpoint stay those of step 2."""
+    out, norms = tmp_path / "run", []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        norm = real_clip(params, max_norm)
+        norms.append(norm)
+        return torch.full_like(norm, float("nan")) if len(norms) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(TrainingDiverged, match="not finite .* at a step up to (3|4).*hold the last state saved"):
+        train(replace(FAST, max_steps=6, checkpoint_every=2, log_every=log_every), str(data10), out, progress=False)
+    assert len(norms) == (3 if log_every == 1 else 4)
+    assert _state(out)["step"] == 2
+    assert load_checkpoint(out / "checkpoint").provenance["steps"] == 2
 
 
 def test_resume_without_state_starts_fresh(data10, tmp_path, caplog, monkeypatch):
