@@ -59,9 +59,11 @@ def test_random_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for i in range(2):
         assert any(torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8]) for dy in range(5) for dx in range(5))
-    flipped = augment(x, torch.Generator().manual_seed(1), crop=False, flip=True)
-    for i in range(2):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+    many = x.repeat(32, 1, 1, 1)  # 64 images: each flipped or not, about half of each
+    flipped = augment(many, torch.Generator().manual_seed(1), crop=False, flip=True)
+    mirrored = [torch.equal(flipped[i], many[i].flip(-1)) for i in range(len(many))]
+    assert all(m or torch.equal(flipped[i], many[i]) for i, m in enumerate(mirrored))
+    assert 16 <= sum(mirrored) <= 48  # a flip that never (or always) happens fails
 
 
 def test_confusion_matrix_counts_rows_true_columns_predicted():

@@ -110,6 +110,35 @@ def test_synthetic_labels_follow_the_data_set_class_order():
         align_classes(synth, ("a", "b", "d"))
 
 
+def test_each_seed_pairs_its_arms_on_the_same_real_images_and_initial_weights(
+        data_tar, tiny_checkpoint, cache_dir, tmp_path, monkeypatch):
+    """The delta is paired by seed: a seed's real+synthetic arm trains on exactly its real arm's images plus the
+    synthetic set, from the same initial weights; the synthetic arm on the synthetic set alone."""
+    import training.evaluate as evaluate
+
+    seen, real_train = {}, evaluate.train_classifier
+
+    def recording(model, x, y, tset, **kw):
+        seen[kw["desc"]] = (x.clone(), y.clone(), [t.clone() for t in model.state_dict().values()])
+        return real_train(model, x, y, tset, **kw)
+
+    monkeypatch.setattr(evaluate, "train_classifier", recording)
+    settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=8,
+                                  synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0, 1), steps=2,
+                                  train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
+    run_evaluation(settings, tmp_path / "run", show_bars=False)
+    for seed in (0, 1):
+        x_real, y_real, w_real = seen[f"real seed {seed}"]
+        x_both, y_both, w_both = seen[f"real+synthetic seed {seed}"]
+        x_synth, y_synth, _ = seen[f"synthetic seed {seed}"]
+        n = len(y_real)
+        assert n == 40 and len(y_synth) == 10 and len(y_both) == n + 10
+        assert torch.equal(x_both[:n], x_real) and torch.equal(y_both[:n], y_real)
+        assert torch.equal(x_both[n:], x_synth) and torch.equal(y_both[n:], y_synth)
+        assert all(torch.equal(a, b) for a, b in zip(w_real, w_both))
+    assert not torch.equal(seen["real seed 0"][0], seen["real seed 1"][0])  # each seed draws its own real subset
+
+
 def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
         data_tar, tiny_checkpoint, cache_dir, tmp_path, sampling_calls, capsys):
     calls = sampling_calls
@@ -142,7 +171,8 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
     assert "| real+synthetic | 60 | 10 |" in (tmp_path / "run1" / "report.md").read_text()
     d = on_disk["delta"]
     diffs = [b - a for a, b in zip(on_disk["arms"]["real"]["accuracies"], on_disk["arms"]["real+synthetic"]["accuracies"])]
-    assert d["per_seed"] == pytest.approx(diffs) and len(d["ci95"]) == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    paired = paired_delta(on_disk["arms"]["real"]["accuracies"], on_disk["arms"]["real+synthetic"]["accuracies"])
+    assert d["per_seed"] == pytest.approx(diffs) and d["ci95"] == pytest.approx(paired["ci95"])  # paired by seed
     assert on_disk["settings"]["synthetic_per_class"] == 2 and on_disk["synthetic"]["reused"] is False
     for f in ["accuracy.png", "per_class.png", "confusion_real.png", "confusion_real_synthetic.png",
               "confusion_synthetic.png"]:

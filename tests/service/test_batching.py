@@ -76,7 +76,7 @@ def requests(n_jobs: int, per_job: int):
 
 def test_concurrent_calls_share_one_batch_and_get_their_own_images(model, schedule):
     counting = CountingSample()
-    batcher = BatchingSampler(max_batch=100, window=0.3, sample_fn=counting)
+    batcher = BatchingSampler(max_batch=100, window=1.0, sample_fn=counting)  # all five arrive within it
     reqs = requests(5, 3)
     got = run_concurrently([lambda lb=lb, sd=sd: batcher(model, schedule, lb, sd, **KW) for lb, sd in reqs])
     assert counting.sizes == [15]  # five jobs, one merged call per step
@@ -88,7 +88,7 @@ def test_concurrent_calls_share_one_batch_and_get_their_own_images(model, schedu
 
 def test_max_batch_splits_and_different_settings_do_not_mix(model, schedule):
     counting = CountingSample()
-    batcher = BatchingSampler(max_batch=6, window=0.3, sample_fn=counting)
+    batcher = BatchingSampler(max_batch=6, window=1.0, sample_fn=counting)  # all five arrive within it
     reqs = requests(4, 3)
     other = dict(KW, guidance=1.0)
     calls = [lambda lb=lb, sd=sd: batcher(model, schedule, lb, sd, **KW) for lb, sd in reqs]
@@ -171,14 +171,27 @@ def test_a_failing_model_call_fails_every_caller_in_the_batch_with_its_error(sch
 
 
 def test_requests_arriving_during_a_batch_join_the_next_one(model, schedule):
-    counting = CountingSample(delay=0.5)
+    release = threading.Event()
+    counting = CountingSample(gate=release)  # the first batch runs until all three others are queued
     batcher = BatchingSampler(window=0.0, sample_fn=counting)
     reqs = requests(4, 2)
     first = threading.Thread(target=batcher, args=(model, schedule, *reqs[0]), kwargs=KW)
     first.start()
     wait_for(lambda: counting.sizes, 10, "the first batch to run")
-    got = run_concurrently([lambda lb=lb, sd=sd: batcher(model, schedule, lb, sd, **KW) for lb, sd in reqs[1:]])
-    first.join(30)
+    got = [None] * 3
+
+    def later(i: int) -> None:
+        got[i] = batcher(model, schedule, *reqs[i + 1], **KW)
+
+    threads = [threading.Thread(target=later, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(batcher._queue) == 3, 10, "three requests queued behind the first batch")
+    finally:
+        release.set()
+    for t in [first, *threads]:
+        t.join(30)
     assert counting.sizes == [2, 6]
     torch.testing.assert_close(got[2], sample(model, schedule, *reqs[3], **KW), atol=ATOL, rtol=0)
 

@@ -1,6 +1,8 @@
 """A threads-pool worker: concurrent jobs share model batches, images stay the same, limits still hold."""
 from __future__ import annotations
 
+from tests.fixtures import assert_same_up_to_rounding
+
 from .conftest import client_for
 from .service_testlib import poll_job, wait_for, zip_pngs
 
@@ -24,7 +26,7 @@ def test_concurrent_jobs_share_batches_and_make_the_same_images(make_settings, s
             want = zip_pngs(client.get(alone["output"]["zip"]).content)
             assert sorted(got) == sorted(want)
             for name in want:
-                assert abs(got[name].astype(int) - want[name].astype(int)).max() <= 1, name  # float rounding
+                assert_same_up_to_rounding(got[name], want[name], name)
 
 
 def test_soft_time_limit_holds_in_the_threads_pool(make_settings, start_worker):

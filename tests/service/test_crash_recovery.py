@@ -2,8 +2,10 @@
 threads-pool worker stopped cold puts its running job back at once.
 
 Two deaths: the whole worker (main process and pool child, as when a machine dies; the message
-comes back after the visibility timeout, which is why the test limits are short), and only the
-pool child (the worker puts the task back at once: task_reject_on_worker_lost).
+comes back after the visibility timeout, which is why that test's limits are short), and only the
+pool child (the worker puts the task back at once: task_reject_on_worker_lost). The tests whose job comes
+back at once run with a visibility timeout of ten minutes, so a job that came back only through it would
+fail them, and with a time limit per attempt far above what the job takes on a loaded machine.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from .conftest import client_for
 from .service_testlib import TERMINAL, png_pixels, poll_job, wait_for, zip_pngs
 
 N, STEPS, SEED = 160, 10, 1234  # 40 batches of 4, ddpm: seconds even on a fast idle machine, so it is killed mid-run
+# (about 7 s an attempt measured with both cores busy): limits per attempt with room for a loaded machine
+WHOLE_WORKER_LIMITS = dict(job_time_limit=30, visibility_timeout=32)  # the job comes back after 32 s
+AT_ONCE_LIMITS = dict(job_time_limit=120, visibility_timeout=600)    # 600 s: longer than any wait below
 # no guidance_interval: the default one applies, and the reference below samples with it too
 QUERY = f"/generate?class=horse&n={N}&sampler=ddpm&steps={STEPS}&guidance=1.5&seed={SEED}"
 
@@ -65,7 +70,7 @@ def _wait_mid_run(settings, url: str) -> None:
 
 
 def test_whole_worker_killed_job_completes_on_a_new_worker(make_settings, start_worker, reference):
-    settings = make_settings(db=1)  # its own database: no other worker takes or answers anything here
+    settings = make_settings(db=1, **WHOLE_WORKER_LIMITS)  # its own database: no other worker takes or answers it
     with client_for(settings) as client:
         first = start_worker(settings)
         url = client.post(QUERY).headers["location"]
@@ -93,24 +98,29 @@ def test_whole_worker_killed_job_completes_on_a_new_worker(make_settings, start_
         assert served.keys() == reference.keys() and all(np.array_equal(served[k], reference[k]) for k in served)
 
 
-def test_pool_child_killed_job_is_requeued_at_once(client, worker, settings, reference):
-    url = client.post(QUERY).headers["location"]
-    _wait_mid_run(settings, url)
-    children = worker.pool_children()
-    assert len(children) == 1
-    os.kill(children[0], signal.SIGKILL)
-    job = poll_job(client, url, timeout=60)
-    assert job["status"] == "succeeded" and job["attempts"] == 2, job
-    images = _images_of(settings, job["id"])
-    assert all(np.array_equal(images[k], reference[k]) for k in reference)
-    wait_for(lambda: worker.pool_children(), 30, "a new pool child")
+def test_pool_child_killed_job_is_requeued_at_once(make_settings, start_worker, reference):
+    settings = make_settings(db=8, **AT_ONCE_LIMITS)
+    with client_for(settings) as client:
+        worker = start_worker(settings)
+        url = client.post(QUERY).headers["location"]
+        _wait_mid_run(settings, url)
+        children = worker.pool_children()
+        assert len(children) == 1
+        os.kill(children[0], signal.SIGKILL)
+        # running again within a minute: far inside the visibility timeout, so put back by the worker itself
+        wait_for(lambda: client.get(url).json()["attempts"] == 2, 60, "the job's second attempt")
+        job = poll_job(client, url, timeout=120)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        images = _images_of(settings, job["id"])
+        assert all(np.array_equal(images[k], reference[k]) for k in reference)
+        wait_for(lambda: worker.pool_children(), 30, "a new pool child")
 
 
 def test_a_threads_worker_stopped_cold_puts_its_job_back_at_once(make_settings, start_worker, reference):
     """`docker stop` on the compose worker (threads pool; SIGTERM remapped to SIGQUIT): the running job goes
     back to the queue within the soft shutdown, not after the visibility timeout (Celery cannot cancel a thread),
     and the next worker finishes it, keeping its batches, without counting the stop as a crash."""
-    settings = make_settings(db=7, pool="threads", concurrency=2)
+    settings = make_settings(db=7, pool="threads", concurrency=2, **AT_ONCE_LIMITS)
     store = JobStore(connect(settings.redis_url), settings.key_prefix)
     with client_for(settings) as client:
         first = start_worker(settings)

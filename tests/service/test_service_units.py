@@ -494,6 +494,42 @@ def test_the_worker_deletes_only_folders_of_expired_jobs(settings, tmp_path, mon
     assert tasks.prune_expired(s) == []
 
 
+def test_the_worker_prunes_after_every_job_and_as_a_pool_process_starts(settings, tmp_path, monkeypatch):
+    """The two places README names: after a job (whatever its end) and in a new pool process (worker_process_init)."""
+    import os
+    from types import SimpleNamespace
+
+    import worker.tasks as tasks
+
+    s = settings.model_copy(update={"data_dir": tmp_path, "key_prefix": f"units-{uuid.uuid4().hex[:8]}",
+                                    "keep_jobs": 100})
+    monkeypatch.setattr(tasks, "get_settings", lambda: s)
+    task = SimpleNamespace(request=SimpleNamespace(hostname="w@test"))
+    old = time.time() - 1000
+
+    def expired_folder():  # a job whose record is gone, its folder older than keep_jobs
+        folder = s.jobs_dir / new_job_id()
+        folder.mkdir(parents=True)
+        os.utime(folder, (old, old))
+        monkeypatch.setattr(tasks, "_pruned_at", [float("-inf")])
+        return folder
+
+    def failing(job_id, request, **kw):
+        raise RuntimeError("a job that failed")
+
+    for body, raises in ((lambda job_id, request, **kw: {"id": job_id}, False), (failing, True)):
+        folder = expired_folder()
+        if raises:
+            with pytest.raises(RuntimeError, match="a job that failed"):
+                tasks._run_job(task, body, "some-job", {})
+        else:
+            assert tasks._run_job(task, body, "some-job", {}) == {"id": "some-job"}
+        assert not folder.exists()
+    folder = expired_folder()
+    tasks._warm_up()
+    assert not folder.exists()
+
+
 def test_cache_entries_unused_for_long_are_deleted_and_nothing_else(settings, tmp_path, monkeypatch):
     import os
 

@@ -93,13 +93,13 @@ def test_ddp_two_processes_on_cpu(data10, tmp_path, subprocess_env):
     assert load_checkpoint(out / "checkpoint").provenance["steps"] == 4
 
 
-def _cli_main():
-    try:
+def _cli_main(entry: str = "dreamdata train"):
+    """(main, argv prefix) of one of the two ways to train: ``dreamdata train`` or ``python -m training.train``."""
+    if entry == "dreamdata train":
         from dreamdata_cli import main
-    except ImportError:  # the top-level CLI is not in this checkout: the training module's own
-        from training.train import main
-        return main, []
-    return main, ["train"]
+        return main, ["train"]
+    from training.train import main
+    return main, []
 
 
 def test_train_cli(data10, tmp_path, capsys):
@@ -132,10 +132,11 @@ def test_train_cli_json_config(data10, tmp_path):
     assert ck.schedule.config.name == "cosine" and ck.model.config.channel_mult == (1,)
 
 
+@pytest.mark.parametrize("entry", ["dreamdata train", "python -m training.train"])
 @pytest.mark.parametrize("case", ["wrong-classes", "missing-data", "unknown-config", "bad-config-value",
                                   "threads-0"])
-def test_train_cli_errors(case, image_folder3, data10, tmp_path, capsys):
-    main, prefix = _cli_main()
+def test_train_cli_errors(case, entry, image_folder3, data10, tmp_path, capsys):
+    main, prefix = _cli_main(entry)
     data = {"wrong-classes": image_folder3, "missing-data": tmp_path / "nope"}.get(case, data10)
     config = {"unknown-config": "no-such-config", "bad-config-value": str(tmp_path / "cfg.json")}.get(case, "tiny")
     (tmp_path / "cfg.json").write_text(json.dumps({"unet": "cpu-tiny", "log_every": 0}))
@@ -145,7 +146,7 @@ def test_train_cli_errors(case, image_folder3, data10, tmp_path, capsys):
                 "threads-0": "num_threads must be an integer >= 1"}[case]  # was ignored
     argv = [*prefix, "--config", config, "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
             *(["--threads", "0"] if case == "threads-0" else [])]
-    if prefix:  # dreamdata: a one-line error and exit status 2
+    if prefix:  # dreamdata: a one-line error and exit status 2 (the module's main raises: a traceback)
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
