@@ -90,10 +90,21 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
            autocast: bool = False,          # bf16 autocast for the model calls
            clip_x0: bool = True,            # clamp the x0 prediction to [-1, 1] at each step
            progress: ProgressFn | None = None,
+           check: Callable[[], None] | None = None,  # called after every step; may raise to stop (a canceled job)
            ) -> torch.Tensor:
-    """Run the reverse process for ``len(labels)`` images.  Returns [N, C, H, W] float32 in [-1, 1]."""
+    """Run the reverse process for ``len(labels)`` images.  Returns [N, C, H, W] float32 in [-1, 1].
+
+    ``check`` is the worker's batching sampler's argument (``worker.batching``) too, so a caller may hand it to
+    either."""
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
+    if check is not None:
+        report = progress
+
+        def progress(done: int, total: int) -> None:
+            check()
+            if report is not None:
+                report(done, total)
     settings = SamplerSettings(sampler, steps, guidance, eta, guidance_interval)
     settings.validate(schedule.num_timesteps)
     cfg = getattr(model, "config", None)

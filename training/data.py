@@ -196,6 +196,13 @@ def _cache_key(path: Path, split: str, image_size: int | None) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
+def tmp_path(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: a name of this process and thread only, so two
+    writers of the same file (DDP ranks decoding one data set, two jobs filling one synthetic-set cache entry)
+    never share a temporary file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def touch(path: Path) -> None:
     """Set ``path``'s modification time to now, if it can (a read-only cache stays as it is)."""
     try:
@@ -240,8 +247,7 @@ def load_dataset(path: str | os.PathLike, split: str = "train", image_size: int 
     log.info("decoded %d images in %d classes from %s", len(ds), len(ds.class_names), path)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        # DDP ranks, and jobs of one threads-pool worker, decode and write concurrently: a name of their own
-        tmp = cache.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+        tmp = tmp_path(cache)  # DDP ranks, and jobs of one threads-pool worker, decode and write concurrently
         torch.save({"images": ds.images, "labels": ds.labels, "class_names": list(ds.class_names)}, tmp)
         tmp.replace(cache)
     except OSError as e:  # a read-only home must not stop training

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from diffusion.samplers import SamplerSettings, sample
 from diffusion.spec import (DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, draw_seed,  # noqa: F401  (re-exported)
                             format_guidance_interval, resolve_class)
 
+from .data import tmp_path  # noqa: F401  (re-exported: the worker writes its files with it)
 from .plots import image_grid, to_uint8
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,6 @@ def plan(class_counts: Sequence[tuple[int, int]], base_seed: int) -> list[ImageS
             specs.append(ImageSpec(i, c, base_seed + i))
             i += 1
     return specs
-
-
-def tmp_path(path: Path) -> Path:
-    """Where to write ``path`` before renaming it into place: a name of this process and thread only, so two
-    writers of the same file (two jobs filling one synthetic-set cache entry) never share a temporary file."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
 def _image_meta(common: dict, spec: ImageSpec, class_names: Sequence[str], checkpoint_sha256: str) -> dict:
@@ -181,7 +175,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
     skipped ones as done; ``on_batch`` hears only of sampled ones, batch by batch, so an interrupted run has
     reported what it wrote.  ``check`` goes to ``sample_fn`` (only when given): the worker's batching sampler
     calls it while a batch waits behind other jobs' batches, so a job canceled, out of time or stopped by its
-    worker does not wait for its turn to find out.
+    worker does not wait for its turn to find out (``diffusion.samplers.sample`` calls it after every step).
     """
     out = Path(out_dir)
     settings.validate(ckpt.schedule.num_timesteps)

@@ -16,7 +16,8 @@ model calls (``diffusion.precision``: bf16 images differ from fp32 ones).  A PNG
 atomically as soon as its batch is done, so an interrupted run keeps its images; a set is complete when
 all of its PNGs exist.  One writer fills an entry at a time: a second (another job of a threads-pool worker,
 or the command line and the service sharing a cache) waits for the lock, then samples only what is still
-missing, so no image is sampled twice.  Missing images are sampled j-major (every class's image j before any class's
+missing, so no image is sampled twice; it stops waiting as soon as the images it needs are on disk (a
+smaller set than the first writer's).  Missing images are sampled j-major (every class's image j before any class's
 j + 1), so an interrupted run toward a large set leaves the largest possible complete smaller set.
 ``CACHE`` defaults to ``training.data.default_cache_dir()`` (``$DREAMDATA_CACHE`` or ``~/.cache/dreamdata``).
 Any single image can be reproduced through the service: ``POST /generate`` with its class, n=1 and its seed
@@ -108,11 +109,14 @@ def _add_time(folder: Path, images: int, seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def filling(folder: Path, check: Callable[[], None] | None = None, poll: float = 1.0) -> Iterator[None]:
+def filling(folder: Path, check: Callable[[], None] | None = None, enough: Callable[[], bool] | None = None,
+            poll: float = 1.0) -> Iterator[bool]:
     """Hold ``folder``'s fill lock (creating the folder): one writer per entry, across processes and threads
-    (each call opens the lock file anew, and ``flock`` locks belong to an open file).  While another writer
-    holds it, wait, calling ``check`` every ``poll`` seconds (it may raise to give up: a canceled job).  The
-    kernel drops the lock of a writer that dies, so a killed run never leaves an entry locked."""
+    (each call opens the lock file anew, and ``flock`` locks belong to an open file).  Yields True once held.
+    While another writer holds it, wait, calling ``check`` every ``poll`` seconds (it may raise to give up: a
+    canceled job) and then ``enough``: when that says the images this caller needs are on disk now (the other
+    writer sampled them), stop waiting and yield False, without the lock.  The kernel drops the lock of a
+    writer that dies, so a killed run never leaves an entry locked."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a") as f:
         waited = False
@@ -126,9 +130,12 @@ def filling(folder: Path, check: Callable[[], None] | None = None, poll: float =
                     waited = True
                 if check is not None:
                     check()
+                if enough is not None and enough():
+                    yield False
+                    return
                 time.sleep(poll)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -159,7 +166,8 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     "compiled"}`` (compiled: this call sampled images, on a ``torch.compile`` wrapper of the model):
     ``seconds`` of sampling in this call (0 when reused) for ``sampled`` images; ``reused`` is true when
     nothing had to be sampled.  ``check`` is called while this call waits for another writer of the same entry
-    (:func:`filling`) and goes to ``sample_fn`` (see ``training.generate.sample_specs``); it may raise to stop.
+    (:func:`filling`) and goes to ``sample_fn`` (both ``diffusion.samplers.sample`` and the worker's batching
+    sampler take it); it may raise to stop.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
@@ -178,7 +186,16 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     todo = [s for s in specs if not (folder / s.file).exists()]
     sampled, seconds, on_disk = 0, 0.0, len(specs) - len(todo)
     if todo:
-        with filling(folder, check):
+        still = todo
+
+        def written_by_another() -> bool:  # while waiting: report how much of the set is on disk; all of it?
+            nonlocal still
+            still = [s for s in still if not (folder / s.file).exists()]
+            if progress:
+                progress(round(1 - len(still) / len(specs), 4))
+            return not still
+
+        with filling(folder, check, written_by_another):
             todo = [s for s in specs if not (folder / s.file).exists()]  # another writer may have sampled some
             on_disk = len(specs) - len(todo)
             if todo:

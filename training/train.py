@@ -13,7 +13,8 @@ Writes to ``--out``: ``state.pt`` (resumable training state: weights, EMA, optim
 A SIGINT or SIGTERM finishes the step, writes the checkpoint and state, and then raises
 ``TrainingInterrupted`` (a KeyboardInterrupt: ``dreamdata train`` exits 130), so a script can tell a
 stopped run from a finished one.  A step whose gradient norm is NaN or inf raises ``TrainingDiverged`` at
-the next log step or checkpoint, before anything is written, so ``state.pt`` keeps the last good state.
+the next log step or checkpoint, on every process, before that step's log line or checkpoint is written, so
+``state.pt`` keeps the last good state.
 """
 from __future__ import annotations
 
@@ -409,6 +410,10 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
             stop = reason > 0
             interrupted = reason == 2.0 and step < cfg.max_steps  # a signal at the last step: finished all the same
             log_now = step % cfg.log_every == 0 or stop or step == cfg.max_steps  # the same on every rank
+            save_now = bool(cfg.checkpoint_every) and (step % cfg.checkpoint_every == 0 or stop
+                                                       or step == cfg.max_steps)
+            if log_now or save_now:  # on every rank (their gradients agree after DDP's all-reduce): all stop together
+                stop_if_diverged()
             if log_now and dd.world > 1:  # the loss of the global batch: the mean over ranks
                 dist.all_reduce(loss_acc)
                 loss_acc /= dd.world
@@ -426,9 +431,8 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
             if log_now:
                 loss_acc.zero_()
                 n_acc = 0
-                stop_if_diverged()  # the same on every rank: their gradients are the same after DDP's all-reduce
             if dd.main:
-                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stop or step == cfg.max_steps):
+                if save_now:
                     write_checkpoint()
                     loss_curve(out / "metrics.jsonl", out / "loss.png")
                 if cfg.sample_every and step % cfg.sample_every == 0:

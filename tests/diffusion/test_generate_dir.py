@@ -103,9 +103,11 @@ def test_writers_of_the_same_file_each_use_their_own_temporary_file(tmp_path):
     path = tmp_path / "00000.png"
     img = torch.zeros(3, 8, 8, dtype=torch.uint8)
     names, errors = set(), []
+    start = threading.Barrier(4)  # all four write at once, each alive until all have named their file
 
     def write(k: int) -> None:
         names.add(generate.tmp_path(path))
+        start.wait()
         try:
             for _ in range(30):
                 generate._write_png(path, img + k, {"seed": k})

@@ -153,6 +153,28 @@ def test_sample_refuses_guidance_without_null_class(guidance, linear_schedule):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
+def test_check_is_called_after_every_step_and_stops_the_sampler(sampler, linear_schedule):
+    """The batching sampler's ``check`` argument works with the plain sampler too (a caller hands it to either)."""
+    class Stop(Exception):
+        pass
+
+    model, seen, checks = RecordingModel(null_class=5), [], []
+
+    def check() -> None:
+        checks.append(len(model.calls))
+        if len(checks) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sample(model, linear_schedule, torch.tensor([0, 1]), [1, 2], sampler=sampler, steps=6, image_shape=(1, 2, 2),
+               progress=lambda done, total: seen.append(done), check=check)
+    assert checks == [1, 2, 3] and len(model.calls) == 3 and seen == [1, 2]  # stopped before its third report
+    out = sample(model, linear_schedule, torch.tensor([0, 1]), [1, 2], sampler=sampler, steps=2,
+                 image_shape=(1, 2, 2), check=lambda: None)
+    assert out.shape == (2, 1, 2, 2)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("guidance,batch", [(1.0, 4), (1.5, 8)])
 def test_model_calls_per_step(sampler, guidance, batch, linear_schedule):
     model = RecordingModel(null_class=5)

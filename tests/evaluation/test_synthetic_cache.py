@@ -125,6 +125,30 @@ def test_a_writer_waiting_for_the_lock_stops_when_its_check_raises(tiny_checkpoi
     assert info["sampled"] == 10
 
 
+def test_a_writer_waiting_for_the_lock_stops_waiting_once_its_images_are_on_disk(tiny_checkpoint, cache_dir):
+    """A job that needs the first 1 per class of a set another job is filling to 5,000 waits only for those."""
+    import shutil
+
+    first, info = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir)
+    folder = Path(info["cache_dir"])
+    shutil.move(folder / "images", cache_dir / "aside")
+    fractions, result = [], []
+    with filling(folder):  # the other writer, still sampling
+        waiter = threading.Thread(target=lambda: result.append(synthetic_images(
+            tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir, progress=fractions.append)))
+        waiter.start()
+        wait_for_it = time.monotonic() + 30
+        while not fractions and time.monotonic() < wait_for_it:  # it waits, reporting what is on disk
+            time.sleep(0.05)
+        assert fractions == [0.0] * len(fractions) and fractions
+        shutil.move(cache_dir / "aside", folder / "images")  # the other writer's batch lands
+        waiter.join(30)
+        assert not waiter.is_alive()  # done while the other writer still holds the lock
+    (images, info), = result
+    assert info["sampled"] == 0 and info["reused"] is True and torch.equal(images.images, first.images)
+    assert fractions[-1] == 1.0
+
+
 def test_a_stopped_fill_has_recorded_the_time_of_the_batches_it_wrote(tiny_checkpoint, cache_dir):
     class Stop(Exception):
         pass
