@@ -1,0 +1,22 @@
+"""benchmarks/fd_interval_coverage.py end to end at a tiny size (its counts mean little there; the table, the
+check that the library's interval is the moved one, and the keys do)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fd_interval_coverage.py"
+
+
+def test_the_coverage_script_runs_and_prints_its_table(capsys):
+    spec = importlib.util.spec_from_file_location("benchmarks_fd_interval_coverage", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--features", "6", "--images", "12", "--draws", "4", "--boot", "30"])
+    table = capsys.readouterr().out
+    assert "6 features, 12 paired images, 4 draws x 30 resamples" in table
+    assert [(r["measure"], r["interval"]) for r in out["rows"]] == [
+        ("difference", "percentile"), ("difference", "moved"), ("relative", "percentile"), ("relative", "moved")]
+    assert all(0 <= r[k] <= 1 for r in out["rows"] for k in ("holds_expected_estimate", "holds_its_estimate"))
+    assert out["truth"]["relative"] > 0  # generator a is the farther one from the real set
