@@ -44,7 +44,7 @@ def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
     data = write_tar(tmp_path / "cifar10-jpeg.tar.gz", make_images(CIFAR10_CLASSES, 2))
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--config", "tiny", "--train-minutes", "0.02",
-            "--batch-sizes", "2,3", "--repeats", "2", "--ddpm-probe-steps", "2", "--steps", "2", "--no-compile"]
+            "--batch-sizes", "2,3", "--repeats", "2", "--ddpm-probe-steps", "2", "--steps", "2", "--peak-size", "64", "--no-compile"]
     r = run_there(argv, tmp_path)
 
     kept = sorted(p.name for p in out.iterdir())
@@ -60,7 +60,13 @@ def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
     assert all(r["images_per_s"] > 0 and len(r["runs"]) == 2 and r["steps"] == 2 for r in rows)
     assert set(summary["noise_seconds_per_run"]) == {"2", "3"}
     assert summary["ddpm_1000_steps"]["batch"] == 3 and summary["ddpm_1000_steps"]["images_per_s_extrapolated"] > 0
-    assert "eager" in r.stdout and "images/s" in r.stdout
+    peak = summary["peak"]
+    assert peak["matmul_size"] == 64 and peak["bf16_matmul_flops_per_s"] > 0
+    assert peak["model_flops_per_call_per_image"] > 1e6  # the tiny UNet: some MFLOPs a call
+    for r_ in rows:  # images/s x calls/image x FLOPs/call over the peak
+        want = r_["images_per_s"] * r_["model_calls_per_image"] * peak["model_flops_per_call_per_image"]
+        assert r_["fraction_of_peak"] == pytest.approx(want / peak["bf16_matmul_flops_per_s"], rel=1e-3, abs=1e-4)
+    assert "eager" in r.stdout and "images/s" in r.stdout and "of peak" in r.stdout
 
     # the kept pair is a checkpoint the service loads, with the steps it was trained for
     ckpt_dir = tmp_path / "ckpt"
@@ -89,7 +95,7 @@ def test_the_experiment_at_size_runs_first_and_comes_back_as_one_archive(tmp_pat
                            ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {"note": "random weights, for tests"})
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--skip-train", str(ckpt), "--batch-sizes", "2", "--repeats", "1",
-            "--ddpm-probe-steps", "1", "--steps", "2", "--no-compile",
+            "--ddpm-probe-steps", "1", "--steps", "2", "--peak-size", "64", "--no-compile",
             "--evaluate-per-class", "1", "--evaluate-checkpoint", str(ckpt), "--evaluate-classifier", "mlp",
             "--evaluate-epochs", "1", "--evaluate-seeds", "0,1", "--evaluate-batch", "4"]
     r = run_there(argv, tmp_path)
@@ -135,7 +141,7 @@ def test_a_deadline_stops_the_experiment_leaves_out_training_and_compiles_but_ti
     ckpt = _tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--deadline-s", "1", "--config", "tiny", "--batch-sizes", "2",
-            "--repeats", "1", "--ddpm-probe-steps", "1", "--steps", "2",
+            "--repeats", "1", "--ddpm-probe-steps", "1", "--steps", "2", "--peak-size", "64",
             "--evaluate-per-class", "1", "--evaluate-checkpoint", str(ckpt), "--evaluate-classifier", "mlp",
             "--evaluate-epochs", "1", "--evaluate-seeds", "0", "--evaluate-batch", "4"]
     run_there(argv, tmp_path)
@@ -145,7 +151,7 @@ def test_a_deadline_stops_the_experiment_leaves_out_training_and_compiles_but_ti
         assert all(n.startswith("evaluation") for n in tar.getnames())
     assert "before the deadline" in s["training"]["skipped"] and s["checkpoint"]["dir"] == str(ckpt)
     assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2)]
-    assert s["ddpm_1000_steps"]["noise_seconds_per_step"] is not None
+    assert s["ddpm_1000_steps"]["our_noise_seconds_per_step"] is not None
     assert s["skipped"] == [s["skipped"][0]] and s["skipped"][0].startswith("compile reduce-overhead, batch 2")
     assert "errors" not in s and s["finished"]
     assert not list(out.glob(".*tmp"))  # session.json is replaced whole, no temporary file stays
@@ -156,7 +162,7 @@ def test_a_stage_that_fails_is_recorded_and_the_next_ones_run(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--skip-train", str(ckpt), "--batch-sizes", "2", "--repeats", "1",
-            "--ddpm-probe-steps", "1", "--steps", "2", "--no-compile",
+            "--ddpm-probe-steps", "1", "--steps", "2", "--peak-size", "64", "--no-compile",
             "--evaluate-per-class", "1", "--evaluate-checkpoint", str(ckpt), "--evaluate-classifier", "mlp",
             "--evaluate-epochs", "1", "--evaluate-seeds", "0"]
     r = run_there(argv, tmp_path)
