@@ -5,7 +5,8 @@ fresh process of its own, alternated in rotated rounds.
 a long job such as ``dreamdata evaluate --compile`` runs one model in a process of its own. This script
 times the comparison that job makes: every timed run is a new Python process that loads the checkpoint,
 warms up (the compiled one with a whole run, which compiles the guided and unguided shapes) and then times
---runs whole runs of --batch images; the parent prints the rates and the per-round ratio.
+--runs whole runs of --batch images; the parent decides the precision and weight layout once (``auto``
+times them) and hands them to every process, then prints the rates and the per-round ratio.
 
     python benchmarks/compile_ab.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch 50] [--rounds 3]
         [--runs 1]
@@ -34,6 +35,8 @@ def child(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     ckpt = load_for_sampling(a.checkpoint, "cpu", a.precision)
+    if a.layout:  # the parent's choice, so that both variants run the same layout
+        ckpt.model.to(memory_format=torch.channels_last if a.layout == "channels_last" else torch.contiguous_format)
     model = compile_for_sampling(ckpt.model) if a.child == "compiled" else ckpt.model
     labels, seeds = torch.arange(a.batch) % model.config.num_classes, list(range(a.batch))
 
@@ -52,7 +55,8 @@ def child(a: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         run(d.steps)
         rates.append(a.batch / (time.perf_counter() - t0))
-    print(json.dumps({"variant": a.child, "rates": rates, "warmup_s": warm, "precision": ckpt.precision.reason}))
+    print(json.dumps({"variant": a.child, "rates": rates, "warmup_s": warm,
+                      "precision": f"{ckpt.precision.name} {a.layout or ckpt.precision.layout}"}))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=1, help="timed runs per process (default 1; their median counts)")
     p.add_argument("--precision", default=None, help="auto, fp32, bf16 (default: $DREAMDATA_PRECISION or auto)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--layout", choices=("NCHW", "channels_last"), help=argparse.SUPPRESS)  # the parent's choice
     a = p.parse_args(argv)
     if min(a.batch, a.rounds, a.runs, a.threads) < 1:
         p.error("--batch, --rounds, --runs and --threads must be at least 1")
@@ -75,8 +80,17 @@ def main(argv: list[str] | None = None) -> dict:
     if a.child:
         child(a)
         return {}
+    # precision and layout decided once, here (auto times them), and handed to every child: each deciding for
+    # itself, an eager and a compiled process once ran different layouts
+    import torch
+
+    from diffusion.checkpoint import load_for_sampling
+
+    torch.set_num_threads(a.threads)
+    choice = load_for_sampling(a.checkpoint, "cpu", a.precision).precision
+    print(f"precision {choice.name} {choice.layout} ({choice.reason}), in every process", flush=True)
     common = ["--checkpoint", a.checkpoint, "--threads", str(a.threads), "--batch", str(a.batch),
-              "--runs", str(a.runs)] + (["--precision", a.precision] if a.precision else [])
+              "--runs", str(a.runs), "--precision", choice.name, "--layout", choice.layout]
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(a.rounds):
         order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]

@@ -19,7 +19,7 @@ and torch.compile (fp32 and bf16, in the service's layout), at each of --batch-s
 timed run). A row is the median, min and max images/s over --repeats timed runs after a warm-up run of
 --warmup-steps sampler steps on the same batch; for torch.compile that warm-up compiles, and its
 time is reported on its own (inductor caches on disk, so a rerun on the same machine compiles faster).
-The "default" row is the service's path on this CPU at the largest batch (the worker's batch is 100):
+The "default" row is the service's path on this CPU at the largest batch (by default the worker's CPU batch, 50):
 eager, in the precision and layout that ``diffusion.precision`` picks here (auto: it times them at
 model load, as the worker does). diffusers runs fp32 (its default) and bf16 (its weights cast, the way
 diffusers users run bf16), and the summary sets the service's path against both.
@@ -28,7 +28,7 @@ At the defaults, on the 2-core development machine, expect about an hour (estima
 in docs/results.md: one guided 100-image run of DPM-Solver++ 20 steps takes over a minute); --skip-compile
 saves about a quarter of it.
 
-    python benchmarks/sampling.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch-sizes 1,10,100]
+    python benchmarks/sampling.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch-sizes 1,10,50]
                                   [--repeats 3] [--sampler dpmpp_sde --steps 20 --guidance 6
                                   --guidance-interval 0.28,4]
                                   [--skip-compile] [--skip-diffusers] [--precisions fp32,bf16]
@@ -37,6 +37,7 @@ saves about a quarter of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -50,7 +51,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffusion.checkpoint import load_for_sampling
-from diffusion.precision import benchmark_precisions, compile_for_sampling
+from diffusion.precision import CPU_SAMPLING_BATCH, benchmark_precisions, compile_for_sampling
 from diffusion.samplers import model_calls, sample
 from diffusion.schedules import NoiseSchedule
 from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,
@@ -107,8 +108,8 @@ def cpu_description() -> str:
 # ------------------------------------------------------------------------------------------ (c) limits
 
 def _fused_cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    # FlopCounterMode has no formula for the fused CPU attention kernel, which diffusers' attention
-    # reaches (ours takes SDPA's math path, which it counts as bmm): count it as SDPA's formula does.
+    # FlopCounterMode has no formula for the fused CPU attention kernel, which both ours and diffusers'
+    # attention reach: count it as SDPA's formula does.
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
@@ -145,9 +146,16 @@ def measure(run: Callable[[int], object], batch: int, steps: int, warmup_steps: 
 
 def run_ours(model, schedule: NoiseSchedule, batch: int, s: SamplerSettings, bf16: bool, repeats: int,
              warmup_steps: int) -> tuple[list[float], float]:
-    """:func:`measure` for our sampler (``model``: a UNet or its torch.compile wrapper)."""
+    """:func:`measure` for our sampler (``model``: a UNet or its torch.compile wrapper).  A guided setting's
+    short warm-up may take no guided step (the guidance interval leaves out the noisiest steps), so the model
+    also runs once at the guided batch (twice the images) first: no first call of a shape inside a timed run."""
     labels = torch.arange(batch) % model.config.num_classes
     seeds = list(range(batch))
+    if s.guided:
+        c = model.config
+        with torch.inference_mode(), (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            model(torch.randn(2 * batch, c.in_channels, c.image_size, c.image_size),
+                  torch.full((2 * batch,), 500, dtype=torch.long), torch.arange(2 * batch) % c.num_classes)
     return measure(lambda steps: sample(model, schedule, labels, seeds, sampler=s.sampler, steps=steps,
                                         guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=bf16),
                    batch, s.steps, warmup_steps, repeats)
@@ -284,11 +292,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    metavar="LO,HI|all", help="guide only where LO < sigma_t <= HI (default "
                                              f"{format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-sizes", default="1,10,100", help="comma-separated; one batch per timed run")
+    p.add_argument("--batch-sizes", default=f"1,10,{CPU_SAMPLING_BATCH}",
+                   help="comma-separated; one batch per timed run (default: up to the worker's CPU batch)")
     p.add_argument("--n", type=int, default=None, help="cap on images per timed run: larger batch sizes are cut to it")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median, min, max reported)")
     p.add_argument("--warmup-steps", type=int, default=2, help="sampler steps of the warm-up run before each row")
-    p.add_argument("--ddpm-batch", type=int, default=100, help="batch of (a), the report's DDPM loop")
+    p.add_argument("--ddpm-batch", type=int, default=CPU_SAMPLING_BATCH, help="batch of (a), the report's DDPM loop")
     p.add_argument("--ddpm-probe-steps", type=int, default=10, help="(a) times this many of its steps, scaled to all")
     p.add_argument("--gemm-sizes", default="2048,4096",
                    help="square torch.mm sizes for the peak; the best median counts")
@@ -395,7 +404,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(f"peak {name} torch.mm (threads {a.threads}, median of {a.gemm_repeats}): "
               + ", ".join(f"{n}x{n} {r / 1e9:.1f}" for n, r in per_size.items()) + " GFLOP/s")
     print(f"each row: images/s, median [min, max] of {a.repeats} timed run(s) of one batch after a "
-          f"{a.warmup_steps}-step warm-up; GFLOP/s = images/s x calls/img x FLOPs per call; "
+          f"{a.warmup_steps}-step warm-up (compiled rows: a whole run; guided rows also one model call at the guided "
+          f"batch); GFLOP/s = images/s x calls/img x FLOPs per call; "
           f"'of peak': against torch.mm of the same precision")
     print()
     print(f"{'row':<14} {'prec':<5} {'layout':<13} {'batch':>5} {'steps':>5} {'guid':>6} {'calls/img':>9} "

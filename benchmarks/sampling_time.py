@@ -75,7 +75,7 @@ def main() -> None:
         s = statistics.median(runs)
         base.setdefault(w, s)
         note = (f"extrapolated from {probe} steps; " if probe else "") + f"{repeats} run(s)"
-        print(f"{sampler:<8} {steps:>5} {w:>8.1f} {s:>9.2f} {a.n / s:>7.1f} {base[w] / s:>11.1f}x  {note}",
+        print(f"{sampler:<8} {steps:>5} {w:>8.1f} {s:>9.2f} {a.n / s:>7.3g} {base[w] / s:>11.1f}x  {note}",
               flush=True)
 
 

@@ -270,7 +270,7 @@ def test_compile_ab_child_times_the_compiled_model_after_a_whole_warm_up_run(com
                         "2", "--runs", "2", "--precision", "fp32"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["variant"] == "compiled" and len(res["rates"]) == 2 and min(res["rates"]) > 0
-    assert cheap_compile == [("default", False)] and res["precision"] == "fp32 (requested)"
+    assert cheap_compile == [("default", False)] and res["precision"] == "fp32 channels_last"
     compile_bench.main(["--child", "eager", "--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["variant"] == "eager"
     assert cheap_compile == [("default", False)]  # the eager child compiles nothing
@@ -285,14 +285,14 @@ def test_compile_ab_alternates_fresh_processes_and_pairs_each_round(compile_benc
 
     def fake_run(argv, **kwargs):
         variant = argv[argv.index("--child") + 1]
-        calls.append((variant, argv[argv.index("--precision") + 1]))
+        calls.append((variant, argv[argv.index("--precision") + 1], argv[argv.index("--layout") + 1]))
         out = json.dumps({"variant": variant, "rates": [next(rate[variant])], "warmup_s": 1.0, "precision": "x"})
         return subprocess.CompletedProcess(argv, 0, stdout=out + "\n")
 
     monkeypatch.setattr(compile_bench.subprocess, "run", fake_run)
     result = compile_bench.main(["--rounds", "3", "--precision", "fp32"])
-    assert [v for v, _ in calls] == ["eager", "compiled", "compiled", "eager", "eager", "compiled"]  # rotated
-    assert {p for _, p in calls} == {"fp32"}
+    assert [v for v, _, _ in calls] == ["eager", "compiled", "compiled", "eager", "eager", "compiled"]  # rotated
+    assert {(p, layout) for _, p, layout in calls} == {("fp32", "channels_last")}  # decided once, for every child
     assert result["ratios"] == pytest.approx([1.5, 1.0, 1.2])
     assert "compiled / eager, per round: 1.20x [1.00, 1.50]" in capsys.readouterr().out
 
