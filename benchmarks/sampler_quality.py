@@ -430,7 +430,7 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
               f"({a.bootstrap} resamples; image i has the same seed and class in every row). An interval that "
               "holds 0 means this many images cannot tell the two settings apart. FD intervals are percentiles "
               "over resampled sets moved onto the estimate (repeated images bias a resample's FD); at few images "
-              "FD differences read smaller than with many (benchmarks/fd_interval_coverage.py)")
+              "relative FD differences read smaller than with many (benchmarks/fd_interval_coverage.py)")
     print()
     print(f"choice rule: per guidance (with the interval rows held to it), the setting with the fewest model "
           f"calls per image whose FD is at most {a.tolerance:.0%} above the reference's (relative) and whose "
