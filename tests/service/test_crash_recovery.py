@@ -25,7 +25,7 @@ from .conftest import client_for
 from .service_testlib import TERMINAL, png_pixels, poll_job, wait_for, zip_pngs
 
 N, STEPS, SEED = 160, 10, 1234  # 40 batches of 4, ddpm: seconds even on a fast idle machine, so it is killed mid-run
-# (about 7 s an attempt measured with both cores busy): limits per attempt with room for a loaded machine
+# (about 7 s an attempt with both cores busy, extrapolated from 16 images): limits per attempt with room to spare
 WHOLE_WORKER_LIMITS = dict(job_time_limit=30, visibility_timeout=32)  # the job comes back after 32 s
 AT_ONCE_LIMITS = dict(job_time_limit=120, visibility_timeout=600)    # 600 s: longer than any wait below
 # no guidance_interval: the default one applies, and the reference below samples with it too
