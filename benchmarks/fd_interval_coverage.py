@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.features_metrics import _frechet_to, _sqrt_psd, paired_bootstrap  # noqa: E402
+from training.features_metrics import _frechet_to, _sqrt_psd, frechet_distance_infinity, paired_bootstrap  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, nargs=2, default=(1.15, 1.10), metavar=("A", "B"),
                    help="each generator's scale of the shared latent")
     p.add_argument("--noise", type=float, default=0.5, help="each generator's own noise (sd) per image")
+    p.add_argument("--fd-infinity", action="store_true",
+                   help="also the relative difference of FD_inf (training.features_metrics.frechet_distance_infinity) "
+                        "of each draw, against the value with many images (needs --images >= 6 x --features)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     estimates = {m: [] for m in truth}
     intervals = {(m, k): [] for m in truth for k in kinds}
     checked = False
+    fd_inf: list[float] = []
     for i in range(a.draws):
         fa, fb = draw(a.images)
         idx = torch.randint(a.images, (a.boot, a.images), generator=g)
@@ -95,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
             estimates[m].append(est)
             intervals[(m, "percentile")].append((lo, hi))
             intervals[(m, "moved")].append((lo + shift, hi + shift))
+        if a.fd_infinity:
+            inf_a = frechet_distance_infinity(fa, (mu_r, s_r), seed=a.seed + i)
+            inf_b = frechet_distance_infinity(fb, (mu_r, s_r), seed=a.seed + i)
+            fd_inf.append(inf_a / inf_b - 1)
         if not checked:  # the library's intervals are the moved ones: the same resamples give the same numbers
             ones = torch.ones(a.images, dtype=torch.bool)
             out = paired_bootstrap(fa, ones, fb, ones, (mu_r, s_r), n_boot=a.boot, seed=a.seed)
@@ -129,7 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
         sd = (sum((e - mean_est) ** 2 for e in ests) / (len(ests) - 1)) ** 0.5
         print(f"{m:<11} expected estimate at {a.images} images {mean_est:+.4f} (sd {sd:.4f}); "
               f"with {many:,} images {truth[m]:+.4f}")
-    return {"settings": vars(a), "truth": truth, "rows": rows}
+    out = {"settings": vars(a), "truth": truth, "rows": rows}
+    if fd_inf:
+        m = sum(fd_inf) / len(fd_inf)
+        sd = (sum((e - m) ** 2 for e in fd_inf) / (len(fd_inf) - 1)) ** 0.5
+        print(f"relative   FD_inf (extrapolated to infinitely many images): {m:+.4f} (sd {sd:.4f}); "
+              f"with {many:,} images {truth['relative']:+.4f}")
+        out["fd_infinity_relative"] = {"mean": m, "sd": sd}
+    return out
 
 
 if __name__ == "__main__":

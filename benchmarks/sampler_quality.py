@@ -13,7 +13,10 @@ fidelity, recall, coverage, and the FD relative to the reference row of the same
 at 1000 steps when it is in the grid, else the slowest setting (most model calls) of the grid at
 that guidance, which the output says.  Beside each difference from the reference: a 95% interval from
 a paired bootstrap over the images (--bootstrap resamples), so that a difference the sample size
-cannot resolve reads as one.  The ``real_train`` row is the floor: real training images, same count.
+cannot resolve reads as one.  With at least 6 images per feature dimension (768 in the CNN's 128) every
+row also gets FD_inf, its FD extrapolated to infinitely many images
+(``training.features_metrics.frechet_distance_infinity``), printed against its reference's below the table:
+a plain FD at a few hundred or thousand images shrinks relative differences (benchmarks/fd_interval_coverage.py).  The ``real_train`` row is the floor: real training images, same count.
 
 A setting guided only where LO < sigma_t <= HI (diffusion.spec: guidance interval) makes two model calls
 at those steps and one at the others, so it costs fewer calls than the same setting guided at every step.
@@ -74,7 +77,7 @@ from diffusion.spec import (DEFAULT_SETTINGS, SAMPLERS, GuidanceInterval, Sample
                             requested_precision)
 from training.data import default_cache_dir
 from training.generate import default_checkpoint
-from training.features_metrics import paired_bootstrap
+from training.features_metrics import frechet_distance_infinity, paired_bootstrap
 from training.generator_metrics import MetricsSettings, measure_generator
 from training.metrics_cli import add_feature_args
 from training.sample_cli import pick_device
@@ -106,6 +109,9 @@ DEFAULT_INTERVAL_GUIDANCES = ("" if DEFAULT_SETTINGS.guidance_interval is None e
                               guidance_label(DEFAULT_SETTINGS.guidance, DEFAULT_SETTINGS.guidance_interval))
 
 
+FD_INF_MIN_RATIO = 6  # FD_inf for a row only with at least this many images per feature dimension
+
+
 @dataclass
 class Row:
     sampler: str
@@ -125,6 +131,7 @@ class Row:
     vs_reference: dict | None = None  # paired bootstrap intervals of this row minus the reference (compare)
     guidance_interval: GuidanceInterval | None = None  # guided only where lo < sigma_t <= hi; None: every step
     interval_calls: int | None = None  # model calls per image with the interval (they depend on the schedule)
+    fd_infinity: float | None = None  # FD extrapolated to infinitely many images; None below 6 x features images
 
     @property
     def calls(self) -> int:
@@ -374,6 +381,9 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
                         result["synthetic"]["cache_dir"], dtype, guidance_interval=gi,
                         interval_calls=calls if gi is not None else None))
         per_image[rows[-1].key] = result.pop("per_image")
+        feats = per_image[rows[-1].key]["features"]
+        if len(feats) >= FD_INF_MIN_RATIO * feats.shape[1]:  # enough images for the extrapolation to hold
+            rows[-1].fd_infinity = frechet_distance_infinity(feats, per_image[rows[-1].key]["test_stats"], seed=a.seed)
         log.info("[%d/%d] %s-%d guidance %s: FD %.3f, class fidelity %.3f (%.0f s)", i, len(grid), sampler, steps,
                  label, gen["frechet_distance"], gen["class_fidelity"]["overall"], result["seconds"])
     return rows, result, per_image
@@ -431,6 +441,17 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
               "holds 0 means this many images cannot tell the two settings apart. FD intervals are percentiles "
               "over resampled sets moved onto the estimate (repeated images bias a resample's FD); at few images "
               "relative FD differences read smaller than with many (benchmarks/fd_interval_coverage.py)")
+    if any(r.fd_infinity is not None for r in rows):
+        print("FD_inf: FD extrapolated to infinitely many images (training.features_metrics.frechet_distance_infinity"
+              "), against its reference's; at this many images a plain FD shrinks relative differences")
+        for c in choices:
+            ref = c.reference
+            for r in sorted(c.rows, key=lambda r: -r.calls):
+                if r.fd_infinity is None or ref.fd_infinity is None:
+                    continue
+                rel = r.fd_infinity / ref.fd_infinity - 1 if ref.fd_infinity > 0 else float("nan")
+                print(f"  {r.name:<14} guidance {r.guidance_label:>10} {r.dtype:>4}: FD_inf {r.fd_infinity:9.3f} "
+                      + ("(reference)" if r is ref else f"{rel:+.1%}"))
     print()
     print(f"choice rule: per guidance (with the interval rows held to it), the setting with the fewest model "
           f"calls per image whose FD is at most {a.tolerance:.0%} above the reference's (relative) and whose "

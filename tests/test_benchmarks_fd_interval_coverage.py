@@ -13,10 +13,11 @@ def test_the_coverage_script_runs_and_prints_its_table(capsys):
     spec = importlib.util.spec_from_file_location("benchmarks_fd_interval_coverage", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = module.main(["--features", "6", "--images", "12", "--draws", "4", "--boot", "30"])
+    out = module.main(["--features", "4", "--images", "30", "--draws", "4", "--boot", "30", "--fd-infinity"])
     table = capsys.readouterr().out
-    assert "6 features, 12 paired images, 4 draws x 30 resamples" in table
+    assert "4 features, 30 paired images, 4 draws x 30 resamples" in table and "FD_inf" in table
     assert [(r["measure"], r["interval"]) for r in out["rows"]] == [
         ("difference", "percentile"), ("difference", "moved"), ("relative", "percentile"), ("relative", "moved")]
     assert all(0 <= r[k] <= 1 for r in out["rows"] for k in ("holds_expected_estimate", "holds_its_estimate"))
     assert out["truth"]["relative"] > 0  # generator a is the farther one from the real set
+    assert set(out["fd_infinity_relative"]) == {"mean", "sd"}

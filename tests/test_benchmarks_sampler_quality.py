@@ -119,8 +119,8 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     data, ckpt = tiny
     argv = ["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings",
             "ddpm:3,ddim:3,dpmpp:2", "--skip-ddpm", "--guidances", "1,1.5", "--interval-guidances", "", "--k", "2",
-            "--feature-classifier",
-            "mlp", "--feature-width", "8", "--feature-epochs", "1", "--device", "cpu", "--threads", "1",
+            "--feature-classifier",  # width 6: 3 features, so 20 images are enough for FD_inf (6 per feature)
+            "mlp", "--feature-width", "6", "--feature-epochs", "1", "--device", "cpu", "--threads", "1",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out.json")]
     first = bench.main(argv)
     out = capsys.readouterr().out
@@ -158,6 +158,9 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     assert "percentage points below the reference's (absolute)" in out
     assert "paired bootstrap over the 20 images" in out and sum("]pp" in line for line in table) == 2
     assert out.count("NOT DDPM-1000") == 2 and "service default now" in out
+    assert all(r.fd_infinity is not None and math.isfinite(r.fd_infinity) for r in rows)
+    fd_inf = [line for line in lines if line.startswith("  ") and "FD_inf" in line]
+    assert len(fd_inf) == 4 and sum("(reference)" in line for line in fd_inf) == 2
 
     saved = json.loads((tmp_path / "out.json").read_text())
     assert [(r["sampler"], r["steps"], r["guidance"], r["model_calls_per_image"]) for r in saved["rows"]] == \
@@ -165,6 +168,7 @@ def test_end_to_end_rows_choice_and_cache(bench, tiny, tmp_path, capsys):
     assert saved["real_train"]["images"] == 20 and saved["choices"][0]["reference_is_ddpm1000"] is False
     assert saved["choices"][0]["chosen"] == choices[0].chosen.name
     assert sum(r["vs_reference"] is not None for r in saved["rows"]) == 2
+    assert all(r["fd_infinity"] is not None for r in saved["rows"])
 
     # a rerun takes the feature classifier and every setting's images from the cache: same numbers; with a figure
     second = bench.main(argv[:-2] + ["--figure", str(tmp_path / "fig.png")])

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from training.features_metrics import (class_fidelity, density_coverage, feature_stats, frechet_distance,
-                                       frechet_distance_from_stats, inception_features, knn_radii, load_inception,
-                                       paired_bootstrap, precision_recall)
+                                       frechet_distance_from_stats, frechet_distance_infinity, inception_features,
+                                       knn_radii, load_inception, paired_bootstrap, precision_recall)
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():
@@ -166,6 +166,27 @@ def test_paired_bootstrap_fd_intervals_are_moved_onto_their_estimates():
         if name == "frechet_distance_relative":  # there the resamples' bias is no rounding error
             assert abs(moved) > 0.1 * (hi - lo)
         assert out[name][1:] == pytest.approx([lo + moved, hi + moved], rel=1e-6, abs=1e-9)
+
+
+def test_fd_infinity_removes_the_few_images_bias():
+    """Generated N(0.3, 1.2^2 I) against a real N(0, I) in 32 features: the distance with infinitely many images is
+    32 x (0.09 + (1.2 - 1)^2) = 4.16; 200 images read far more, their extrapolation about that."""
+    d, n = 32, 200
+    ref = (torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))
+    exact = d * (0.09 + 0.2 ** 2)
+    plain, inf = [], []
+    for seed in range(4):  # four draws of 200 images: the bias is what they share, not their noise
+        fake = 0.3 + 1.2 * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        plain.append(frechet_distance_from_stats(*ref, *feature_stats(fake)))
+        inf.append(frechet_distance_infinity(fake, ref))
+    bias = sum(plain) / 4 - exact
+    assert bias > 1.0  # about +1.8 here
+    assert abs(sum(inf) / 4 - exact) < 0.2 * bias
+    assert frechet_distance_infinity(fake, ref) == inf[-1]  # seeded
+    with pytest.raises(ValueError, match="3x the 32 features"):
+        frechet_distance_infinity(fake[:150], ref)
+    with pytest.raises(ValueError, match="two subset sizes"):
+        frechet_distance_infinity(fake, ref, fractions=(1.0,))
 
 
 def test_paired_bootstrap_validates_its_inputs():
