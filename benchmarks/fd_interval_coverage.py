@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.features_metrics import _frechet_to, _sqrt_psd, frechet_distance_infinity, paired_bootstrap  # noqa: E402
+from training.features_metrics import _fd_of_sets, _sqrt_psd, frechet_distance_infinity, paired_bootstrap  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def fd(f: torch.Tensor) -> torch.Tensor:
         """f: [B, n, D] -> [B] distances to the real N(0, I)."""
-        mu = f.mean(1)
-        c = f - mu[:, None]
-        return _frechet_to(mu_r, s_r, root, mu, c.transpose(1, 2) @ c / (f.shape[1] - 1))
+        return _fd_of_sets(mu_r, s_r, root, f)
 
     def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(m, d, generator=g, dtype=torch.float64)  # what the paired images share (the seed)

@@ -119,9 +119,9 @@ def paired_bootstrap(feats_a: torch.Tensor, correct_a: torch.Tensor, feats_b: to
     Class fidelity gets a percentile interval.  The Frechet differences get percentile intervals moved by
     the resampling's own bias (the estimate minus the resamples' mean): a resample holds repeated images,
     which biases both of its distances upward: that shifts their difference (upward, in the simulation
-    below) and pulls their ratio toward 0, so plain percentile intervals sat off their estimates.  In a simulation (Gaussian features,
-    128 of them, 100 paired images; ``benchmarks/fd_interval_coverage.py``) the plain interval held the
-    expected estimate in 36% of draws and the moved one in 92%.  Either way the interval is that of the
+    below) and pulls their ratio toward 0, so plain percentile intervals sat off their estimates.  In a
+    simulation (Gaussian features, 128 of them, 100 paired images; ``benchmarks/fd_interval_coverage.py``) the
+    plain interval of the ratio held the expected estimate in 36% of draws and the moved one in 92%.  Either way the interval is that of the
     difference *at N images*: at N near the feature count the distances' own bias shrinks a relative
     difference far below its value with many images (the same simulation: +10% at 100 images where it is
     +52%), so a small difference at small N is weak evidence of a small one.
