@@ -71,10 +71,6 @@ def main(argv: list[str] | None = None) -> dict:
         b_ = z * a.scale[1] + a.noise * torch.randn(m, d, generator=g, dtype=torch.float64) + a.shift[1]
         return a_, b_
 
-    def in_chunks(f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        step = max(1, 2_000_000 // (a.images * d))
-        return torch.cat([fd(f[idx[i:i + step]]) for i in range(0, len(idx), step)])
-
     many = 400_000
     big_a, big_b = draw(many)
     truth = {"difference": float(fd(big_a[None]) - fd(big_b[None])),
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(a.draws):
         fa, fb = draw(a.images)
         idx = torch.randint(a.images, (a.boot, a.images), generator=g)
-        x, y = in_chunks(fa, idx), in_chunks(fb, idx)
+        x, y = _fd_of_sets(mu_r, s_r, root, fa, idx), _fd_of_sets(mu_r, s_r, root, fb, idx)
         a0, b0 = float(fd(fa[None])), float(fd(fb[None]))
         for m, est, v in (("difference", a0 - b0, x - y), ("relative", a0 / b0 - 1, x / y - 1)):
             lo, hi = torch.quantile(v, q).tolist()
@@ -105,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             ones = torch.ones(a.images, dtype=torch.bool)
             out = paired_bootstrap(fa, ones, fb, ones, (mu_r, s_r), n_boot=a.boot, seed=a.seed)
             same = torch.randint(a.images, (a.boot, a.images), generator=torch.Generator().manual_seed(a.seed))
-            v = in_chunks(fa, same) / in_chunks(fb, same) - 1
+            v = _fd_of_sets(mu_r, s_r, root, fa, same) / _fd_of_sets(mu_r, s_r, root, fb, same) - 1
             lo, hi = torch.quantile(v, q).tolist()
             est = a0 / b0 - 1
             want = [est, lo + est - float(v.mean()), hi + est - float(v.mean())]
@@ -130,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "holds_its_estimate": sum(lo <= e <= hi for (lo, hi), e in zip(iv, ests)) / len(iv),
                    "mean_width": sum(hi - lo for lo, hi in iv) / len(iv)}
             rows.append(row)
-            print(f"{m:<11} {k:<11} {row['holds_expected_estimate']:>12.2f} {row['holds_value_with_many_images']:>33.2f} "
+            print(f"{m:<11} {k:<11} {row['holds_expected_estimate']:>12.2f} "
+                  f"{row['holds_value_with_many_images']:>33.2f} "
                   f"{row['holds_its_estimate']:>19.2f} {row['mean_width']:>11.4f}")
         sd = (sum((e - mean_est) ** 2 for e in ests) / (len(ests) - 1)) ** 0.5
         print(f"{m:<11} expected estimate at {a.images} images {mean_est:+.4f} (sd {sd:.4f}); "

@@ -61,8 +61,13 @@ def frechet_distance_from_stats(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.
     return float(_frechet_to(mu1, s1, _sqrt_psd(s1), mu2, s2))
 
 
-def _fd_of_sets(mu_r: torch.Tensor, s_r: torch.Tensor, sqrt_s_r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """f: [B, n, D] float64 -> [B] Frechet distances of each set of n features to (mu_r, s_r)."""
+def _fd_of_sets(mu_r: torch.Tensor, s_r: torch.Tensor, sqrt_s_r: torch.Tensor, f: torch.Tensor,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Frechet distances to (mu_r, s_r) of several sets of n features: ``f`` [B, n, D] float64 -> [B]; or, with
+    ``idx`` [B, n] (row indices), of the sets ``f[idx]`` of ``f`` [N, D], gathered a few at a time (~16 MB)."""
+    if idx is not None:
+        step = max(1, 2_000_000 // (idx.shape[1] * f.shape[1]))
+        return torch.cat([_fd_of_sets(mu_r, s_r, sqrt_s_r, f[idx[i:i + step]]) for i in range(0, len(idx), step)])
     mu = f.mean(1)
     c = f - mu[:, None]
     return _frechet_to(mu_r, s_r, sqrt_s_r, mu, c.transpose(1, 2) @ c / (f.shape[1] - 1))
@@ -95,7 +100,7 @@ def frechet_distance_infinity(feats: torch.Tensor, ref_stats: tuple[torch.Tensor
     means = []
     for m in sizes:
         idx = torch.stack([torch.randperm(n, generator=g)[:m] for _ in range(reps)])
-        means.append(_fd_of_sets(mu_r, s_r, r, f[idx]).mean())
+        means.append(_fd_of_sets(mu_r, s_r, r, f, idx).mean())
     x = torch.tensor([[1.0, 1.0 / m] for m in sizes], dtype=torch.float64)
     return float(torch.linalg.lstsq(x, torch.stack(means)[:, None]).solution[0, 0])
 
@@ -121,8 +126,8 @@ def paired_bootstrap(feats_a: torch.Tensor, correct_a: torch.Tensor, feats_b: to
     which biases both of its distances upward: that shifts their difference (upward, in the simulation
     below) and pulls their ratio toward 0, so plain percentile intervals sat off their estimates.  In a
     simulation (Gaussian features, 128 of them, 100 paired images; ``benchmarks/fd_interval_coverage.py``) the
-    plain interval of the ratio held the expected estimate in 36% of draws and the moved one in 92%.  Either way the interval is that of the
-    difference *at N images*: at N near the feature count the distances' own bias shrinks a relative
+    plain interval of the ratio held the expected estimate in 36% of draws and the moved one in 92%.  Either
+    way the interval is that of the difference *at N images*: at N near the feature count the distances' own bias shrinks a relative
     difference far below its value with many images (the same simulation: +10% at 100 images where it is
     +52%), so a small difference at small N is weak evidence of a small one.
     """
@@ -135,17 +140,11 @@ def paired_bootstrap(feats_a: torch.Tensor, correct_a: torch.Tensor, feats_b: to
     mu_r, s_r = (t.double() for t in ref_stats)
     r = _sqrt_psd(s_r)  # one square root of the reference for all resamples
 
-    def fd(f: torch.Tensor) -> torch.Tensor:
-        """f: [B, n, D] -> [B] Frechet distances of each set to the reference (one batched eigvalsh)."""
-        return _fd_of_sets(mu_r, s_r, r, f)
-
     fa, fb = feats_a.double(), feats_b.double()
     ca, cb = correct_a.double(), correct_b.double()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(n, (n_boot, n), generator=g)
-    chunk = max(1, 2_000_000 // (n * fa.shape[1]))  # resamples per batch: ~16 MB of features each side
-    x = torch.cat([fd(fa[idx[i:i + chunk]]) for i in range(0, n_boot, chunk)])
-    y = torch.cat([fd(fb[idx[i:i + chunk]]) for i in range(0, n_boot, chunk)])
+    x, y = _fd_of_sets(mu_r, s_r, r, fa, idx), _fd_of_sets(mu_r, s_r, r, fb, idx)
     d_fd, d_rel = x - y, torch.where(y > 0, x / y - 1, float("nan"))
     d_fid = ca[idx].mean(1) - cb[idx].mean(1)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
@@ -156,7 +155,7 @@ def paired_bootstrap(feats_a: torch.Tensor, correct_a: torch.Tensor, feats_b: to
         shift = 0.0 if estimate is None else estimate - float(v.mean())
         return [lo + shift, hi + shift]
 
-    a0, b0 = float(fd(fa[None])), float(fd(fb[None]))
+    a0, b0 = float(_fd_of_sets(mu_r, s_r, r, fa[None])), float(_fd_of_sets(mu_r, s_r, r, fb[None]))
     rel0 = a0 / b0 - 1 if b0 > 0 else float("nan")
     return {"frechet_distance": [a0 - b0, *interval(d_fd, a0 - b0)],
             "frechet_distance_relative": [rel0, *interval(d_rel, rel0)],
