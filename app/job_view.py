@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
+import redis
+
 from worker.jobs import EVALUATION, QUEUED, RUNNING, SUCCEEDED, JobStore
 
 from .schemas import EvaluationInput, EvaluationJob, EvaluationOutput, GenerationJob, JobInput, JobOutput, Timings
@@ -60,6 +62,15 @@ def eta_seconds(rec: dict, now: float | None = None) -> float | None:
     return None if left < -ETA_STALE_S else round(max(left, 0.0), 1)
 
 
+def _queue_position(store: JobStore, job_id: str) -> int | None:
+    """1 = next to start; None where Redis cannot say: a job just sent whose record Redis failed to confirm
+    (``app.submit``) must still be answered with its id, not with a 503 that invites a second submission."""
+    try:
+        return store.queue_position(job_id)
+    except redis.exceptions.RedisError:
+        return None
+
+
 def job_view(rec: dict, store: JobStore, report: dict | None = None) -> GenerationJob | EvaluationJob:
     """The public view of one record (asks Redis for the queue position and the cancel flag).
 
@@ -69,7 +80,7 @@ def job_view(rec: dict, store: JobStore, report: dict | None = None) -> Generati
     out = rec.get("output") if status == SUCCEEDED else None
     common = dict(
         id=job_id, status=status, progress=rec.get("progress", 0.0), message=rec.get("message"),
-        queue_position=store.queue_position(job_id) if status == QUEUED else None,
+        queue_position=_queue_position(store, job_id) if status == QUEUED else None,
         cancel_requested=status == RUNNING and store.cancel_requested(job_id),
         attempts=rec.get("attempts", 0), timings=timings(rec), error=rec.get("error"))
     if rec.get("type") == EVALUATION:

@@ -104,7 +104,8 @@ class JobBase(BaseModel):
     status: JobStatus
     progress: float = Field(ge=0, le=1, description="fraction done")
     message: str | None = Field(None, description="what the job is doing now (evaluations)")
-    queue_position: int | None = Field(description="1 = next to start; null unless queued")
+    queue_position: int | None = Field(
+        description="1 = next to start; null unless queued, or when Redis could not tell")
     cancel_requested: bool
     attempts: int = Field(description="deliveries so far (more than 1 after a worker crash)")
     timings: Timings

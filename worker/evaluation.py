@@ -17,8 +17,8 @@ from pathlib import Path
 from training.evaluate import RUNS_DIR, EvaluationSettings, run_evaluation
 from training.evaluate_report import markdown
 
-from .generation import (job_sampler, not_run, record_canceled, record_failed, start_job, stopped_by_shutdown,
-                         worker_model, write_json)
+from .generation import (end_run, job_sampler, not_run, record_canceled, record_failed, start_job,
+                         stopped_by_shutdown, superseded, worker_model, write_json)
 from .jobs import RUNNING, SUCCEEDED, JobStore
 from .progress import JobCanceled, StageProgress, job_hooks
 from .stopping import WorkerStopping
@@ -92,7 +92,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     try:
         config = evaluation_settings(request, settings)
         ckpt = worker_model(settings)
-        progress = StageProgress(*job_hooks(store, job_id), interval=settings.progress_interval,
+        progress = StageProgress(*job_hooks(store, job_id, rec["delivery"]), interval=settings.progress_interval,
                                  time_limit=settings.eval_time_limit, start=rec.get("progress") or 0.0)
         clear_partial_report(out)
         # the generation jobs' batching sampler: on a threads-pool worker the set's batches share model calls with
@@ -101,17 +101,20 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
                                 sample_fn=job_sampler(settings), check=progress.check)
         publish(report, out)
     except JobCanceled:
-        return record_canceled(store, job_id, out)
+        return record_canceled(store, job_id, out, rec["delivery"])
     except WorkerStopping:
         return stopped_by_shutdown(store, job_id, rec)
     except Exception as e:
-        record_failed(store, job_id, e, settings.eval_time_limit, settings)
-        raise
+        if record_failed(store, job_id, e, settings.eval_time_limit, settings, rec["delivery"]):
+            raise
+        log.exception("evaluation %s: this delivery failed after another had taken the job over", job_id)
+        return superseded(job_id)
     arms = report["arms"]
     output = {"plots": plot_names(report["files"]), "accuracy_mean": {a: arms[a]["accuracy_mean"] for a in arms},
               "delta_mean": report["delta"]["mean"], "seconds": report["seconds"],
               "checkpoint_sha256": report["synthetic"]["checkpoint_sha256"]}
-    store.transition(job_id, (RUNNING,), {"status": SUCCEEDED, "finished_at": time.time(), "progress": 1.0,
-                                          "message": "done", "output": output})
+    if not end_run(store, job_id, rec["delivery"], {"status": SUCCEEDED, "finished_at": time.time(),
+                                                     "progress": 1.0, "message": "done", "output": output}):
+        return superseded(job_id)
     log.info("evaluation %s: %s in %.1f s", job_id, output["accuracy_mean"], report["seconds"])
     return {"id": job_id, "status": SUCCEEDED, "attempts": rec["attempts"], "worker": worker, **output}

@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -87,10 +87,34 @@ def worker_model(settings: Settings) -> Checkpoint:
     return model_for(settings.checkpoint, settings.torch_threads, settings.compile, settings.precision)
 
 
-def record_canceled(store: JobStore, job_id: str, out: Path) -> dict:
-    """A run stopped by its cancel flag: drop the partial output, mark the job canceled."""
+SUPERSEDED = "superseded"  # a delivery's result when another delivery has taken the job over (not a job status)
+
+
+def end_run(store: JobStore, job_id: str, delivery: str | None, fields: dict | Callable[[dict], dict]) -> bool:
+    """Apply a running job's status change ``fields`` (a dict, or a function of the old record) only while the job
+    is still this ``delivery``'s run. False, and nothing changed, when it is not running, or when another delivery
+    has started it since (this one outlived its worker's shutdown and its message was restored meanwhile): that
+    run decides how the job ends."""
+    mine = [False]
+
+    def apply(old: dict) -> dict:
+        mine[0] = old.get("delivery") == delivery
+        return (fields(old) if callable(fields) else fields) if mine[0] else {}
+
+    store.transition(job_id, (RUNNING,), apply)
+    return mine[0]
+
+
+def superseded(job_id: str) -> dict:
+    log.info("job %s: another delivery runs it now; this one leaves the job to it", job_id)
+    return {"id": job_id, "status": SUPERSEDED}
+
+
+def record_canceled(store: JobStore, job_id: str, out: Path, delivery: str | None) -> dict:
+    """A run stopped by its cancel flag: mark the job canceled, drop the partial output."""
+    if not end_run(store, job_id, delivery, {"status": CANCELED, "finished_at": time.time()}):
+        return superseded(job_id)  # the folder is the other run's now
     shutil.rmtree(out, ignore_errors=True)
-    store.transition(job_id, (RUNNING,), {"status": CANCELED, "finished_at": time.time()})
     log.info("job %s canceled", job_id)
     return {"id": job_id, "status": CANCELED}
 
@@ -100,22 +124,15 @@ def record_requeued(store: JobStore, job_id: str, delivery: str | None) -> bool:
     against ``max_attempts`` (a planned stop is no crash). Its files stay, so the next delivery resumes.
 
     Only while the record is still this ``delivery``'s run: True, and the caller puts the message back
-    (``worker.tasks``). False when another delivery has started it since (this one outlived its worker's
-    shutdown and its message was restored meanwhile): that run is left alone, and this message just ends."""
-    mine = [False]
-
-    def fields(old: dict) -> dict:
-        mine[0] = old.get("delivery") == delivery
-        if not mine[0]:
-            return {}
-        return {"status": QUEUED, "attempts": max(old["attempts"] - 1, 0), "delivery": None, "worker": None}
-
-    store.transition(job_id, (RUNNING,), fields)
-    if mine[0]:
+    (``worker.tasks``). False when another delivery has started it since: that run is left alone, and this
+    message just ends."""
+    mine = end_run(store, job_id, delivery, lambda old: {
+        "status": QUEUED, "attempts": max(old["attempts"] - 1, 0), "delivery": None, "worker": None})
+    if mine:
         log.info("job %s: the worker is shutting down; back in the queue", job_id)
     else:
         log.info("job %s: the worker is shutting down; the job is no longer this delivery's run", job_id)
-    return mine[0]
+    return mine
 
 
 def stopped_by_shutdown(store: JobStore, job_id: str, rec: dict) -> dict:
@@ -123,7 +140,7 @@ def stopped_by_shutdown(store: JobStore, job_id: str, rec: dict) -> dict:
     then puts its message back), else this delivery's result (another delivery has the job)."""
     if record_requeued(store, job_id, rec.get("delivery")):
         raise WorkerStopping()
-    return {"id": job_id, "status": "superseded"}
+    return {"id": job_id, "status": SUPERSEDED}
 
 
 def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
@@ -139,12 +156,13 @@ def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
 
 
 def record_failed(store: JobStore, job_id: str, exc: BaseException, time_limit: int,
-                  settings: Settings | None = None) -> None:
+                  settings: Settings | None = None, delivery: str | None = None) -> bool:
     """A run that raised: mark the job failed with the message a user sees (the caller re-raises; the worker's
-    log keeps the whole traceback)."""
+    log keeps the whole traceback).  False when the job was not this ``delivery``'s run any more
+    (:func:`end_run`): the caller then logs the error and leaves the job to the run that has it."""
     hide = server_paths(settings) if settings is not None else ()
-    store.transition(job_id, (RUNNING,), {"status": FAILED, "finished_at": time.time(),
-                                           "error": describe(exc, time_limit, hide)})
+    return end_run(store, job_id, delivery, {"status": FAILED, "finished_at": time.time(),
+                                             "error": describe(exc, time_limit, hide)})
 
 
 def server_paths(settings: Settings) -> list[Path]:
@@ -206,19 +224,21 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         # a job queued before guidance intervals existed has none: guided at every step, as it was asked
         sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]),
                                   guidance_interval=request.get("guidance_interval"))
-        reporter = ProgressReporter(*job_hooks(store, job_id),
+        reporter = ProgressReporter(*job_hooks(store, job_id, rec["delivery"]),
                                     batch_size=settings.model_batch, interval=settings.progress_interval,
-                                    time_limit=settings.job_time_limit)
+                                    time_limit=settings.job_time_limit, start=rec.get("progress") or 0.0)
         manifest = generate_to_dir(ckpt, counts, out, settings=sampler, base_seed=int(request["seed"]),
                                    batch_size=settings.model_batch, make_zip=True, progress=reporter,
                                    sample_fn=job_sampler(settings), check=reporter.check)
     except JobCanceled:
-        return record_canceled(store, job_id, out)
+        return record_canceled(store, job_id, out, rec["delivery"])
     except WorkerStopping:
         return stopped_by_shutdown(store, job_id, rec)
     except Exception as e:
-        record_failed(store, job_id, e, settings.job_time_limit, settings)
-        raise
+        if record_failed(store, job_id, e, settings.job_time_limit, settings, rec["delivery"]):
+            raise
+        log.exception("job %s: this delivery failed after another had taken the job over", job_id)
+        return superseded(job_id)
     total = len(manifest["images"])
     result = {
         "id": job_id, "status": SUCCEEDED, "input": request, "images": total,
@@ -228,10 +248,11 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
                   "images": "images/{i:05d}.png"},
     }
     write_json(out / "result.json", result)
-    store.transition(job_id, (RUNNING,), {
-        "status": SUCCEEDED, "finished_at": time.time(), "images_done": total, "step": sampler.steps,
-        "progress": 1.0, "output": {"images": total, "seconds": manifest["seconds"],
-                                    "checkpoint_sha256": ckpt.sha256, "precision": manifest["precision"]}})
+    if not end_run(store, job_id, rec["delivery"], {
+            "status": SUCCEEDED, "finished_at": time.time(), "images_done": total, "step": sampler.steps,
+            "progress": 1.0, "output": {"images": total, "seconds": manifest["seconds"],
+                                        "checkpoint_sha256": ckpt.sha256, "precision": manifest["precision"]}}):
+        return superseded(job_id)
     log.info("job %s: %d images in %.1f s", job_id, total, manifest["seconds"])
     return result
 

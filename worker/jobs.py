@@ -71,9 +71,12 @@ return {redis.call('ZCARD', KEYS[1]), rank}
 
 # KEYS: record.  ARGV: field, value, ...  Only an existing record: a job forgotten at submit (its message
 # reached the broker after all) must not come back as a record without a status.
+# ARGV[1]: '' (any existing record) or a delivery id as JSON (only while that delivery runs the job)
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+if ARGV[1] ~= '' and (redis.call('HGET', KEYS[1], 'status') ~= '"running"'
+                      or redis.call('HGET', KEYS[1], 'delivery') ~= ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
@@ -217,10 +220,13 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.key(job_id) + ":cancel"))
 
-    def update(self, job_id: str, **fields: Any) -> bool:
+    def update(self, job_id: str, delivery: str | None = None, **fields: Any) -> bool:
         """Set some fields (progress, output ...) of an existing record; False (and nothing written) if there is
-        none."""
-        return bool(self._update(keys=[self.key(job_id)], args=_flatten(dict(fields, updated_at=time.time()))))
+        none, or, given ``delivery``, unless the job is running as that delivery (a progress write must not land
+        on a finished job, nor come from a run that another delivery has taken over)."""
+        guard = "" if delivery is None else json.dumps(delivery)
+        return bool(self._update(keys=[self.key(job_id)],
+                                 args=[guard] + _flatten(dict(fields, updated_at=time.time()))))
 
     def transition(self, job_id: str, allowed: Iterable[str], fields: dict,
                    retry_for: float | None = None) -> dict | None:

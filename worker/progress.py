@@ -19,8 +19,12 @@ from .stopping import STOPPING, WorkerStopping
 log = logging.getLogger(__name__)
 
 
-def job_hooks(store: JobStore, job_id: str) -> tuple[Callable[..., None], Callable[[], bool]]:
+def job_hooks(store: JobStore, job_id: str, delivery: str | None = None,
+              ) -> tuple[Callable[..., None], Callable[[], bool]]:
     """The ``write(**fields)`` and ``is_canceled()`` of a running job's progress callback.
+
+    ``delivery``: the run's delivery id (``worker.generation.start_job``); its writes then land only while the
+    job is running as that delivery (``JobStore.update``).
 
     Both outlive a Redis that is briefly unreachable (or read-only, mid-failover): a progress write is then
     dropped and the cancel flag read as not set (each logged), so the job goes on; its final status change
@@ -28,7 +32,7 @@ def job_hooks(store: JobStore, job_id: str) -> tuple[Callable[..., None], Callab
     """
     def write(**fields: Any) -> None:
         try:
-            store.update(job_id, **fields)
+            store.update(job_id, delivery, **fields)
         except TRANSIENT as e:
             if not transient(e):
                 raise
@@ -76,18 +80,22 @@ class ProgressReporter(_JobChecks):
     progress through ``write(**fields)`` at most once per ``interval`` seconds (plus the last
     call of a job), so a progress bar moves without flooding Redis. Each write carries ``eta_seconds``: what the
     job still needs at this run's rate so far (the API counts it down from the write's ``updated_at``).
+    ``start``: the progress already reported (a job delivered again, whose earlier attempt had reached part of
+    a batch that this one samples again), below which the reported progress does not go back.
     """
 
     def __init__(self, write: Callable[..., None], is_canceled: Callable[[], bool], *,
                  batch_size: int,
                  interval: float = 0.5,
                  time_limit: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 start: float = 0.0):
         self.write, self.is_canceled = write, is_canceled
         self.batch_size, self.interval, self.clock = batch_size, interval, clock
         self.deadline = None if time_limit is None else clock() + time_limit
         self.last: float | None = None
-        self.best = 0.0  # reported progress never goes back
+        self.best = 0.0  # this run's progress so far (its rate, for the ETA)
+        self.floor = min(max(start, 0.0), 1.0)  # reported progress never goes back, also across deliveries
         self.since: tuple[float, float] | None = None  # (time, progress) of this run's first call: its rate's origin
         self.writes = 0
 
@@ -103,8 +111,8 @@ class ProgressReporter(_JobChecks):
         self.last = now
         self.writes += 1
         self.best = max(self.best, p)
-        self.write(images_done=done, images_total=total, step=step, steps=steps, progress=self.best,
-                   eta_seconds=self.eta(now))
+        self.write(images_done=done, images_total=total, step=step, steps=steps,
+                   progress=max(self.best, self.floor), eta_seconds=self.eta(now))
 
     def eta(self, now: float) -> float | None:
         """Seconds this run still needs at its rate so far; None for its first second (nothing measured yet).

@@ -38,10 +38,12 @@ _NOT_THERE = {404: {"description": "no such job, or the file is not written yet"
 
 
 def job_file(settings: SettingsDep, job: dict, relative: str) -> Path:
-    """``<data dir>/jobs/<id>/<relative>``, resolved; 404 unless it is a file inside that folder."""
-    folder = (settings.jobs_dir / job["id"]).resolve()
+    """``<data dir>/jobs/<id>/<relative>``, resolved; 404 unless it is a file inside that folder, and that folder
+    is itself in the jobs folder (not a link to another job's folder or anywhere else)."""
+    jobs = settings.jobs_dir.resolve()
+    folder = (jobs / job["id"]).resolve()
     path = (folder / relative).resolve()
-    if not path.is_relative_to(folder) or not path.is_file():
+    if folder.parent != jobs or not path.is_relative_to(folder) or not path.is_file():
         raise HTTPException(404, f"{relative} is not available (job {job['status']})")
     return path
 

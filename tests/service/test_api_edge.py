@@ -160,6 +160,15 @@ def test_unknown_or_repeated_query_parameters_are_422(idle, url, loc, words):
     assert all(w in err["msg"] for w in words), err
 
 
+@pytest.mark.parametrize("url, loc", [("/jobs?stauts=failed", ["query", "stauts"]),
+                                       ("/jobs?status=failed&status=running", ["query", "status"])])
+def test_the_job_list_refuses_unknown_or_repeated_query_parameters(idle, url, loc):
+    """A typo would list every job as if it were the filtered list; a repeated filter, one of the two."""
+    r = idle.get(url)
+    assert r.status_code == 422, r.text
+    assert loc in _locs(r)
+
+
 @pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain", None])
 def test_a_body_of_bytes_that_are_not_text_is_422_not_500(idle, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
@@ -212,6 +221,50 @@ def test_cancel_queued_job_at_once_and_finished_job_is_409(idle):
     assert idle.post(f"/jobs/{a['id']}/cancel").status_code == 409
     listed = idle.get("/jobs?limit=50&status=canceled").json()["jobs"]
     assert a["id"] in [j["id"] for j in listed] and all(j["status"] == "canceled" for j in listed)
+
+
+@pytest.mark.parametrize("now, code", [(None, 404), ("succeeded", 409), ("failed", 409)])
+def test_a_cancel_that_finds_the_job_gone_or_finished_meanwhile_is_404_or_409(idle_settings, now, code):
+    """The record read before the cancel may have expired (an unconfirmed submit) or finished by the time the
+    cancel is applied: a 404 or a 409 as for a job found so, not a 500 or a 202 "cancel requested"."""
+    from app.deps import get_store
+
+    store = JobStore(connect(idle_settings.redis_url), idle_settings.key_prefix)
+    original = store.request_cancel
+
+    def request_cancel(job_id):
+        record = original(job_id)
+        if now is None:
+            store.forget(job_id)
+            return store.get(job_id)
+        return dict(record, status=now)
+
+    store.request_cancel = request_cancel  # type: ignore[method-assign]
+    with client_for(idle_settings) as c:
+        c.app.dependency_overrides[get_store] = lambda: store
+        job = c.post("/generate?class=cat&n=1").json()
+        _set_status(idle_settings, job["id"], "running")
+        r = c.post(f"/jobs/{job['id']}/cancel")
+    assert r.status_code == code, r.text
+
+
+def test_a_job_sent_while_redis_fails_is_answered_with_its_id(idle_settings):
+    """Redis fails just after the message was sent: the record cannot be confirmed, nor its queue position read.
+    The client must still get its 202 and job id (a 503 would make it submit the same job again)."""
+    from app.deps import get_store
+
+    from .service_testlib import unreachable_for
+
+    store = JobStore(connect(idle_settings.redis_url), idle_settings.key_prefix)
+    store.confirm = unreachable_for(1, store.confirm)  # type: ignore[method-assign]
+    store.queue_position = unreachable_for(1, store.queue_position)  # type: ignore[method-assign]
+    with client_for(idle_settings) as c:
+        c.app.dependency_overrides[get_store] = lambda: store
+        r = c.post("/generate?class=cat&n=1")
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert r.headers["location"] == job["url"] and job["status"] == "queued" and job["queue_position"] is None
+        assert c.get(job["url"]).json()["queue_position"] >= 1  # Redis back: the job is there, in the queue
 
 
 def test_recent_jobs_newest_first_with_limit(idle):
@@ -287,6 +340,21 @@ def test_a_link_out_of_the_job_folder_is_not_followed(idle, idle_settings, tmp_p
         r = idle.get(f"{job['url']}/{f}")
         assert r.status_code == 404 and b"not for the web" not in r.content, f
     assert idle.get(f"{job['url']}/images/1.png").content == b"a real image"
+
+
+def test_a_job_folder_that_is_a_link_is_not_served(idle, idle_settings, tmp_path):
+    """``jobs/<id>`` itself a link (to another job's folder, or anywhere): nothing in it is served."""
+    job = idle.post("/generate?class=cat&n=2").json()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "images").mkdir(parents=True)
+    (elsewhere / "grid.png").write_bytes(b"not this job's grid")
+    (elsewhere / "images" / "00000.png").write_bytes(b"not this job's image")
+    idle_settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    (idle_settings.jobs_dir / job["id"]).symlink_to(elsewhere, target_is_directory=True)
+    _set_status(idle_settings, job["id"], "succeeded", output={"images": 2})
+    for f in ("grid.png", "images/0.png"):
+        r = idle.get(f"{job['url']}/{f}")
+        assert r.status_code == 404 and b"not this job's" not in r.content, f
 
 
 def test_an_evaluation_whose_files_are_gone_still_answers(idle, idle_settings):

@@ -341,6 +341,18 @@ def test_progress_estimates_the_time_left_from_this_runs_rate():
     assert eta_seconds(dict(rec, eta_seconds=None), now=101.0) is None
 
 
+def test_progress_of_a_job_delivered_again_does_not_go_back_nor_skew_the_estimate():
+    """The last attempt had reported 0.6 (part of the batch that this run samples again from its start)."""
+    now, writes = [0.0], []
+    rep = ProgressReporter(lambda **f: writes.append(f), lambda: False, batch_size=10, interval=0.0,
+                           clock=lambda: now[0], start=0.6)
+    rep(10, 20, 1, 20)                  # 0.525 on disk and in this batch: the 0.6 already shown stays
+    assert writes[-1]["progress"] == 0.6
+    now[0] = 5.0
+    rep(10, 20, 11, 20)                 # 0.775: the rate is this run's own (0.05/s), as without ``start``
+    assert writes[-1]["progress"] == 0.775 and writes[-1]["eta_seconds"] == 4.5
+
+
 def test_progress_enforces_the_time_limit():
     # The threads pool has no time limits of its own: the progress callbacks enforce the soft one.
     from celery.exceptions import SoftTimeLimitExceeded

@@ -63,7 +63,8 @@ def test_success_writes_the_sample_layout_and_the_record(store, body_settings):
 def test_progress_is_written_while_running(store, body_settings):
     seen = []
     original = store.update
-    store.update = lambda job_id, **f: (seen.append(f), original(job_id, **f))  # type: ignore[method-assign]
+    store.update = lambda job_id, delivery=None, **f: (  # type: ignore[method-assign]
+        seen.append(f), original(job_id, delivery, **f))
     job_id = _submit(store)
     run_generation(job_id, REQUEST, store=store, settings=body_settings)
     assert [f["images_done"] for f in seen if f["step"] == 2 and f["images_done"] > 0][-1] == 5
@@ -77,8 +78,8 @@ def test_cancel_flag_stops_between_steps(store, body_settings):
     original = store.update
     after_cancel: list[dict] = []
 
-    def update(jid, **f):
-        original(jid, **f)
+    def update(jid, delivery=None, **f):
+        original(jid, delivery, **f)
         if store.r.exists(store.key(jid) + ":cancel"):
             after_cancel.append(f)
         elif f["images_done"] == 0 and f["step"] == 1:  # step 1 of 2 of the first batch: ask for cancellation
@@ -112,8 +113,8 @@ def test_a_cold_shutdown_puts_the_job_back_in_the_queue_uncounted(store, body_se
     job_id = _submit(store)
     original = store.update
 
-    def update(jid, **f):
-        original(jid, **f)
+    def update(jid, delivery=None, **f):
+        original(jid, delivery, **f)
         if f["images_done"] >= 2:  # the first batch is written: the worker begins its cold shutdown
             stopping.set()
 
@@ -162,6 +163,63 @@ def test_a_stopped_delivery_leaves_a_newer_delivery_of_its_job_alone(store, body
     assert (rec["status"], rec["worker"], rec["attempts"]) == ("running", "B", 2)
     assert record_requeued(store, job_id, second["delivery"]) is True
     assert (store.get(job_id)["status"], store.get(job_id)["attempts"]) == ("queued", 1)
+
+
+def test_a_superseded_delivery_neither_ends_the_job_nor_writes_its_progress(store, body_settings):
+    """The delivery that outlived its worker's shutdown (above) can also fail, be canceled or finish in its last
+    seconds: the job is the newer delivery's, and stays running with that delivery's progress."""
+    from worker.generation import end_run, record_canceled, record_failed, start_job
+
+    job_id = _submit(store)
+    first = start_job(store, job_id, body_settings, "A")["delivery"]
+    second = start_job(store, job_id, body_settings, "B")["delivery"]
+    out = body_settings.jobs_dir / job_id
+    out.mkdir(parents=True)
+    assert record_failed(store, job_id, RuntimeError("teardown"), 60, body_settings, first) is False
+    assert record_canceled(store, job_id, out, first)["status"] == "superseded" and out.is_dir()
+    assert end_run(store, job_id, first, {"status": "succeeded"}) is False
+    assert store.update(job_id, first, progress=0.9) is False
+    assert store.update(job_id, second, progress=0.5) is True
+    rec = store.get(job_id)
+    assert (rec["status"], rec["worker"], rec["progress"]) == ("running", "B", 0.5)
+    # the newer delivery ends the job; no progress write, its own included, lands on a finished job
+    assert end_run(store, job_id, second, {"status": "succeeded", "progress": 1.0}) is True
+    assert store.update(job_id, second, progress=0.6) is False
+    assert (store.get(job_id)["status"], store.get(job_id)["progress"]) == ("succeeded", 1.0)
+
+
+def test_a_run_taken_over_midway_leaves_the_job_to_the_newer_delivery(store, body_settings):
+    from worker.generation import start_job
+
+    job_id = _submit(store)
+    original = store.update
+    taken: list[str] = []
+
+    def update(jid, delivery=None, **f):
+        original(jid, delivery, **f)
+        if f["images_done"] >= 2 and not taken:  # after the first batch, the restored message starts on B
+            taken.append(start_job(store, jid, body_settings, "B")["delivery"])
+
+    store.update = update  # type: ignore[method-assign]
+    result = run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="A")
+    rec = store.get(job_id)
+    assert result["status"] == "superseded"
+    assert (rec["status"], rec["worker"], rec["delivery"]) == ("running", "B", taken[0])
+    assert rec["progress"] < 1.0  # A's later progress writes did not land on B's run
+
+
+def test_a_redelivered_job_does_not_report_less_progress_than_before(store, body_settings):
+    """The crashed attempt had reported part of a batch that the next one samples again."""
+    from worker.generation import start_job
+
+    job_id = _submit(store)
+    start_job(store, job_id, body_settings, "A")
+    store.update(job_id, progress=0.95)  # A's last write, then A died
+    original, seen = store.update, []
+    store.update = lambda jid, delivery=None, **f: (  # type: ignore[method-assign]
+        seen.append(f["progress"]), original(jid, delivery, **f))
+    assert run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="B")["status"] == "succeeded"
+    assert seen and min(seen) >= 0.95 and seen[-1] == 1.0
 
 
 def test_a_job_outlives_redis_restarting_while_it_runs(store, body_settings):
