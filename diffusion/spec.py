@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal, Sequence, get_args
@@ -28,8 +29,18 @@ GUIDANCE_RANGE: tuple[float, float] = (0.0, 20.0)  # classifier-free guidance sc
 # None: every step (classic classifier-free guidance).
 GuidanceInterval = tuple[float, float]
 GUIDANCE_INTERVAL_ALL = "all"  # how a request spells None
-# The checkpoint that ships in the repo (the default of `dreamdata sample`, the worker and the API).
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10"
+
+
+def shipped_checkpoint(source: Path = Path(__file__).resolve().parents[1], prefix: Path = Path(sys.prefix)) -> Path:
+    """The checkpoint that ships with dreamdata (the default of `dreamdata sample`, the worker and the API):
+    ``checkpoints/cifar10`` beside the source in a checkout or an editable install; else where a wheel puts it
+    (pyproject.toml's data-files: ``<environment>/share/dreamdata/checkpoints/cifar10``)."""
+    beside = source / "checkpoints" / "cifar10"
+    installed = prefix / "share" / "dreamdata" / "checkpoints" / "cifar10"
+    return installed if not (beside / "config.json").is_file() and (installed / "config.json").is_file() else beside
+
+
+SHIPPED_CHECKPOINT = shipped_checkpoint()
 MAX_SEED = 2**31 - 1                                 # a base seed is in 0..MAX_SEED
 
 
@@ -39,8 +50,10 @@ def is_guided(guidance: float) -> bool:
 
 
 def effective_interval(guidance: float, interval: Sequence[float] | None) -> tuple[float, ...] | None:
-    """``interval`` as a tuple, or None at w 0 or 1: those guide no step, so an interval changes nothing and
-    is not recorded as if it applied (it is still checked: a malformed one is refused either way)."""
+    """``interval`` as a tuple, or None at w 0 or 1, which make one model call per step: at w 1 (conditional) an
+    interval changes nothing; at w 0 it is dropped too, so that guidance 0 means unconditional at every step
+    whatever interval comes with it (a request's default one included), and it is not recorded as if it
+    applied. It is still checked: a malformed one is refused either way."""
     if interval is None:
         return None
     interval = tuple(float(v) for v in interval)
@@ -59,9 +72,10 @@ class SamplerSettings:
     guidance_interval: GuidanceInterval | None = None  # (lo, hi]: guide only where lo < sigma_t <= hi
 
     def __post_init__(self):
-        # one spelling of each number (guidance 6 and 6.0 are one setting: one cache key, one run key)
-        object.__setattr__(self, "guidance", float(self.guidance))
-        object.__setattr__(self, "eta", float(self.eta))
+        # one spelling of each number (guidance 6 and 6.0 are one setting: one cache key, one run key; + 0.0
+        # turns -0.0 into 0.0)
+        object.__setattr__(self, "guidance", float(self.guidance) + 0.0)
+        object.__setattr__(self, "eta", float(self.eta) + 0.0)
         # a JSON list -> a tuple of floats (hashable, one spelling); none when unguided
         object.__setattr__(self, "guidance_interval", effective_interval(self.guidance, self.guidance_interval))
 

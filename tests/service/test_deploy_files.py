@@ -76,7 +76,13 @@ def test_dockerfile_builds_the_cuda_image():
     text = (REPO / "Dockerfile.gpu").read_text()
     torch_pin = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
                      if d.startswith("torch=="))
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:12\.\d+\.\d+-(cudnn-)?runtime-ubuntu22\.04$", text, re.M)
+    # CUDA 13: PyPI's build of the pinned torch, the one the tests run on (a 12.x image with a cu12x index works
+    # only if PyTorch publishes the pinned version for it)
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.\d+\.\d+-(cudnn-)?runtime-ubuntu22\.04$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cu13\d$", text, re.M)
+    vision_pin = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                      if d.startswith("torchvision=="))
+    assert f"ARG TORCHVISION_VERSION={vision_pin.split('==')[1]}" in text
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", text, re.M)
     assert "python3.11" in text
     assert f"ARG TORCH_VERSION={torch_pin.split('==')[1]}" in text
@@ -131,3 +137,25 @@ def _seconds(duration: str) -> float:
     m = re.fullmatch(r"(\d+)s", duration)
     assert m, duration
     return float(m[1])
+
+
+def test_a_wheel_carries_the_shipped_checkpoint_where_the_service_looks_for_it(tmp_path):
+    """``pip install .`` (not editable) has no checkout beside the source: pyproject's data-files must carry every
+    file of the shipped checkpoint to the folder that diffusion.spec.shipped_checkpoint falls back to."""
+    from diffusion.spec import SHIPPED_CHECKPOINT, shipped_checkpoint
+
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "checkpoints" / "cifar10").iterdir())
+    assert SHIPPED_CHECKPOINT == REPO / "checkpoints" / "cifar10"  # a checkout: the files beside the source
+    assert shipped == ["checkpoints/cifar10/config.json", "checkpoints/cifar10/model.safetensors"]
+    (target, files), = data_files.items()
+    assert sorted(files) == shipped
+
+    source, prefix = tmp_path / "site-packages", tmp_path / "env"   # an installed wheel: no checkout
+    installed = prefix / target
+    installed.mkdir(parents=True)
+    (installed / "config.json").write_text("{}")
+    assert shipped_checkpoint(source, prefix) == installed
+    (source / "checkpoints" / "cifar10").mkdir(parents=True)
+    (source / "checkpoints" / "cifar10" / "config.json").write_text("{}")
+    assert shipped_checkpoint(source, prefix) == source / "checkpoints" / "cifar10"  # a checkout wins
