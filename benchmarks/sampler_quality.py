@@ -355,7 +355,7 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
         calls = model_calls(steps, g, gi, schedule)
         label = guidance_label(g, gi)
         folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g, guidance_interval=gi), a.seed,
-                            num_classes, dtype == "bf16")
+                            num_classes, dtype == "bf16", schedule.config)
         total = a.n_per_class * num_classes
         to_sample = missing(folder, a.n_per_class, num_classes, a.seed)
         state = ("cached" if not to_sample else f"sampling {to_sample}"

@@ -107,6 +107,8 @@ def read_config(directory: str | os.PathLike) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
     version = cfg.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
@@ -135,13 +137,16 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     try:
         unet_cfg = UNetConfig.from_dict(cfg["unet"])
         schedule = NoiseSchedule(ScheduleConfig(**cfg["schedule"]))
-    except (TypeError, ValueError) as e:  # unknown or mistyped keys, an unknown schedule name
+        model = UNet(unet_cfg)  # mistyped sizes ("base_channels": 128.0, "dropout": "0.1") fail only here
+    except (TypeError, ValueError, AttributeError) as e:  # unknown or mistyped keys, an unknown schedule name
         raise CheckpointError(f"{d / CONFIG_FILE}: invalid model or schedule config: {e}") from e
-    class_names = tuple(cfg["class_names"])
+    class_names = cfg["class_names"]
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+        raise CheckpointError(f"{d / CONFIG_FILE}: class_names must be a list of strings")
+    class_names = tuple(class_names)
     if len(class_names) != unet_cfg.num_classes:
         raise CheckpointError(f"{d / CONFIG_FILE}: {len(class_names)} class names for a model with "
                               f"{unet_cfg.num_classes} classes")
-    model = UNet(unet_cfg)
     # One read: the sha256 is of the very bytes loaded, even if a training run rewrites the file meanwhile.
     blob = weights.read_bytes()
     try:

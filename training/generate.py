@@ -33,6 +33,7 @@ from PIL import Image, PngImagePlugin
 from diffusion.checkpoint import Checkpoint
 from diffusion.precision import sampling_batch
 from diffusion.samplers import SamplerSettings, sample
+from diffusion.schedules import ScheduleConfig
 from diffusion.spec import (DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, draw_seed,  # noqa: F401  (re-exported)
                             format_guidance_interval, resolve_class)
 
@@ -81,13 +82,15 @@ def sampling_autocast(ckpt: Checkpoint) -> bool:
     return next(ckpt.model.parameters()).device.type == "cuda"
 
 
-def _common_meta(settings: SamplerSettings, autocast: bool) -> dict:
+def _common_meta(settings: SamplerSettings, autocast: bool, schedule: ScheduleConfig | None = None) -> dict:
     """What every image of one call shares, for its PNG metadata and manifest entry."""
     meta = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
             "guidance_interval": format_guidance_interval(settings.guidance_interval),
             "precision": "bf16" if autocast else "fp32"}
     if settings.eta:  # DDIM with noise; absent at 0, so images made before eta was recorded keep matching
         meta["eta"] = settings.eta
+    if schedule is not None and schedule != ScheduleConfig():  # the same weights under another schedule (the
+        meta["schedule"] = f"{schedule.name}-{schedule.timesteps}"  # checkpoint's sha256 covers weights only)
     return meta
 
 
@@ -192,7 +195,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if autocast is None:
         autocast = sampling_autocast(ckpt)
-    common = _common_meta(settings, autocast)
+    common = _common_meta(settings, autocast, ckpt.schedule.config)
     done = total - len(missing)
     if progress and done:
         progress(done, total, settings.steps, settings.steps)
@@ -237,7 +240,7 @@ def generate_to_dir(ckpt: Checkpoint, class_counts: Sequence[tuple[int, int]], o
     specs = plan(class_counts, base_seed)
     if autocast is None:
         autocast = sampling_autocast(ckpt)
-    common = _common_meta(settings, autocast)
+    common = _common_meta(settings, autocast, ckpt.schedule.config)
     t0 = time.perf_counter()
     drop_stale_images(out, specs, common, names, ckpt.sha256)
     sample_specs(ckpt, specs, out, settings=settings, batch_size=batch_size, autocast=autocast, progress=progress,

@@ -49,6 +49,7 @@ from PIL import Image
 from diffusion.checkpoint import Checkpoint, load_for_sampling
 from diffusion.precision import sampling_batch
 from diffusion.samplers import SamplerSettings, sample
+from diffusion.schedules import ScheduleConfig
 from diffusion.spec import format_guidance_interval
 
 from .data import LabelledImages, default_cache_dir, touch
@@ -62,7 +63,10 @@ ProgressFn = Callable[[float], None]  # fraction of the images sampled, 0..1; ma
 
 
 def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_seed: int, num_classes: int,
-               bf16: bool = False) -> Path:
+               bf16: bool = False, schedule: ScheduleConfig | None = None) -> Path:
+    """The entry of one set. ``sha256`` is the checkpoint's weights' hash; ``schedule`` its noise schedule, which
+    config.json holds beside the weights (keyed only when not the default linear T = 1000, so the entries made
+    before it was keyed keep their names)."""
     s = asdict(settings)
     # entries guided at every step keep the keys they had before intervals; unguided ones (w 0 or 1) have no
     # guided steps, so an interval changes nothing in them and stays out of their key
@@ -73,6 +77,8 @@ def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_see
            "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}
     if bf16:  # only then: fp32 entries keep the keys they had before precision was a choice
         key["precision"] = "bf16"
+    if schedule is not None and schedule != ScheduleConfig():
+        key["schedule"] = schedule.to_dict()
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     tag = "" if interval is None else f"-i{format_guidance_interval(interval)}"
     name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}{tag}-seed{base_seed}"
@@ -140,9 +146,27 @@ def filling(folder: Path, check: Callable[[], None] | None = None, enough: Calla
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class DamagedImages(Exception):
+    """Some PNGs of a cache entry could not be read (and were deleted, so that the entry samples them again)."""
+
+
 def load_pngs(folder: Path, specs: list[ImageSpec]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PNGs of ``specs`` (in that order) -> (uint8 [N, 3, H, W], int64 [N])."""
-    arrays = [np.asarray(Image.open(folder / s.file).convert("RGB"), dtype=np.uint8) for s in specs]
+    """The PNGs of ``specs`` (in that order) -> (uint8 [N, 3, H, W], int64 [N]).
+
+    Each PNG is written whole and renamed into place, but a disk that loses a write (power lost before it
+    reached the disk) or a hand can leave an empty or cut file: such files are deleted, then
+    :class:`DamagedImages` raised, so that the next call samples them again instead of failing for ever."""
+    arrays, damaged = [], []
+    for s in specs:
+        try:
+            with Image.open(folder / s.file) as img:
+                arrays.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        except (OSError, SyntaxError, ValueError):  # PIL: unidentified, truncated, or a broken chunk
+            damaged.append(folder / s.file)
+    if damaged:
+        for f in damaged:
+            f.unlink(missing_ok=True)
+        raise DamagedImages(f"{len(damaged)} unreadable images in {folder} (deleted), e.g. {damaged[0].name}")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor([s.class_index for s in specs], dtype=torch.int64)
 
@@ -156,6 +180,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
                      sample_fn: Callable = sample,            # the worker may pass its batching sampler
                      progress: ProgressFn | None = None,
                      check: Callable[[], None] | None = None, # raises to stop waiting (the lock, a batch's turn)
+                     repair: bool = True,                     # sample damaged images again (load_pngs), once
                      ) -> tuple[LabelledImages, dict]:
     """``per_class`` synthetic images of every class (class-major), from the cache or sampled into it.
 
@@ -179,7 +204,7 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache_path(cache_dir, sha, settings, base_seed, len(names), bf16)
+    folder = cache_path(cache_dir, sha, settings, base_seed, len(names), bf16, ckpt.schedule.config)
     specs = image_specs(per_class, len(names), base_seed)
     if folder.is_dir():
         touch(folder)  # in use from now on: sampling into it also renews this, batch by batch (timing.json)
@@ -221,7 +246,15 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
         info["precision_reason"] = ckpt.precision.reason
     touch(folder)  # its last use, for the service's cache pruning (worker.jobs.prune_cache)
     ordered = sorted(specs, key=lambda s: s.index)
-    images, labels = load_pngs(folder, ordered)
+    try:
+        images, labels = load_pngs(folder, ordered)
+    except DamagedImages as e:
+        if not repair:
+            raise
+        log.warning("%s: sampling them again", e)
+        return synthetic_images(ckpt, per_class, settings, base_seed=base_seed, cache_dir=cache_dir,
+                                batch_size=batch_size, sample_fn=sample_fn, progress=progress, check=check,
+                                repair=False)
     log.info("%d synthetic images from %s (%d sampled now)", len(labels), folder, info["sampled"])
     return LabelledImages(images, labels, tuple(names), str(folder)), info
 

@@ -184,6 +184,27 @@ def test_invalid_json(ckpt):
         load_checkpoint(ckpt)
 
 
+def test_a_config_that_is_not_an_object(ckpt):
+    (ckpt / CONFIG_FILE).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("unet_change, class_names, words", [
+    ({"base_channels": 32.0}, None, "invalid model"),   # JSON that a float-writing tool produced
+    ({"num_classes": 3.0}, None, "invalid model"),      # 3 names == 3.0 classes, but no such embedding
+    ({"dropout": "0.1"}, None, "invalid model"),
+    ({}, "abc", "list of strings"),
+    ({}, [1, 2, 3], "list of strings"),
+])
+def test_mistyped_config_values_are_a_checkpoint_error(ckpt, unet_change, class_names, words):
+    """Not a TypeError from deep inside torch: the service reports a CheckpointError naming the file."""
+    unet = read_config(ckpt)["unet"]
+    edit_config(ckpt, unet={**unet, **unet_change}, **({"class_names": class_names} if class_names else {}))
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(ckpt)
+
+
 def test_weights_missing_a_tensor(ckpt):
     state = load_file(str(ckpt / WEIGHTS_FILE))
     del state["class_emb.weight"]

@@ -59,6 +59,23 @@ def test_a_set_grows_and_a_smaller_one_is_its_start(tiny_checkpoint, cache_dir, 
         assert int(im.text["seed"]) == 4 * CLASS_SEED_STRIDE + 1 and im.text["class_index"] == "4"
 
 
+def test_an_unreadable_image_in_an_entry_is_sampled_again(tiny_checkpoint, cache_dir, sampling_calls):
+    """A PNG that a disk lost half of (or a hand emptied) would fail every later use of the entry."""
+    first, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir)
+    folder = Path(info["cache_dir"])
+    (folder / "images" / "3" / "000001.png").write_bytes(b"")
+    cut = folder / "images" / "7" / "000000.png"
+    cut.write_bytes(cut.read_bytes()[:40])
+    again, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir)
+    assert sorted(sampling_calls[-1]) == [3 * CLASS_SEED_STRIDE + 1, 7 * CLASS_SEED_STRIDE]
+    assert info["sampled"] == 2 and torch.equal(again.images, first.images)
+
+
+def test_a_negative_zero_guidance_is_the_same_setting():
+    assert SamplerSettings("ddim", 5, -0.0) == SamplerSettings("ddim", 5, 0.0)
+    assert str(SamplerSettings("ddim", 5, -0.0).guidance) == "0.0"
+
+
 def test_an_interrupted_fill_keeps_its_images_and_images_do_not_depend_on_the_batch(
         tiny_checkpoint, cache_dir, sampling_calls):
     full, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir, batch_size=20)
@@ -180,6 +197,22 @@ def test_the_precision_keys_the_cache_and_a_loaded_checkpoint_brings_its_own(tin
     _, info = synthetic_images(load_for_sampling(tiny_checkpoint, precision="bf16"), 1, SETTINGS,
                                cache_dir=cache_dir, precision="fp32")
     assert info["cache_dir"] == info16["cache_dir"] and info["reused"] is True
+
+
+def test_the_same_weights_under_another_schedule_are_another_entry(tmp_path):
+    """config.json's schedule changes every image, and the checkpoint's sha256 covers the weights only."""
+    from diffusion.schedules import ScheduleConfig
+    from training.generate import _common_meta
+
+    args = (tmp_path, "ab" * 32, SamplerSettings("dpmpp_sde", 20, 4.0), 0, 10, False)
+    default = cache_path(*args)
+    assert cache_path(*args, ScheduleConfig()) == default  # the entries made before the schedule was keyed
+    others = {cache_path(*args, ScheduleConfig("cosine")), cache_path(*args, ScheduleConfig(timesteps=500))}
+    assert len(others | {default}) == 3
+    # and the PNGs' metadata, by which generate_to_dir remakes images an earlier call made otherwise
+    settings = SamplerSettings("dpmpp", 5, 1.0)
+    assert _common_meta(settings, False, ScheduleConfig()) == _common_meta(settings, False)
+    assert _common_meta(settings, False, ScheduleConfig("cosine"))["schedule"] == "cosine-1000"
 
 
 def test_the_guidance_interval_keys_guided_entries_only(tmp_path):
