@@ -19,6 +19,7 @@ import os
 import pickle
 import tarfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+Check = Callable[[], None]  # called now and then during long work; raises to stop it
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -115,7 +117,14 @@ def _split_members(names: list[str], split: str) -> dict[str, list[str]]:
     return by_class
 
 
-def _from_tar(path: Path, split: str, image_size: int | None) -> LabelledImages:
+CHECK_EVERY = 1000  # images read or decoded between two calls of a loader's ``check``
+
+
+def _no_check() -> None:
+    pass
+
+
+def _from_tar(path: Path, split: str, image_size: int | None, check: Check = _no_check) -> LabelledImages:
     """Read an ImageFolder tree from a tar(.gz) in one sequential pass (no seeking in gzip)."""
     try:
         tf = tarfile.open(path, mode="r:*")
@@ -126,7 +135,9 @@ def _from_tar(path: Path, split: str, image_size: int | None) -> LabelledImages:
         for m in tf:
             if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
                 blobs[m.name] = tf.extractfile(m).read()
-    return _decode_tree(path, list(blobs), blobs.__getitem__, split, image_size)
+                if len(blobs) % CHECK_EVERY == 0:
+                    check()
+    return _decode_tree(path, list(blobs), blobs.__getitem__, split, image_size, check)
 
 
 def _from_cifar_batches(folder: Path, split: str, image_size: int | None = None) -> LabelledImages:
@@ -155,12 +166,14 @@ def _from_cifar_batches(folder: Path, split: str, image_size: int | None = None)
                           str(folder))
 
 
-def _from_image_folder(root: Path, split: str, image_size: int | None) -> LabelledImages:
+def _from_image_folder(root: Path, split: str, image_size: int | None,
+                       check: Check = _no_check) -> LabelledImages:
     names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
-    return _decode_tree(root, names, lambda n: (root / n).read_bytes(), split, image_size)
+    return _decode_tree(root, names, lambda n: (root / n).read_bytes(), split, image_size, check)
 
 
-def _decode_tree(source: Path, names: list[str], read, split: str, image_size: int | None) -> LabelledImages:
+def _decode_tree(source: Path, names: list[str], read, split: str, image_size: int | None,
+                 check: Check = _no_check) -> LabelledImages:
     """Decode the ImageFolder tree among ``names`` (``read(name) -> bytes``); classes in sorted order."""
     by_class = _split_members(names, split)
     if not by_class:
@@ -177,6 +190,8 @@ def _decode_tree(source: Path, names: list[str], read, split: str, image_size: i
             except (OSError, ValueError) as e:  # PIL names no file (it reads bytes): say which one
                 raise DatasetError(f"{source}: {n}: not a readable image ({e})") from None
             labels.append(ci)
+            if len(labels) % CHECK_EVERY == 0:
+                check()
     x, y = _stack(arrays, labels)
     return LabelledImages(x, y, classes, str(source))
 
@@ -216,8 +231,12 @@ def default_cache_dir() -> Path:
 
 
 def load_dataset(path: str | os.PathLike, split: str = "train", image_size: int | None = 32,
-                 cache_dir: Path | None = None) -> LabelledImages:
-    """Load a labelled image set (see module docstring); decode once, then read the cache."""
+                 cache_dir: Path | None = None, check: Check | None = None) -> LabelledImages:
+    """Load a labelled image set (see module docstring); decode once, then read the cache.
+
+    ``check`` is called every ``CHECK_EVERY`` images while a set is read and decoded (a minute or so for
+    CIFAR-10's JPEGs), and may raise to stop: a worker's job stops there too when its worker shuts down."""
+    check = check or _no_check
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"data set not found: {path}; {EXPECTED}")
@@ -235,13 +254,13 @@ def load_dataset(path: str | os.PathLike, split: str = "train", image_size: int 
             return LabelledImages(d["images"], d["labels"], tuple(d["class_names"]), str(path))
 
     if path.is_file():
-        ds = _from_tar(path, split, image_size)
+        ds = _from_tar(path, split, image_size, check)
     elif (path / "data_batch_1").exists() or (path / "test_batch").exists():
         ds = _from_cifar_batches(path, split, image_size)
     elif (path / "cifar-10-batches-py").is_dir():
         ds = _from_cifar_batches(path / "cifar-10-batches-py", split, image_size)
     else:
-        ds = _from_image_folder(path, split, image_size)
+        ds = _from_image_folder(path, split, image_size, check)
     if len(ds.class_names) < 2:
         raise DatasetError(f"{path}: found {len(ds.class_names)} class folder(s); need at least 2; {EXPECTED}")
     log.info("decoded %d images in %d classes from %s", len(ds), len(ds.class_names), path)

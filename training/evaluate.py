@@ -264,7 +264,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
                    progress: ProgressFn | None = None,   # (fraction, message); raise from it to cancel
                    checkpoint: Checkpoint | None = None, # an already loaded checkpoint (the worker's)
                    sample_fn: Callable = sample,         # the worker may pass its batching sampler
-                   check: Callable[[], None] | None = None,  # with it: raises to stop waiting (synthetic_images)
+                   check: Callable[[], None] | None = None,  # raises to stop (decoding data, synthetic_images' waits)
                    show_bars: bool = True,               # tqdm bars on stderr (off in the worker)
                    resume: bool = True,                  # reuse the finished runs saved in out_dir/runs
                    ) -> dict:
@@ -279,8 +279,8 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
     report_progress = progress or (lambda f, m: None)
     report_progress(0.0, "loading data")
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
-    train = load_dataset(settings.data, "train", cache_dir=cache_dir)
-    test = load_dataset(settings.data, "test", cache_dir=cache_dir)
+    train = load_dataset(settings.data, "train", cache_dir=cache_dir, check=check)
+    test = load_dataset(settings.data, "test", cache_dir=cache_dir, check=check)
     if tuple(train.class_names) != tuple(test.class_names):
         raise ValueError(f"train classes {list(train.class_names)} differ from test classes {list(test.class_names)}")
     names = tuple(train.class_names)

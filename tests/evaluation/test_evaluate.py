@@ -214,6 +214,26 @@ def _count_training(monkeypatch) -> list[str]:
     return trained
 
 
+def test_an_evaluation_checks_for_a_stop_while_it_decodes_its_data(data_tar, tiny_checkpoint, cache_dir, tmp_path,
+                                                                    monkeypatch):
+    import training.data as data_mod
+
+    monkeypatch.setattr(data_mod, "CHECK_EVERY", 1)
+    settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
+                                  synthetic_per_class=1, real_fraction=0.5, epochs=1, seeds=(0,), steps=2,
+                                  device="cpu", cache_dir=str(cache_dir / "fresh"))  # nothing decoded yet
+    messages = []
+
+    def stop():
+        raise InterruptedError("the worker is stopping")
+
+    with pytest.raises(InterruptedError) as stopped:
+        run_evaluation(settings, tmp_path / "out", check=stop, show_bars=False,
+                       progress=lambda f, m: messages.append(m))
+    assert messages == ["loading data"] and "load_dataset" in {entry.name for entry in stopped.traceback}
+    assert not (cache_dir / "fresh" / "synthetic").exists()
+
+
 def test_a_stopped_evaluation_resumes_from_its_saved_runs(data_tar, tiny_checkpoint, cache_dir, tmp_path,
                                                           monkeypatch):
     settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,

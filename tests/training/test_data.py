@@ -149,6 +149,23 @@ def test_a_tar_rewritten_to_the_same_size_and_mtime_is_decoded_again(tmp_path, t
     assert torch.equal(second.images, data_mod._from_tar(tar, "train", 32).images)
 
 
+@pytest.mark.parametrize("fixture", ["tar3", "image_folder3"])
+def test_a_check_that_raises_stops_a_decode(fixture, request, monkeypatch, tmp_path):
+    """A worker that shuts down stops an evaluation's first decode of its data (a minute for CIFAR-10) too."""
+    monkeypatch.setattr(data_mod, "CHECK_EVERY", 2)
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(request.getfixturevalue(fixture), cache_dir=tmp_path / "cache", check=check)
+    assert not list((tmp_path / "cache").glob("*.pt"))  # nothing half decoded is cached
+    assert len(load_dataset(request.getfixturevalue(fixture), cache_dir=tmp_path / "cache", check=lambda: None)) > 4
+
+
 def test_unwritable_cache_does_not_stop_loading(image_folder3, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
