@@ -89,8 +89,9 @@ def _common_meta(settings: SamplerSettings, autocast: bool, schedule: ScheduleCo
             "precision": "bf16" if autocast else "fp32"}
     if settings.eta:  # DDIM with noise; absent at 0, so images made before eta was recorded keep matching
         meta["eta"] = settings.eta
-    if schedule is not None and schedule != ScheduleConfig():  # the same weights under another schedule (the
-        meta["schedule"] = f"{schedule.name}-{schedule.timesteps}"  # checkpoint's sha256 covers weights only)
+    # the same weights under another schedule make other images, and the checkpoint's sha256 covers the weights only
+    if schedule is not None and schedule != ScheduleConfig():
+        meta["schedule"] = f"{schedule.name}-{schedule.timesteps}"
     return meta
 
 

@@ -106,7 +106,8 @@ def end_run(store: JobStore, job_id: str, delivery: str | None, fields: dict | C
 
 
 def superseded(job_id: str) -> dict:
-    log.info("job %s: another delivery runs it now; this one leaves the job to it", job_id)
+    log.info("job %s is no longer this delivery's run (another delivery has it, or it ended); left as it is",
+             job_id)
     return {"id": job_id, "status": SUPERSEDED}
 
 
