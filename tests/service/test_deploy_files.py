@@ -68,6 +68,11 @@ def test_api_is_published_on_loopback_only(compose):
     assert api["environment"]["DREAMDATA_ALLOW_PUBLIC"] == "1"  # binds 0.0.0.0 inside the container
 
 
+def test_api_and_worker_run_under_an_init_process(compose):
+    """A Python PID 1 ignores SIGTERM until its handlers are installed (the worker loads its model first)."""
+    assert compose["services"]["api"]["init"] is True and compose["services"]["worker"]["init"] is True
+
+
 def test_flower_is_optional(compose):
     assert compose["services"]["flower"]["profiles"] == ["monitor"]
 
