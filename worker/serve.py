@@ -219,9 +219,23 @@ def check_checkpoint(settings: Settings) -> None:
                                 "DREAMDATA_CHECKPOINT (train one with `dreamdata train`)")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that another process listens on now, before Redis and the worker start for nothing (uvicorn
+    would find it only after them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): another process holds the "
+                             "port (another dreamdata serve?); pass --port") from None
+
+
 def run_api(args: argparse.Namespace) -> None:
     settings = _apply(args)
     check_exposure(args.host, settings)
+    check_port(args.host, args.port)
     import uvicorn
 
     uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, log_level=args.log_level)
@@ -246,6 +260,7 @@ def run_serve(args: argparse.Namespace) -> None:
     settings = _apply(args)
     check_exposure(args.host, settings)
     check_checkpoint(settings)
+    check_port(args.host, args.port)
     redis_server: RedisServer | None = None
     worker: WorkerSupervisor | None = None
     previous = signal.signal(signal.SIGTERM, _raise_stop)

@@ -95,6 +95,23 @@ def test_public_host_needs_an_api_key(monkeypatch, tmp_path, tiny_checkpoint, ca
     assert e.code == 2 and "--allow-public" in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_refused_before_anything_starts(monkeypatch, tmp_path, tiny_checkpoint, capsys):
+    import socket
+
+    import worker.serve as serve
+
+    started = []
+    monkeypatch.setattr(serve, "RedisServer", lambda *a, **k: started.append("redis"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        e = _cli(monkeypatch, "serve", "--port", str(port), "--data-dir", str(tmp_path),
+                 "--checkpoint", str(tiny_checkpoint))
+    err = capsys.readouterr().err
+    assert e.code == 2 and f"127.0.0.1:{port}" in err and "--port" in err and started == []
+
+
 def test_missing_checkpoint_is_a_clear_error(monkeypatch, tmp_path, capsys):
     e = _cli(monkeypatch, "worker", "--data-dir", str(tmp_path), "--checkpoint", str(tmp_path / "none"))
     assert e.code == 2 and "no checkpoint at" in capsys.readouterr().err
