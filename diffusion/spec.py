@@ -8,10 +8,9 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Callable, Literal, Sequence, get_args
 
 # ddpm: ancestral (Ho et al.); ddim: DDIM (Song et al.; eta > 0 adds noise); dpmpp: DPM-Solver++(2M),
 # deterministic; dpmpp_sde: its stochastic variant, SDE-DPM-Solver++(2M) (Lu et al. 2022).
@@ -31,13 +30,32 @@ GuidanceInterval = tuple[float, float]
 GUIDANCE_INTERVAL_ALL = "all"  # how a request spells None
 
 
-def shipped_checkpoint(source: Path = Path(__file__).resolve().parents[1], prefix: Path = Path(sys.prefix)) -> Path:
+def installed_checkpoint() -> Path | None:
+    """Where an installed wheel's data files (pyproject.toml's data-files) put the shipped checkpoint, read off the
+    distribution's file list: the place depends on how it was installed (a venv's prefix, ``--user``'s base,
+    /usr/local under a system pip), so it is not derived from ``sys.prefix``. None when no wheel holds it."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("dreamdata") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.as_posix().endswith("share/dreamdata/checkpoints/cifar10/config.json"):
+            return Path(f.locate()).resolve().parent
+    return None
+
+
+def shipped_checkpoint(source: Path = Path(__file__).resolve().parents[1],
+                       installed: Callable[[], Path | None] = installed_checkpoint) -> Path:
     """The checkpoint that ships with dreamdata (the default of `dreamdata sample`, the worker and the API):
-    ``checkpoints/cifar10`` beside the source in a checkout or an editable install; else where a wheel puts it
-    (pyproject.toml's data-files: ``<environment>/share/dreamdata/checkpoints/cifar10``)."""
+    ``checkpoints/cifar10`` beside the source in a checkout or an editable install; else the one an installed wheel
+    carries (:func:`installed_checkpoint`); the first when neither exists (its absence is then reported)."""
     beside = source / "checkpoints" / "cifar10"
-    installed = prefix / "share" / "dreamdata" / "checkpoints" / "cifar10"
-    return installed if not (beside / "config.json").is_file() and (installed / "config.json").is_file() else beside
+    if (beside / "config.json").is_file():
+        return beside
+    found = installed()
+    return found if found is not None and (found / "config.json").is_file() else beside
 
 
 SHIPPED_CHECKPOINT = shipped_checkpoint()

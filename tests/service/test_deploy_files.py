@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -144,23 +145,61 @@ def _seconds(duration: str) -> float:
     return float(m[1])
 
 
-def test_a_wheel_carries_the_shipped_checkpoint_where_the_service_looks_for_it(tmp_path):
-    """``pip install .`` (not editable) has no checkout beside the source: pyproject's data-files must carry every
-    file of the shipped checkpoint to the folder that diffusion.spec.shipped_checkpoint falls back to."""
+def _copied_before_install(text: str) -> list[str]:
+    """The sources of the Dockerfile's COPY lines above its ``RUN pip install .``: what the wheel is built from."""
+    copies = []
+    for line in text[:text.index("RUN pip install .")].splitlines():
+        if line.startswith("COPY "):
+            copies += line.split()[1:-1]
+    return copies
+
+
+def test_a_wheel_built_from_what_the_image_copies_installs_and_finds_the_shipped_checkpoint(tmp_path):
+    """``pip install .`` (the image's, or anyone's without -e): no checkout beside the installed source, so the
+    wheel must carry the checkpoint (pyproject's data-files) and the service find it where it was installed.
+    Built from exactly the files the Dockerfile copies before its install, in a fresh environment."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in _copied_before_install((REPO / "Dockerfile.gpu").read_text()):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, src / name.rstrip("/"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=240)
+    wheel, = (tmp_path / "dist").glob("dreamdata-*.whl")
+
+    env_dir = tmp_path / "env"  # a fresh environment that borrows this one's packages (torch ...), not its dreamdata
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+    python = env_dir / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")  # a path, not a site dir: no editable hook
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=240)
+    found = subprocess.run([python, "-c", "import diffusion, diffusion.spec as s; "
+                            "print(diffusion.__file__); print(s.SHIPPED_CHECKPOINT)"],
+                           cwd=tmp_path, check=True, capture_output=True, text=True).stdout.split()
+    assert found[0].startswith(str(site))  # the wheel's copy of the source, not this checkout
+    installed = Path(found[1])
+    assert installed.is_relative_to(env_dir)
+    assert installed.parts[-4:] == ("share", "dreamdata", "checkpoints", "cifar10")
+    for name in ("config.json", "model.safetensors"):
+        assert (installed / name).read_bytes() == (REPO / "checkpoints" / "cifar10" / name).read_bytes()
+
+
+def test_the_shipped_checkpoint_is_the_checkouts_before_an_installed_one(tmp_path):
     from diffusion.spec import SHIPPED_CHECKPOINT, shipped_checkpoint
 
-    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
-    shipped = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "checkpoints" / "cifar10").iterdir())
-    assert SHIPPED_CHECKPOINT == REPO / "checkpoints" / "cifar10"  # a checkout: the files beside the source
-    assert shipped == ["checkpoints/cifar10/config.json", "checkpoints/cifar10/model.safetensors"]
-    (target, files), = data_files.items()
-    assert sorted(files) == shipped
-
-    source, prefix = tmp_path / "site-packages", tmp_path / "env"   # an installed wheel: no checkout
-    installed = prefix / target
+    assert SHIPPED_CHECKPOINT == REPO / "checkpoints" / "cifar10"
+    installed = tmp_path / "share" / "dreamdata" / "checkpoints" / "cifar10"
     installed.mkdir(parents=True)
     (installed / "config.json").write_text("{}")
-    assert shipped_checkpoint(source, prefix) == installed
+    source = tmp_path / "site-packages"
+    assert shipped_checkpoint(source, lambda: installed) == installed
+    assert shipped_checkpoint(source, lambda: None) == source / "checkpoints" / "cifar10"  # reported as missing
     (source / "checkpoints" / "cifar10").mkdir(parents=True)
     (source / "checkpoints" / "cifar10" / "config.json").write_text("{}")
-    assert shipped_checkpoint(source, prefix) == source / "checkpoints" / "cifar10"  # a checkout wins
+    assert shipped_checkpoint(source, lambda: installed) == source / "checkpoints" / "cifar10"
