@@ -235,7 +235,6 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
                                        progress=on_progress, sample_fn=sample_fn, check=check,
                                        on_batch=lambda n, secs: _add_time(folder, n, secs))
                 seconds = round(time.perf_counter() - t0, 3)
-                write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
     if not sampled and progress:
         progress(1.0)
     info = {"cache_dir": str(folder), "reused": not sampled, "checkpoint_sha256": sha, "seconds": seconds,
@@ -252,9 +251,15 @@ def synthetic_images(checkpoint: str | os.PathLike | Checkpoint, per_class: int,
         if not repair:
             raise
         log.warning("%s: sampling them again", e)
-        return synthetic_images(ckpt, per_class, settings, base_seed=base_seed, cache_dir=cache_dir,
-                                batch_size=batch_size, sample_fn=sample_fn, progress=progress, check=check,
-                                repair=False)
+        synth, again = synthetic_images(ckpt, per_class, settings, base_seed=base_seed, cache_dir=cache_dir,
+                                        batch_size=batch_size, sample_fn=sample_fn, progress=progress, check=check,
+                                        repair=False)
+        # this call's work in all: what the first pass sampled too
+        again.update(sampled=again["sampled"] + sampled, seconds=round(again["seconds"] + seconds, 3),
+                     reused=again["reused"] and not sampled, compiled=again["compiled"] or info["compiled"])
+        return synth, again
+    if sampled:  # read back from disk: once they are known to be readable
+        write_grid(folder, specs, [(c, per_class) for c in range(len(names))])
     log.info("%d synthetic images from %s (%d sampled now)", len(labels), folder, info["sampled"])
     return LabelledImages(images, labels, tuple(names), str(folder)), info
 

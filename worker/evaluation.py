@@ -107,7 +107,7 @@ def run_evaluation_job(job_id: str, request: dict, *, store: JobStore, settings:
     except Exception as e:
         if record_failed(store, job_id, e, settings.eval_time_limit, settings, rec["delivery"]):
             raise
-        log.exception("evaluation %s: this delivery failed after another had taken the job over", job_id)
+        log.exception("evaluation %s: this delivery failed, but the job is no longer its run (left as it is)", job_id)
         return superseded(job_id)
     arms = report["arms"]
     output = {"plots": plot_names(report["files"]), "accuracy_mean": {a: arms[a]["accuracy_mean"] for a in arms},

@@ -145,7 +145,8 @@ def stopped_by_shutdown(store: JobStore, job_id: str, rec: dict) -> dict:
 
 
 def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
-    """A delivery that ``start_job`` did not turn into a run (the job is finished, canceled or unknown).
+    """A delivery that ``start_job`` did not turn into a run (the job is finished, canceled, unknown, or another
+    delivery's).
 
     A canceled job keeps no files: a cancel asked for while its worker was down is applied here, at the
     next delivery, after that worker had written some (as :func:`record_canceled` drops them)."""
@@ -159,11 +160,12 @@ def not_run(job_id: str, rec: dict | None, out: Path, what: str) -> dict:
 def record_failed(store: JobStore, job_id: str, exc: BaseException, time_limit: int,
                   settings: Settings | None = None, delivery: str | None = None) -> bool:
     """A run that raised: mark the job failed with the message a user sees (the caller re-raises; the worker's
-    log keeps the whole traceback).  False when the job was not this ``delivery``'s run any more
-    (:func:`end_run`): the caller then logs the error and leaves the job to the run that has it."""
+    log keeps the whole traceback).  False when the job is another delivery's run now, or no longer running
+    (:func:`end_run`): the caller then logs the error and leaves the job as it is. True also when the record is
+    gone (a Redis that lost its data): there is no other run to leave it to, so the task fails as it should."""
     hide = server_paths(settings) if settings is not None else ()
     return end_run(store, job_id, delivery, {"status": FAILED, "finished_at": time.time(),
-                                             "error": describe(exc, time_limit, hide)})
+                                             "error": describe(exc, time_limit, hide)}) or store.get(job_id) is None
 
 
 def server_paths(settings: Settings) -> list[Path]:
@@ -186,7 +188,8 @@ def describe(exc: BaseException, time_limit: int, hide: Iterable[Path] = ()) -> 
 def start_job(store: JobStore, job_id: str, settings: Settings, worker: str | None) -> dict | None:
     """queued/running -> running (or canceled, or failed after too many deliveries).
 
-    Returns the record as it is now (None for an unknown job); run only if it says running.
+    Returns the record as it is now (None for an unknown job; status ``superseded`` when another delivery started
+    it between this start and the read that follows); run only if it says running.
     """
     delivery = uuid.uuid4().hex  # marks this delivery's start, so a retried start is not counted twice
 
@@ -205,7 +208,11 @@ def start_job(store: JobStore, job_id: str, settings: Settings, worker: str | No
                 "delivery": delivery}
 
     store.transition(job_id, ACTIVE, fields)  # not applied to a finished job: it stays as it is
-    return store.get(job_id)
+    rec = store.get(job_id)
+    if rec is not None and rec["status"] == RUNNING and rec.get("delivery") != delivery:
+        # another delivery started it between our start and this read: its run, not ours
+        return dict(rec, status=SUPERSEDED)
+    return rec
 
 
 def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Settings,
@@ -238,7 +245,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
     except Exception as e:
         if record_failed(store, job_id, e, settings.job_time_limit, settings, rec["delivery"]):
             raise
-        log.exception("job %s: this delivery failed after another had taken the job over", job_id)
+        log.exception("job %s: this delivery failed, but the job is no longer its run (left as it is)", job_id)
         return superseded(job_id)
     total = len(manifest["images"])
     result = {

@@ -251,7 +251,8 @@ class JobStore:
                 return
             new = fields(old) if callable(fields) else fields
             pipe.multi()
-            pipe.hset(key, mapping=dict(_pairs(dict(new, updated_at=time.time()))))
+            if new:  # nothing to change (a refused end_run, a confirm) leaves updated_at, which dates the ETA
+                pipe.hset(key, mapping=dict(_pairs(dict(new, updated_at=time.time()))))
             status = new.get("status", old["status"])
             if status != QUEUED:
                 pipe.zrem(self.queued_key, job_id)

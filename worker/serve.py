@@ -22,6 +22,7 @@ the same rule per request, however it was started (``app.deps.require_api_key``)
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -221,15 +222,24 @@ def check_checkpoint(settings: Settings) -> None:
 
 def check_port(host: str, port: int) -> None:
     """Refuse a port that another process listens on now, before Redis and the worker start for nothing (uvicorn
-    would find it only after them)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): another process holds the "
-                             "port (another dreamdata serve?); pass --port") from None
+    would find it only after them). Every address ``host`` names is tried, as uvicorn binds them all
+    (``localhost``: 127.0.0.1 and ::1)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+            if family == socket.AF_INET6:  # as asyncio binds: ::1 apart from 127.0.0.1
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ValueError(f"cannot listen on {host}:{port}: another process listens there (another "
+                                     "dreamdata serve?); pass --port") from None
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def run_api(args: argparse.Namespace) -> None:

@@ -43,7 +43,7 @@ def job_file(settings: SettingsDep, job: dict, relative: str) -> Path:
     jobs = settings.jobs_dir.resolve()
     folder = (jobs / job["id"]).resolve()
     path = (folder / relative).resolve()
-    if folder.parent != jobs or not path.is_relative_to(folder) or not path.is_file():
+    if folder != jobs / job["id"] or not path.is_relative_to(folder) or not path.is_file():
         raise HTTPException(404, f"{relative} is not available (job {job['status']})")
     return path
 

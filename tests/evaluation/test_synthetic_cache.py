@@ -69,6 +69,10 @@ def test_an_unreadable_image_in_an_entry_is_sampled_again(tiny_checkpoint, cache
     again, info = synthetic_images(tiny_checkpoint, 2, SETTINGS, cache_dir=cache_dir)
     assert sorted(sampling_calls[-1]) == [3 * CLASS_SEED_STRIDE + 1, 7 * CLASS_SEED_STRIDE]
     assert info["sampled"] == 2 and torch.equal(again.images, first.images)
+    # found damaged after sampling the rest of a bigger set: the info counts both passes
+    (folder / "images" / "5" / "000000.png").write_bytes(b"")
+    bigger, info = synthetic_images(tiny_checkpoint, 3, SETTINGS, cache_dir=cache_dir)
+    assert info["sampled"] == 11 and info["reused"] is False and len(bigger.labels) == 30
 
 
 def test_a_negative_zero_guidance_is_the_same_setting():

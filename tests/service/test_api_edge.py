@@ -344,17 +344,18 @@ def test_a_link_out_of_the_job_folder_is_not_followed(idle, idle_settings, tmp_p
 
 def test_a_job_folder_that_is_a_link_is_not_served(idle, idle_settings, tmp_path):
     """``jobs/<id>`` itself a link (to another job's folder, or anywhere): nothing in it is served."""
-    job = idle.post("/generate?class=cat&n=2").json()
-    elsewhere = tmp_path / "elsewhere"
-    (elsewhere / "images").mkdir(parents=True)
-    (elsewhere / "grid.png").write_bytes(b"not this job's grid")
-    (elsewhere / "images" / "00000.png").write_bytes(b"not this job's image")
+    other = idle.post("/generate?class=dog&n=2").json()
     idle_settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-    (idle_settings.jobs_dir / job["id"]).symlink_to(elsewhere, target_is_directory=True)
-    _set_status(idle_settings, job["id"], "succeeded", output={"images": 2})
-    for f in ("grid.png", "images/0.png"):
-        r = idle.get(f"{job['url']}/{f}")
-        assert r.status_code == 404 and b"not this job's" not in r.content, f
+    for target in (tmp_path / "elsewhere", idle_settings.jobs_dir / other["id"]):
+        job = idle.post("/generate?class=cat&n=2").json()
+        (target / "images").mkdir(parents=True, exist_ok=True)
+        (target / "grid.png").write_bytes(b"not this job's grid")
+        (target / "images" / "00000.png").write_bytes(b"not this job's image")
+        (idle_settings.jobs_dir / job["id"]).symlink_to(target, target_is_directory=True)
+        _set_status(idle_settings, job["id"], "succeeded", output={"images": 2})
+        for f in ("grid.png", "images/0.png"):
+            r = idle.get(f"{job['url']}/{f}")
+            assert r.status_code == 404 and b"not this job's" not in r.content, (target, f)
 
 
 def test_an_evaluation_whose_files_are_gone_still_answers(idle, idle_settings):

@@ -188,6 +188,52 @@ def test_a_superseded_delivery_neither_ends_the_job_nor_writes_its_progress(stor
     assert (store.get(job_id)["status"], store.get(job_id)["progress"]) == ("succeeded", 1.0)
 
 
+def test_a_start_overtaken_before_it_reads_the_record_does_not_run(store, body_settings):
+    """A's start lands, B's start (the restored message) takes the job over, then A reads the record: B's."""
+    from worker.generation import start_job
+
+    job_id = _submit(store)
+    original_get = store.get
+
+    def get(jid):
+        store.get = original_get  # type: ignore[method-assign]
+        start_job(store, jid, body_settings, "B")
+        return original_get(jid)
+
+    store.get = get  # type: ignore[method-assign]
+    assert start_job(store, job_id, body_settings, "A")["status"] == "superseded"
+    rec = store.get(job_id)
+    assert (rec["status"], rec["worker"], rec["attempts"]) == ("running", "B", 2)
+
+
+def test_a_refused_status_change_leaves_the_running_jobs_eta_dated_as_it_was(store, body_settings):
+    from worker.generation import end_run, start_job
+
+    job_id = _submit(store)
+    first = start_job(store, job_id, body_settings, "A")["delivery"]
+    start_job(store, job_id, body_settings, "B")
+    before = store.get(job_id)["updated_at"]
+    assert end_run(store, job_id, first, {"status": "failed"}) is False
+    assert store.get(job_id)["updated_at"] == before  # the API counts B's ETA down from it
+
+
+def test_a_failure_with_the_record_gone_still_fails_the_task(store, body_settings, monkeypatch):
+    """No record (a Redis that lost its data): no other delivery to leave the job to, so the error is raised."""
+    import worker.generation as generation
+
+    request = dict(REQUEST, classes={"unicorn": 2})
+    job_id = _submit(store, request)
+    real_end_run = generation.end_run
+
+    def record_lost(st, jid, delivery, fields):
+        st.forget(jid)
+        return real_end_run(st, jid, delivery, fields)
+
+    monkeypatch.setattr(generation, "end_run", record_lost)
+    with pytest.raises(ValueError, match="unicorn"):
+        run_generation(job_id, request, store=store, settings=body_settings)
+
+
 def test_a_run_taken_over_midway_leaves_the_job_to_the_newer_delivery(store, body_settings):
     from worker.generation import start_job
 
