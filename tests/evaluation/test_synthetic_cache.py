@@ -219,6 +219,20 @@ def test_the_same_weights_under_another_schedule_are_another_entry(tmp_path):
     assert _common_meta(settings, False, ScheduleConfig("cosine"))["schedule"] == "cosine-1000"
 
 
+def test_a_checkpoint_copied_with_another_schedule_samples_its_own_set(tiny_checkpoint, cache_dir, tmp_path):
+    """The same weights file, config.json edited to the cosine schedule: a set of its own, not the linear one's."""
+    import shutil
+
+    cosine = tmp_path / "cosine"
+    shutil.copytree(tiny_checkpoint, cosine)
+    cfg = json.loads((cosine / "config.json").read_text())
+    (cosine / "config.json").write_text(json.dumps(dict(cfg, schedule={"name": "cosine", "timesteps": 1000})))
+    linear, a = synthetic_images(tiny_checkpoint, 1, SETTINGS, cache_dir=cache_dir)
+    other, b = synthetic_images(cosine, 1, SETTINGS, cache_dir=cache_dir)
+    assert a["checkpoint_sha256"] == b["checkpoint_sha256"] and a["cache_dir"] != b["cache_dir"]
+    assert b["sampled"] == 10 and not torch.equal(linear.images, other.images)
+
+
 def test_the_guidance_interval_keys_guided_entries_only(tmp_path):
     classic = cache_path(tmp_path, "ab" * 32, SamplerSettings("dpmpp_sde", 20, 4.0), 0, 10)
     narrow = cache_path(tmp_path, "ab" * 32, SamplerSettings("dpmpp_sde", 20, 4.0, guidance_interval=(0.28, 4)), 0, 10)
