@@ -101,6 +101,15 @@ def test_dockerfile_builds_the_cuda_image():
     assert re.search(r"apt-get install [^\n]*\bgcc\b", text) and "python3.11-dev" in text
 
 
+def test_the_readme_names_the_pinned_torch_and_torchvision():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    readme = (REPO / "README.md").read_text()
+    for name in ("torch", "torchvision"):
+        pin = next(d for d in deps if d.startswith(f"{name}=="))
+        assert f"`{pin}`" in readme, pin  # where the README says what pyproject pins
+        assert all(m == pin for m in re.findall(rf"\b{name}==[0-9.]+", readme)), pin  # and nowhere another
+
+
 def test_compose_passes_the_cuda_build_args_only_when_set(compose):
     # README: TORCH_INDEX and CUDA_IMAGE pick another CUDA build through `docker compose up --build`; a bare
     # name passes the environment's value if set, and otherwise leaves Dockerfile.gpu's default
