@@ -36,6 +36,19 @@ def store(body_settings) -> JobStore:
     return JobStore(connect(body_settings.redis_url), body_settings.key_prefix)
 
 
+def after_each_write(store: JobStore, hook) -> None:
+    """Make ``store.update`` (a run's progress write) call ``hook(job_id, fields)`` once the write is done: what a
+    test does at that moment of the run (record it, cancel, stop the worker, start another delivery)."""
+    write = store.update
+
+    def update(job_id, delivery=None, **fields):
+        done = write(job_id, delivery, **fields)
+        hook(job_id, fields)
+        return done
+
+    store.update = update  # type: ignore[method-assign]
+
+
 def _submit(store, request=REQUEST) -> str:
     job_id = new_job_id()
     store.create(new_record(job_id, request, sum(request["classes"].values()), request["steps"]), max_queued=100)
@@ -62,9 +75,7 @@ def test_success_writes_the_sample_layout_and_the_record(store, body_settings):
 
 def test_progress_is_written_while_running(store, body_settings):
     seen = []
-    original = store.update
-    store.update = lambda job_id, delivery=None, **f: (  # type: ignore[method-assign]
-        seen.append(f), original(job_id, delivery, **f))
+    after_each_write(store, lambda jid, f: seen.append(f))
     job_id = _submit(store)
     run_generation(job_id, REQUEST, store=store, settings=body_settings)
     assert [f["images_done"] for f in seen if f["step"] == 2 and f["images_done"] > 0][-1] == 5
@@ -75,17 +86,15 @@ def test_progress_is_written_while_running(store, body_settings):
 
 def test_cancel_flag_stops_between_steps(store, body_settings):
     job_id = _submit(store)
-    original = store.update
     after_cancel: list[dict] = []
 
-    def update(jid, delivery=None, **f):
-        original(jid, delivery, **f)
+    def hook(jid, f):
         if store.r.exists(store.key(jid) + ":cancel"):
             after_cancel.append(f)
         elif f["images_done"] == 0 and f["step"] == 1:  # step 1 of 2 of the first batch: ask for cancellation
             store.r.set(store.key(jid) + ":cancel", 1)
 
-    store.update = update  # type: ignore[method-assign]
+    after_each_write(store, hook)
     result = run_generation(job_id, REQUEST, store=store, settings=body_settings)
     rec = store.get(job_id)
     assert result["status"] == rec["status"] == "canceled" and rec["finished_at"] is not None
@@ -113,12 +122,11 @@ def test_a_cold_shutdown_puts_the_job_back_in_the_queue_uncounted(store, body_se
     job_id = _submit(store)
     original = store.update
 
-    def update(jid, delivery=None, **f):
-        original(jid, delivery, **f)
+    def hook(jid, f):
         if f["images_done"] >= 2:  # the first batch is written: the worker begins its cold shutdown
             stopping.set()
 
-    store.update = update  # type: ignore[method-assign]
+    after_each_write(store, hook)
     with pytest.raises(WorkerStopping):
         run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="w1")
     rec = store.get(job_id)
@@ -238,15 +246,13 @@ def test_a_run_taken_over_midway_leaves_the_job_to_the_newer_delivery(store, bod
     from worker.generation import start_job
 
     job_id = _submit(store)
-    original = store.update
     taken: list[str] = []
 
-    def update(jid, delivery=None, **f):
-        original(jid, delivery, **f)
+    def hook(jid, f):
         if f["images_done"] >= 2 and not taken:  # after the first batch, the restored message starts on B
             taken.append(start_job(store, jid, body_settings, "B")["delivery"])
 
-    store.update = update  # type: ignore[method-assign]
+    after_each_write(store, hook)
     result = run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="A")
     rec = store.get(job_id)
     assert result["status"] == "superseded"
@@ -261,9 +267,8 @@ def test_a_redelivered_job_does_not_report_less_progress_than_before(store, body
     job_id = _submit(store)
     start_job(store, job_id, body_settings, "A")
     store.update(job_id, progress=0.95)  # A's last write, then A died
-    original, seen = store.update, []
-    store.update = lambda jid, delivery=None, **f: (  # type: ignore[method-assign]
-        seen.append(f["progress"]), original(jid, delivery, **f))
+    seen: list[float] = []
+    after_each_write(store, lambda jid, f: seen.append(f["progress"]))
     assert run_generation(job_id, REQUEST, store=store, settings=body_settings, worker="B")["status"] == "succeeded"
     assert seen and min(seen) >= 0.95 and seen[-1] == 1.0
 
