@@ -135,8 +135,9 @@ def drop_stale_images(out: Path, specs: Sequence[ImageSpec], common: dict, class
         want = _image_meta(common, s, class_names, checkpoint_sha256)
         try:
             with Image.open(f) as im:
-                # eta is written only when not 0: an image that has it differs from a call that does not
-                have = {k: im.text[k] for k in (*want, "eta") if k in im.text}
+                # eta and schedule are written only when not the default: an image that has one differs from
+                # a call that does not
+                have = {k: im.text[k] for k in (*want, "eta", "schedule") if k in im.text}
         except (OSError, ValueError):  # unreadable: made again too
             have = {}
         if have != want:

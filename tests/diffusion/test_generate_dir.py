@@ -86,6 +86,31 @@ def test_ddim_eta_is_recorded_and_an_image_of_another_eta_is_made_again(tmp_path
     assert sorted(sampled) == [0, 1]
 
 
+def test_an_image_of_the_same_weights_under_another_schedule_is_made_again(tmp_path):
+    """The checkpoint's sha256 covers the weights only, and only a schedule other than linear-1000 is written in
+    the metadata: an image made under the cosine schedule is made again by a linear call, and the other way."""
+    model = make_tiny_unet()
+    linear, cosine = (load_for_sampling(save_checkpoint(tmp_path / name, model, schedule, CLASSES, {}),
+                                        precision="fp32")
+                      for name, schedule in (("linear", ScheduleConfig()), ("cosine", ScheduleConfig("cosine"))))
+    assert linear.sha256 == cosine.sha256
+    settings, out, sampled = SamplerSettings("ddim", 3), tmp_path / "job", []
+
+    def recording(model, schedule, labels, seeds, **kw):
+        sampled.extend(seeds)
+        return generate.sample(model, schedule, labels, seeds, **kw)
+
+    for ckpt in (cosine, linear, cosine):
+        sampled.clear()
+        generate_to_dir(ckpt, [(0, 2)], out, settings=settings, base_seed=0, sample_fn=recording)
+        assert sorted(sampled) == [0, 1]
+    with Image.open(out / "images" / "00000.png") as im:
+        assert im.text["schedule"] == "cosine-1000"
+    sampled.clear()
+    generate_to_dir(cosine, [(0, 2)], out, settings=settings, base_seed=0, sample_fn=recording)
+    assert sampled == []
+
+
 def test_an_unreadable_image_is_made_again(tmp_path):
     ckpt = load_for_sampling(save_checkpoint(tmp_path / "ckpt", make_tiny_unet(), ScheduleConfig("linear", 1000),
                                              CLASSES, {}), precision="fp32")
