@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .data import tmp_path
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float -> [0, 255] uint8, same shape."""
@@ -52,5 +54,7 @@ def loss_curve(metrics_jsonl: Path, out_png: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    tmp = tmp_path(out_png)  # a kill mid-write leaves the last curve, not a truncated file
+    fig.savefig(tmp, format="png")
     plt.close(fig)
+    tmp.replace(out_png)

@@ -41,7 +41,7 @@ from diffusion.schedules import NoiseSchedule
 from diffusion.unet import UNet, count_parameters
 
 from .configs import GRID_SAMPLER, TrainConfig, resolve_config
-from .data import load_dataset, random_flip, to_model_range
+from .data import load_dataset, random_flip, tmp_path, to_model_range
 from .plots import image_grid, loss_curve, to_uint8
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,9 @@ def _sample_grid(ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig, path: Pat
     x = sample(ema, schedule, labels, list(range(len(labels))), sampler=GRID_SAMPLER, steps=cfg.sample_steps,
                guidance=1.0, autocast=autocast)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(to_uint8(x.cpu()), nrow=per).save(path)
+    tmp = tmp_path(path)  # a kill mid-write leaves no truncated grid (none is written again)
+    image_grid(to_uint8(x.cpu()), nrow=per).save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def training_autocast(cfg: TrainConfig, device: torch.device) -> bool:
@@ -435,16 +437,18 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
                 if save_now:
                     write_checkpoint()
                     loss_curve(out / "metrics.jsonl", out / "loss.png")
-                if cfg.sample_every and step % cfg.sample_every == 0:
+                if cfg.sample_every and step % cfg.sample_every == 0 and not stop:  # a stop exits soon
                     _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", bf16)
-    bar.close()
+        bar.close()
+        if dd.main:
+            # written unless the loop's last step wrote it, or no step ran (a spent budget, a finished run) and the
+            # checkpoint is there; still under the signal guard, so a first SIGTERM during the save (the only one
+            # with checkpoint_every 0) lets it finish instead of losing the run
+            if (step != start_step and written_at[0] != step) or not (out / "checkpoint" / "config.json").exists():
+                write_checkpoint()
+                loss_curve(out / "metrics.jsonl", out / "loss.png")
+            metrics_f.close()
     if dd.main:
-        # written unless the loop's last step wrote it, or no step ran (a spent budget, a finished run) and the
-        # checkpoint is there
-        if (step != start_step and written_at[0] != step) or not (out / "checkpoint" / "config.json").exists():
-            write_checkpoint()
-            loss_curve(out / "metrics.jsonl", out / "loss.png")
-        metrics_f.close()
         log.info("at step %d, %d of them trained in this run (%.1f min)", step, step - start_step,
                  (wall - t_start_wall) / 60)
     if dd.world > 1:

@@ -464,6 +464,58 @@ def test_sigterm_finishes_the_step_saves_a_resumable_state_and_says_it_stopped(d
     assert _state(out2)["step"] == 3
 
 
+class _Aborted(Exception):
+    pass
+
+
+def test_a_signal_during_the_final_save_lets_it_finish_and_a_stop_samples_no_grid(data10, tmp_path, monkeypatch):
+    """With checkpoint_every 0 the state is first written after the last step: a SIGTERM then (docker stop)
+    must not cut the only save short.  And a step that a stop ends does not sample its grid (tens of seconds on
+    a CPU, past docker stop's grace period): nothing is lost, the state is saved."""
+    import os
+    import signal
+
+    import training.train as tt
+
+    real_save = tt.save_checkpoint
+
+    def signal_then_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    def abort(signum, frame):  # what a signal does outside the guard (SIG_DFL would end the test run)
+        raise _Aborted
+
+    monkeypatch.setattr(tt, "save_checkpoint", signal_then_save)
+    before = signal.signal(signal.SIGTERM, abort)
+    try:
+        out = tmp_path / "run"
+        assert train(replace(FAST, max_steps=3, checkpoint_every=0), str(data10), out,
+                     progress=False) == out / "checkpoint"
+        assert _state(out)["step"] == 3 and (out / "checkpoint" / "model.safetensors").is_file()
+        assert not list(out.rglob("*.tmp"))
+        assert signal.getsignal(signal.SIGTERM) is abort
+
+        monkeypatch.setattr(tt, "save_checkpoint", real_save)
+        real_update, calls = tt.ema_update, []
+
+        def update_then_signal(ema, model, decay):  # the second step, a grid step, gets a SIGTERM
+            real_update(ema, model, decay)
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(tt, "ema_update", update_then_signal)
+        out2 = tmp_path / "run2"
+        with pytest.raises(TrainingInterrupted, match="at step 2"):
+            train(replace(FAST, max_steps=10, checkpoint_every=0, sample_every=1), str(data10), out2,
+                  progress=False)
+        assert sorted(p.name for p in (out2 / "samples").iterdir()) == ["step_0000001.png"]
+        assert _state(out2)["step"] == 2
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _fixed_noise_loss(model, x0, y, schedule):
     """The diffusion loss at fixed (t, noise) draws for every image, several per image."""
     g = torch.Generator().manual_seed(1234)
