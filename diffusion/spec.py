@@ -199,6 +199,13 @@ def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:
     raise ValueError(f"unknown class {spec!r}; valid: {', '.join(class_names)} or 0-{len(class_names) - 1}")
 
 
+def check_seed(name: str, value: int) -> None:
+    """ValueError unless ``value`` is a base seed the service takes too (0..MAX_SEED), so that what a CLI made
+    can be made again through the API (and torch's generators take it: they refuse 2**64 and alias negatives)."""
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be in 0..{MAX_SEED}, got {value}")
+
+
 def draw_seed() -> int:
     """A random base seed for a request that gave none (recorded with the results)."""
     return random.SystemRandom().randrange(0, MAX_SEED // 2)

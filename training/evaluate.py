@@ -58,7 +58,7 @@ import torch
 
 from diffusion.checkpoint import Checkpoint, read_config
 from diffusion.samplers import SamplerName, SamplerSettings, sample
-from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval, effective_interval, requested_precision
+from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval, check_seed, effective_interval, requested_precision
 
 from .classifiers import (CLASSIFIERS, ClassifierKind, build_classifier, confusion_matrix, count_parameters,
                           TrainSettings, default_train_settings, predict, train_classifier)
@@ -156,6 +156,9 @@ class EvaluationSettings:
             raise ValueError(f"unknown budget {self.budget!r}; expected one of {', '.join(BUDGETS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(self.seeds)}")
+        for s in self.seeds:
+            check_seed("seeds", s)
+        check_seed("synthetic_seed", self.synthetic_seed)
 
 
 def _arm_size(arm: str, real: LabelledImages, synth: LabelledImages) -> int:

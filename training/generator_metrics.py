@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion.checkpoint import Checkpoint, file_sha256
 from diffusion.samplers import SamplerName, SamplerSettings
-from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval
+from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval, check_seed
 
 from .classifiers import (DEFAULT_WIDTH, ClassifierKind, build_classifier, default_train_settings, extract_features,
                           predict, train_classifier)
@@ -129,6 +129,7 @@ class MetricsSettings:
             raise ValueError(f"feature_epochs must be at least 1, got {self.feature_epochs}")
         if self.inception_weights and not Path(self.inception_weights).is_file():
             raise FileNotFoundError(f"inception weights not found: {self.inception_weights}")
+        check_seed("seed", self.seed)
         self.sampler_settings.validate()
 
     @property

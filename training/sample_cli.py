@@ -13,7 +13,7 @@ from tqdm import tqdm
 from diffusion.checkpoint import load_for_sampling
 from diffusion.precision import default_device
 from diffusion.samplers import SAMPLERS, SamplerSettings
-from diffusion.spec import PRECISIONS, format_guidance_interval, parse_guidance_interval
+from diffusion.spec import PRECISIONS, check_seed, format_guidance_interval, parse_guidance_interval
 
 from .generate import DEFAULT_SETTINGS, default_checkpoint, draw_seed, generate_to_dir, resolve_classes
 
@@ -108,6 +108,8 @@ def run_sample(args: argparse.Namespace) -> None:
     settings.validate()  # before the model loads (checked again against the checkpoint's timesteps)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed is not None:
+        check_seed("--seed", args.seed)
     device = pick_device(args.device)
     ckpt = load_for_sampling(args.checkpoint or default_checkpoint(), device=device, precision=args.precision)
     classes = resolve_classes(args.classes or ["all"], ckpt.class_names)

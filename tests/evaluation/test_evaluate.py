@@ -54,6 +54,11 @@ def test_settings_are_validated():
     for name in ("sample_batch_size", "train_batch_size"):
         with pytest.raises(ValueError, match=f"{name} must be at least 1, got -5"):
             EvaluationSettings(data="x", **{name: -5}).validate()
+    # the seeds the service takes (0..2**31-1), so a CLI run can be made again through the API
+    with pytest.raises(ValueError, match=r"synthetic_seed must be in 0\.\.2147483647, got -1"):
+        EvaluationSettings(data="x", synthetic_seed=-1).validate()
+    with pytest.raises(ValueError, match=r"seeds must be in 0\.\.2147483647, got 2147483648"):
+        EvaluationSettings(data="x", seeds=(0, 2**31)).validate()
     with pytest.raises(ValueError, match="width must be at least 2, got 1"):  # the classifiers' own rule
         EvaluationSettings(data="x", width=1).validate()
     with pytest.raises(ValueError, match="steps=0 out of range"):

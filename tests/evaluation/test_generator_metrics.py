@@ -70,7 +70,8 @@ def test_bad_metrics_input_is_refused_before_any_work(tmp_path, monkeypatch, cap
                             (["--out", str(tmp_path)], "is a folder"), (["--steps", "0"], "steps=0 out of range"),
                             (["--sampler", "dpmpp", "--eta", "0.5"], "ddim sampler only"),
                             (["--batch-size", "0"], "--batch-size must be at least 1"),
-                            (["--feature-width", "1"], "--feature-width must be at least 2")]:
+                            (["--feature-width", "1"], "--feature-width must be at least 2"),
+                            (["--seed", "-1"], "--seed must be in 0..2147483647, got -1")]:
         with pytest.raises(SystemExit) as e:
             dreamdata_cli.main(base + extra)
         err = capsys.readouterr().err

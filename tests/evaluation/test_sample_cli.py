@@ -49,3 +49,15 @@ def test_a_rerun_with_the_same_seed_keeps_the_images_already_made(tiny_checkpoin
     assert again.keys() == first.keys()
     assert all(again[n] == first[n] for n in first if n != "00005.png")  # untouched
     assert again["00005.png"][0] == first["00005.png"][0]  # made again, the same image
+
+
+def test_a_seed_the_service_would_refuse_is_refused_before_the_model_loads(tmp_path, capsys):
+    """torch's generators alias negative seeds and refuse 2**64 (after the model loaded); the API takes 0..2**31-1."""
+    import pytest
+
+    for seed in ("-1", str(2**31), str(2**64)):
+        with pytest.raises(SystemExit) as e:
+            _sample(tmp_path / "no-checkpoint", tmp_path / "out", "--seed", seed)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--seed must be in 0..2147483647, got {seed}" in err, err
+    assert not (tmp_path / "out").exists()
