@@ -61,6 +61,25 @@ def config_dict(unet: UNetConfig, schedule: ScheduleConfig, class_names, provena
     }
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path``, its content on disk first and the rename after: a power loss or a
+    killed VM then leaves the old file or the new one, never an empty one under the new name (as ext4 and XFS
+    may after a rename of data still in the page cache)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for reading (some platforms): the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, schedule: ScheduleConfig,
                     class_names, provenance: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``config.json`` and ``model.safetensors`` atomically (tmp files, then rename).
@@ -84,8 +103,8 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, schedu
     tmp_w, tmp_c = d / (WEIGHTS_FILE + ".tmp"), d / (CONFIG_FILE + ".tmp")
     save_file(state, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION)})
     tmp_c.write_text(json.dumps(config_dict(model.config, schedule, class_names, provenance or {}), indent=2) + "\n")
-    tmp_w.replace(d / WEIGHTS_FILE)
-    tmp_c.replace(d / CONFIG_FILE)
+    replace_durably(tmp_w, d / WEIGHTS_FILE)
+    replace_durably(tmp_c, d / CONFIG_FILE)
     return d
 
 

@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffusion.checkpoint import save_checkpoint
+from diffusion.checkpoint import replace_durably, save_checkpoint
 from diffusion.precision import cpu_has_bf16, gpu_has_bf16
 from diffusion.samplers import sample
 from diffusion.schedules import NoiseSchedule
@@ -159,7 +160,21 @@ def _save_state(path: Path, model, ema, opt, step: int, images_seen: int, wall: 
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    tmp.replace(path)
+    replace_durably(tmp, path)  # the only copy of the run's optimizer and data order
+
+
+def _load_state(path: Path, device: torch.device) -> dict:
+    """``state.pt``, or a ValueError that names it and says what to do: a damaged file is no traceback."""
+    try:
+        st = torch.load(path, map_location=device, weights_only=True)
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as e:  # empty, cut short, not a torch file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is unreadable ({reason}): the training state is damaged and the run cannot go on "
+                         "from it; move it away and train again without --resume, or into another --out") from e
+    if not isinstance(st, dict) or not {"config", "model", "ema", "opt", "step"} <= set(st):
+        raise ValueError(f"{path} is not a dreamdata training state: move it away and train again without "
+                         "--resume, or into another --out")
+    return st
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -284,7 +299,7 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
     step, images_seen, wall = 0, 0, 0.0
     perm, pos = None, 0
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=True)
+        st = _load_state(state_path, device)
         saved, now = json.loads(st["config"]), json.loads(json.dumps(cfg.to_dict()))
         _check_resumable(state_path, st, saved, now, ds.class_names, data, fingerprint)
         model.load_state_dict(st["model"])
@@ -489,9 +504,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
     args = p.parse_args(argv)
+    # one line each, not a traceback per rank under torchrun; the statuses of dreamdata train
     try:
         run_train(args)
-    except KeyboardInterrupt:  # torchrun forwards SIGINT/SIGTERM to every rank: one line each, no traceback
+    except (ValueError, FileNotFoundError) as e:  # bad input, a missing --data, a run that is not resumable
+        p.exit(2, f"train: error: {e}\n")
+    except OSError as e:  # a disk, permission or file error met while working
+        p.exit(1, f"train: error: {e}\n")
+    except KeyboardInterrupt:  # torchrun forwards SIGINT/SIGTERM to every rank
         p.exit(130, "stopped; the same command with --resume goes on from the last saved state\n")
 
 

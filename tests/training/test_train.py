@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,6 +354,47 @@ def test_resume_without_state_starts_fresh(data10, tmp_path, caplog, monkeypatch
     writes = _count_writes(monkeypatch)
     train(replace(FAST, max_steps=1), str(data10), out, resume=True, progress=False)
     assert _state(out)["step"] == 1 and writes == []
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short", "not a state"])
+def test_a_damaged_state_is_a_clear_error_naming_it(data10, tmp_path, damage):
+    """state.pt cut short by a power loss, or another file under its name: a ValueError that names it and says
+    what to do (dreamdata train: one line, status 2), not a traceback from inside torch.load."""
+    out = tmp_path / "run"
+    train(replace(FAST, max_steps=1), str(data10), out, progress=False)
+    state = out / "state.pt"
+    whole = state.read_bytes()
+    if damage == "not a state":
+        torch.save({"weights": torch.zeros(2)}, state)
+    else:
+        state.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
+    words = "is not a dreamdata training state" if damage == "not a state" else "is unreadable"
+    with pytest.raises(ValueError, match=f"{state}.*{words}.*move it away"):
+        train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
+
+
+def test_the_state_and_checkpoint_reach_the_disk_before_their_rename(data10, tmp_path, monkeypatch):
+    """A power loss after the rename must not leave an empty file under the name (no copy of the old one)."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, Path.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def renaming(self, target):
+        events.append(("replace", Path(target).name))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "replace", renaming)
+    train(replace(FAST, max_steps=1), str(data10), tmp_path / "run", progress=False)
+    for name in ("state.pt", "model.safetensors", "config.json"):
+        i = events.index(("replace", name))
+        assert events[i - 1][0] == "fsync" and events[i - 1][1].endswith(".tmp"), events
+        assert events[i + 1][0] == "fsync" and events[i + 1][1] in ("run", "checkpoint"), events
 
 
 def test_a_resumed_run_logs_each_step_once_and_says_what_config_changed(data10, tmp_path, caplog, monkeypatch):
