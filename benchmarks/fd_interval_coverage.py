@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.features < 1 or a.images < 2 or a.draws < 2 or a.boot < 2:
         p.error("need --features >= 1, --images >= 2, --draws >= 2 and --boot >= 2")
+    if a.fd_infinity and a.images < 6 * a.features:  # else found only after the large draws
+        p.error(f"--fd-infinity needs --images >= 6 x --features ({6 * a.features}), got {a.images}")
     return a
 
 

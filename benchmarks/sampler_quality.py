@@ -14,7 +14,7 @@ at 1000 steps when it is in the grid, else the slowest setting (most model calls
 that guidance, which the output says.  Beside each difference from the reference: a 95% interval from
 a paired bootstrap over the images (--bootstrap resamples), so that a difference the sample size
 cannot resolve reads as one.  With at least 6 images per feature dimension (768 in the CNN's 128) every
-row also gets FD_inf, its FD extrapolated to infinitely many images
+row also gets FD_inf, its FD extrapolated to infinitely many generated images (the reference stays the test split)
 (``training.features_metrics.frechet_distance_infinity``), printed against its reference's below the table:
 a plain FD at a few hundred or thousand images shrinks relative differences (benchmarks/fd_interval_coverage.py).  The ``real_train`` row is the floor: real training images, same count.
 
@@ -131,7 +131,7 @@ class Row:
     vs_reference: dict | None = None  # paired bootstrap intervals of this row minus the reference (compare)
     guidance_interval: GuidanceInterval | None = None  # guided only where lo < sigma_t <= hi; None: every step
     interval_calls: int | None = None  # model calls per image with the interval (they depend on the schedule)
-    fd_infinity: float | None = None  # FD extrapolated to infinitely many images; None below 6 x features images
+    fd_infinity: float | None = None  # FD extrapolated to infinitely many generated images; None below 6 x features images
 
     @property
     def calls(self) -> int:
@@ -289,7 +289,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precisions", default=None,
                    help="precisions of the model calls, each setting at each: fp32, bf16, auto (default: "
                         "$DREAMDATA_PRECISION or auto, as the service decides; diffusion.precision). fp32,bf16 "
-                        "measures what bf16 costs in quality: the bf16 row of a setting is paired with its fp32 row")
+                        "gives each setting a bf16 row beside its fp32 one; every row is compared with its guidance's "
+                        "reference (DDPM-1000, else the slowest setting; in fp32), so to measure what bf16 costs in "
+                        "quality run one setting: --settings S:K --precisions fp32,bf16")
     p.add_argument("--skip-ddpm", action="store_true", help="leave the DDPM settings out (the slow ones)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="choice rule: FD up to this much above the reference's (relative) and class fidelity up "
@@ -405,11 +407,11 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
           f"trained on the real training split, test accuracy {_fmt(clf.get('test_accuracy'), '.3f')}")
     print("FD: Frechet distance to all real test images (lower is better); fidelity: share classified as the "
           "requested class; recall, coverage: k-NN against real test images (higher is better)")
-    head = (f"{'sampler':<8} {'steps':>5} {'guidance':>12} {'prec':>4} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
+    head = (f"{'sampler':<8} {'steps':>5} {'guidance':>12} {'dtype':>5} {'calls/img':>9} {'s/img':>7} {'FD':>9} "
             f"{'FD vs ref':>9} {'95% interval':>16} {'fidelity':>8} {'vs ref':>7} {'95% interval':>14} "
             f"{'recall':>6} {'coverage':>8}  note")
     print(head)
-    print(f"{'real_train':<14} {'-':>12} {'':>4} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} {'':>16} "
+    print(f"{'real_train':<14} {'-':>12} {'':>5} {'-':>9} {'-':>7} {floor['frechet_distance']:>9.3f} {'-':>9} {'':>16} "
           f"{floor['class_fidelity']['overall']:>8.3f} {'-':>7} {'':>14} {floor['recall']:>6.3f} "
           f"{floor['coverage']:>8.3f}  floor: {floor['images']} real training images")
     d = DEFAULT_SETTINGS
@@ -424,7 +426,7 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
             v = r.vs_reference
             fd_ci = f"[{v['frechet_distance_relative'][1]:+.1%}, {v['frechet_distance_relative'][2]:+.1%}]" if v else ""
             fid_ci = (f"[{100 * v['class_fidelity'][1]:+.1f}, {100 * v['class_fidelity'][2]:+.1f}]pp" if v else "")
-            print(f"{r.sampler:<8} {r.steps:>5} {r.guidance_label:>12} {r.dtype:>4} {r.calls:>9} "
+            print(f"{r.sampler:<8} {r.steps:>5} {r.guidance_label:>12} {r.dtype:>5} {r.calls:>9} "
                   f"{_fmt(r.seconds_per_image, '.3f'):>7} {r.frechet_distance:>9.3f} {rel:>+9.1%} {fd_ci:>16} "
                   f"{r.class_fidelity:>8.3f} "
                   f"{100 * (r.class_fidelity - ref.class_fidelity):>+5.1f}pp {fid_ci:>14} {r.recall:>6.3f} "
@@ -442,8 +444,9 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
               "over resampled sets moved onto the estimate (repeated images bias a resample's FD); at few images "
               "relative FD differences read smaller than with many (benchmarks/fd_interval_coverage.py)")
     if any(r.fd_infinity is not None for r in rows):
-        print("FD_inf: FD extrapolated to infinitely many images (training.features_metrics.frechet_distance_infinity"
-              "), against its reference's; at this many images a plain FD shrinks relative differences")
+        print("FD_inf: FD extrapolated to infinitely many generated images, against the same real test images "
+              "(training.features_metrics.frechet_distance_infinity), against its reference's; at this many images a "
+              "plain FD shrinks relative differences")
         for c in choices:
             ref = c.reference
             for r in sorted(c.rows, key=lambda r: -r.calls):

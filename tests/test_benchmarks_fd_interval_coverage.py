@@ -21,3 +21,15 @@ def test_the_coverage_script_runs_and_prints_its_table(capsys):
     assert all(0 <= r[k] <= 1 for r in out["rows"] for k in ("holds_expected_estimate", "holds_its_estimate"))
     assert out["truth"]["relative"] > 0  # generator a is the farther one from the real set
     assert set(out["fd_infinity_relative"]) == {"mean", "sd"}
+
+
+def test_fd_infinity_with_too_few_images_is_refused_before_the_draws(capsys):
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("benchmarks_fd_interval_coverage", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--features", "4", "--images", "23", "--fd-infinity"])
+    assert e.value.code == 2 and "--fd-infinity needs --images >= 6 x --features (24), got 23" in capsys.readouterr().err
+    assert module.parse_args(["--features", "4", "--images", "24", "--fd-infinity"]).images == 24

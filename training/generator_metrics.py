@@ -16,7 +16,8 @@ Two rows are measured against the real test split, with the same number of image
 ``training.synthetic_cache``, shared with ``dreamdata evaluate``) and ``real_train`` (real
 training images: the floor a perfect generator would reach at this sample size).  Frechet
 distances use the whole test split as reference; the k-NN measures use ``n_per_class`` test
-images per class, so both sides have the same size.  With ``inception_weights`` the Frechet
+images per class, so both sides have the same size up to the test split's images of a class (1,000 in
+CIFAR-10): beyond that the reference is smaller than the generated set, as the ``knn`` note says.  With ``inception_weights`` the Frechet
 distance is also computed on Inception v3 pool3 features (test statistics cached per weights file).
 """
 from __future__ import annotations
@@ -207,7 +208,9 @@ def measure_generator(s: MetricsSettings, show_bars: bool = True, checkpoint: Ch
                          "real training split (test accuracy in feature_classifier.test_accuracy)",
         "frechet_distance": "against all real test images; biased upward at small sample sizes: compare with "
                             "the real_train row of the same size",
-        "knn": f"precision/recall/density/coverage with k={s.k} against {len(ref_test)} real test images",
+        "knn": f"precision/recall/density/coverage with k={s.k} against {len(ref_test)} real test images"
+               + (f", fewer than the {len(gen)} generated ones (the test split has no more): precision and recall "
+                  "of unequal sets are not comparable with those of equal ones" if len(ref_test) < len(gen) else ""),
         "real_train.class_fidelity": "the classifier's accuracy on the real test images of the k-NN reference",
     }
     if s.inception_weights:

@@ -76,3 +76,15 @@ def test_bad_metrics_input_is_refused_before_any_work(tmp_path, monkeypatch, cap
             dreamdata_cli.main(base + extra)
         err = capsys.readouterr().err
         assert e.value.code == 2 and expected in err and "Traceback" not in err, (extra, err)
+
+
+def test_a_knn_reference_smaller_than_the_generated_set_is_said(data_tar, tiny_checkpoint, cache_dir):
+    """More images per class than the test split holds: the k-NN reference is all of them, and the note says
+    the two sides differ (precision and recall of unequal sets read otherwise)."""
+    from tests.evaluation.conftest import TEST_PER_CLASS
+
+    s = MetricsSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), n_per_class=TEST_PER_CLASS + 1, steps=2,
+                        k=2, feature_width=4, feature_epochs=1, device="cpu", cache_dir=str(cache_dir))
+    out = measure_generator(s, show_bars=False)
+    assert out["rows"]["generated"]["images"] == 10 * (TEST_PER_CLASS + 1)
+    assert f"against {10 * TEST_PER_CLASS} real test images, fewer than the" in out["notes"]["knn"]
