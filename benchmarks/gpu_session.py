@@ -24,7 +24,8 @@ its time limit still brings back what it did:
    training wall time, compile included (so ``--train-compile auto`` trains eager when it gets fewer
    than ``COMPILE_TRAIN_MIN_MINUTES``: a compile of one to two minutes, estimated, would eat a short run).
 2. Sampling: images/s of the default sampler (``DEFAULT_SETTINGS``) on the trained checkpoint at each
-   of ``--batch-sizes``, in bf16 autocast: eager, and ``torch.compile(mode="reduce-overhead")`` (inductor
+   of ``--batch-sizes`` (100, 256: the service's GPU batch, 1000), in bf16 autocast: eager, eager in fp32 (what
+   bf16 buys), and ``torch.compile(mode="reduce-overhead")`` (inductor
    kernels replayed as CUDA graphs; each batch shape compiles once, before timing), the median of
    ``--repeats`` timed runs after one warm-up run; plus the seconds a run spends drawing the per-image
    noise on the CPU (``diffusion.samplers`` draws it from one generator per image seed, so an image does
@@ -70,7 +71,7 @@ runs; a compiled training that fails is run again eager.  session.json is replac
 A smoke run on the CPU (what the tests do; seconds)::
 
     python benchmarks/gpu_session.py --data DATA --out /tmp/gpu --config tiny --train-minutes 0.05 \\
-        --batch-sizes 2 --repeats 1 --ddpm-probe-steps 2 --steps 2 --no-compile
+        --batch-sizes 2 --repeats 1 --ddpm-probe-steps 2 --steps 2 --no-compile --peak-size 64
 """
 from __future__ import annotations
 
@@ -158,8 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"{COMPILE_TRAIN_MIN_MINUTES:g} minutes (its compile time counts in them)")
     p.add_argument("--skip-train", metavar="CHECKPOINT", default=None,
                    help="time sampling of this checkpoint instead of training one")
-    p.add_argument("--batch-sizes", type=batch_sizes, default=(100, 1000),
-                   help="images per timed sampling run (default 100,1000)")
+    p.add_argument("--batch-sizes", type=batch_sizes, default=(100, 256, 1000),
+                   help="images per timed sampling run (default 100,256,1000; 256 is the service's GPU batch)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median; default 3)")
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps, help="sampler steps (default: the default's)")
     p.add_argument("--ddpm-probe-steps", type=int, default=20, help="timed steps of the 1000-step loop")
@@ -288,11 +289,13 @@ def train_checkpoint(args: argparse.Namespace, out: Path, summary: dict, save, m
     return ckpt_dir
 
 
-def _timed_run(model, ckpt, labels: torch.Tensor, settings: SamplerSettings, device: torch.device) -> float:
+def _timed_run(model, ckpt, labels: torch.Tensor, settings: SamplerSettings, device: torch.device,
+               autocast: bool = True) -> float:
     sync(device)
     t0 = time.perf_counter()
     sample(model, ckpt.schedule, labels, list(range(len(labels))), sampler=settings.sampler, steps=settings.steps,
-           guidance=settings.guidance, eta=settings.eta, guidance_interval=settings.guidance_interval, autocast=True)
+           guidance=settings.guidance, eta=settings.eta, guidance_interval=settings.guidance_interval,
+           autocast=autocast)
     sync(device)
     return time.perf_counter() - t0
 
@@ -306,15 +309,17 @@ def _batches(args: argparse.Namespace) -> list[int]:
     return list(args.batch_sizes)
 
 
-def _time_variant(name: str, model, ckpt, batch: int, args, device, summary: dict, save) -> None:
+def _time_variant(name: str, model, ckpt, batch: int, args, device, summary: dict, save,
+                  precision: str = "bf16") -> None:
     settings = _settings(args)
     labels = (torch.arange(batch) % len(ckpt.class_names)).to(device)
+    bf16 = precision == "bf16"
     t0 = time.perf_counter()
-    warm = _timed_run(model, ckpt, labels, settings, device)  # compiles each shape on a first call
-    times = [_timed_run(model, ckpt, labels, settings, device) for _ in range(args.repeats)]
+    warm = _timed_run(model, ckpt, labels, settings, device, bf16)  # compiles each shape on a first call
+    times = [_timed_run(model, ckpt, labels, settings, device, bf16) for _ in range(args.repeats)]
     med = statistics.median(times)
     summary.setdefault("sampling", []).append({
-        "variant": name, "batch": batch, "sampler": settings.sampler, "steps": settings.steps,
+        "variant": name, "precision": precision, "batch": batch, "sampler": settings.sampler, "steps": settings.steps,
         "model_calls_per_image": model_calls(settings, ckpt.schedule), "images_per_s": round(batch / med, 1),
         "seconds_per_run": round(med, 4), "runs": [round(t, 4) for t in times],
         "first_run_s": round(warm, 2), "setup_s": round(time.perf_counter() - t0, 1)})
@@ -323,12 +328,16 @@ def _time_variant(name: str, model, ckpt, batch: int, args, device, summary: dic
 
 
 def time_sampling(ckpt, args: argparse.Namespace, device: torch.device, summary: dict, save) -> None:
-    """Eager rows and the noise draws at every batch size."""
+    """Eager rows (bf16 autocast, then fp32: what bf16 buys) and the noise draws at every batch size."""
     steps = _settings(args).steps
     for batch in _batches(args):
         stage(f"sampling eager, batch {batch}",
               lambda: _time_variant("eager", ckpt.model, ckpt, batch, args, device, summary, save), summary, save)
         stage(f"noise draws, batch {batch}", lambda: _time_noise(ckpt, batch, steps, device, summary, save),
+              summary, save)
+    for batch in _batches(args):
+        stage(f"sampling eager fp32, batch {batch}",
+              lambda: _time_variant("eager fp32", ckpt.model, ckpt, batch, args, device, summary, save, "fp32"),
               summary, save)
 
 
@@ -434,11 +443,14 @@ def _sampling_script():
 
 
 def add_fraction_of_peak(summary: dict) -> None:
-    """images/s x model calls per image x FLOPs per call, over the peak: on every sampling row (with a peak)."""
+    """images/s x model calls per image x FLOPs per call, over the peak: on every bf16 sampling row (with a peak;
+    the fp32 rows have no fp32 peak to hold them against)."""
     peak = summary.get("peak") or {}
     if not peak.get("bf16_matmul_flops_per_s"):
         return
     for r in summary.get("sampling", []):
+        if r.get("precision", "bf16") != "bf16":
+            continue
         achieved = r["images_per_s"] * r["model_calls_per_image"] * peak["model_flops_per_call_per_image"]
         r["fraction_of_peak"] = round(achieved / peak["bf16_matmul_flops_per_s"], 4)
 
@@ -568,10 +580,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     summary["seconds"] = round(time.perf_counter() - clock.t0, 1)
     save()
-    print(f"\n{'variant':24s} {'batch':>6s} {'images/s':>10s} {'s/run':>8s} {'first run s':>12s} {'of peak':>8s}")
+    print(f"\n{'variant':24s} {'prec':>5s} {'batch':>6s} {'images/s':>10s} {'s/run':>8s} {'first run s':>12s} "
+          f"{'of peak':>8s}")
     for r in summary.get("sampling", []):
         frac = f"{r['fraction_of_peak']:.1%}" if "fraction_of_peak" in r else "-"
-        print(f"{r['variant']:24s} {r['batch']:6d} {r['images_per_s']:10.1f} {r['seconds_per_run']:8.3f} "
+        print(f"{r['variant']:24s} {r['precision']:>5s} {r['batch']:6d} {r['images_per_s']:10.1f} {r['seconds_per_run']:8.3f} "
               f"{r['first_run_s']:12.1f} {frac:>8s}")
     print(json.dumps({k: summary[k] for k in ("training", "ddpm_1000_steps", "peak", "noise_seconds_per_run",
                                               "errors", "skipped") if k in summary}, indent=1))

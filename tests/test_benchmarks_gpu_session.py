@@ -56,14 +56,16 @@ def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
     t = summary["training"]
     assert t["config"] == "tiny" and t["steps"] >= 1 and t["images_seen"] == t["steps"] * t["batch_size"]
     rows = summary["sampling"]
-    assert [(r["variant"], r["batch"]) for r in rows] == [("eager", 2), ("eager", 3)]
+    assert [(r["variant"], r["precision"], r["batch"]) for r in rows] == [
+        ("eager", "bf16", 2), ("eager", "bf16", 3), ("eager fp32", "fp32", 2), ("eager fp32", "fp32", 3)]
     assert all(r["images_per_s"] > 0 and len(r["runs"]) == 2 and r["steps"] == 2 for r in rows)
     assert set(summary["noise_seconds_per_run"]) == {"2", "3"}
     assert summary["ddpm_1000_steps"]["batch"] == 3 and summary["ddpm_1000_steps"]["images_per_s_extrapolated"] > 0
     peak = summary["peak"]
     assert peak["matmul_size"] == 64 and peak["bf16_matmul_flops_per_s"] > 0
     assert peak["model_flops_per_call_per_image"] > 1e6  # the tiny UNet: some MFLOPs a call
-    for r_ in rows:  # images/s x calls/image x FLOPs/call over the peak
+    assert all("fraction_of_peak" not in r_ for r_ in rows if r_["precision"] == "fp32")  # no fp32 peak measured
+    for r_ in rows[:2]:  # images/s x calls/image x FLOPs/call over the (bf16) peak
         want = r_["images_per_s"] * r_["model_calls_per_image"] * peak["model_flops_per_call_per_image"]
         assert r_["fraction_of_peak"] == pytest.approx(want / peak["bf16_matmul_flops_per_s"], rel=1e-3, abs=1e-4)
     assert "eager" in r.stdout and "images/s" in r.stdout and "of peak" in r.stdout
@@ -150,7 +152,7 @@ def test_a_deadline_stops_the_experiment_leaves_out_training_and_compiles_but_ti
     with tarfile.open(out / "evaluation.tar.gz") as tar:
         assert all(n.startswith("evaluation") for n in tar.getnames())
     assert "before the deadline" in s["training"]["skipped"] and s["checkpoint"]["dir"] == str(ckpt)
-    assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2)]
+    assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2), ("eager fp32", 2)]
     assert s["ddpm_1000_steps"]["our_noise_seconds_per_step"] is not None
     assert s["skipped"] == [s["skipped"][0]] and s["skipped"][0].startswith("compile reduce-overhead, batch 2")
     assert "errors" not in s and s["finished"]
@@ -168,7 +170,7 @@ def test_a_stage_that_fails_is_recorded_and_the_next_ones_run(tmp_path):
     r = run_there(argv, tmp_path)
     s = json.loads((out / "session.json").read_text())
     assert list(s["errors"]) == ["evaluation"] and "evaluation failed" in r.stdout
-    assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2)] and s["finished"]
+    assert [(r["variant"], r["batch"]) for r in s["sampling"]] == [("eager", 2), ("eager fp32", 2)] and s["finished"]
     assert (out / "samples.png").exists()
 
 
