@@ -87,7 +87,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="class name or index 0-9; repeat for several; 'all' for every class (default: all)")
     p.add_argument("--n", type=int, default=10, help="images per class (default 10)")
     add_sampler_args(p)
-    p.add_argument("--seed", type=int, default=None, help="base seed; image i gets seed+i (default: random, recorded)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="base seed in 0..2147483647, as the API takes; image i gets seed+i (default: random, recorded)")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 50 on a CPU, 256 on a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--zip", action="store_true", help="also write images.zip")
