@@ -17,8 +17,9 @@ Two rows are measured against the real test split, with the same number of image
 training images: the floor a perfect generator would reach at this sample size).  Frechet
 distances use the whole test split as reference; the k-NN measures use ``n_per_class`` test
 images per class, so both sides have the same size up to the test split's images of a class (1,000 in
-CIFAR-10): beyond that the reference is smaller than the generated set, as the ``knn`` note says.  With ``inception_weights`` the Frechet
-distance is also computed on Inception v3 pool3 features (test statistics cached per weights file).
+CIFAR-10): beyond that the reference is smaller than the generated set, as the ``knn`` note says.  With
+``inception_weights`` the Frechet distance is also computed on Inception v3 pool3 features (test
+statistics cached per weights file).
 """
 from __future__ import annotations
 
