@@ -1,0 +1,71 @@
+"""benchmarks/step_spacing.py: the logSNR spacing itself, and the script end to end on a tiny random
+checkpoint and data set (the numbers mean nothing there; the rows, the swap and its undoing do)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusion.samplers as samplers
+from diffusion.checkpoint import save_checkpoint
+from diffusion.schedules import NoiseSchedule, ScheduleConfig
+from diffusion.unet import UNet, UNetConfig
+from tests.fixtures import CIFAR10_CLASSES, make_images, write_tar
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_spacing.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmarks_step_spacing", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [2, 10, 20, 50])
+def test_logsnr_steps_run_from_t_minus_1_to_0_evenly_in_lambda(bench, name, steps):
+    schedule = NoiseSchedule(ScheduleConfig(name, 1000))
+    ts = bench.logsnr_timesteps(schedule, steps)
+    assert len(ts) == steps and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+    if name == "cosine":  # its clipped betas put lambda_999 far below lambda_998: the top steps crowd at 999..991
+        return
+    abar = schedule.alphas_cumprod.double()
+    lam = [float(0.5 * torch.log(abar[t] / (1 - abar[t]))) for t in ts]
+    gaps = [b - a for a, b in zip(lam, lam[1:])]
+    even = (lam[-1] - lam[0]) / (steps - 1)
+    # the nearest indices to an even grid: even but for the lowest noise, where one index spans more than a gap
+    assert all(abs(g - even) <= 0.25 * even for g in gaps[: max(1, len(gaps) - max(4, steps // 4))]), gaps
+
+
+def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tmp_path, capsys):
+    data = write_tar(tmp_path / "tiny.tar.gz", make_images(CIFAR10_CLASSES, 3),
+                     make_images(CIFAR10_CLASSES, 3, offset=3), ext=".png")
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {})
+    before = samplers.timesteps_for
+    out = bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--n-per-class", "2", "--steps", "3",
+                      "--precision", "fp32", "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20",
+                      "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o.json")])
+    assert samplers.timesteps_for is before
+    rows = out["rows"]
+    assert [(r["steps"], r["spacing"]) for r in rows] == [(3, "time"), (3, "logsnr")]
+    assert rows[0]["timesteps"] == [999, 500, 0] and rows[1]["timesteps"] != rows[0]["timesteps"]
+    assert all(r["images"] == 20 and r["frechet_distance"] >= 0 for r in rows)
+    assert "vs_time" not in rows[0] and set(rows[1]["vs_time"]) >= {"frechet_distance_relative", "class_fidelity"}
+    assert json.loads((tmp_path / "o.json").read_text())["rows"][1]["spacing"] == "logsnr"
+    assert "logsnr" in capsys.readouterr().out
+    # the time-spaced row came through the synthetic cache: a second run reuses it
+    again = bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--n-per-class", "2", "--steps", "3",
+                        "--precision", "fp32", "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20",
+                        "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    assert again["rows"][0]["source"] == "cache"
+    assert again["rows"][0]["frechet_distance"] == pytest.approx(rows[0]["frechet_distance"], rel=1e-4)
