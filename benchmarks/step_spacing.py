@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-per-class", type=int, default=100, help="images per class and row (default 100)")
     p.add_argument("--steps", default="20,10", help="step counts, each with both spacings (default 20,10)")
     p.add_argument("--sampler", default="dpmpp_sde", choices=("dpmpp", "dpmpp_sde", "ddim", "ddpm"))
+    p.add_argument("--logsnr-guidance", default=None, metavar="W@LO:HI",
+                   help="guidance of the logSNR rows: W only where LO < sigma <= HI (default: the service's, as the "
+                        "time-spaced rows); the logSNR steps meet the sigma interval at other, fewer, steps")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--feature-epochs", type=int, default=10, help="the feature CNN's epochs (default 10, cached)")
@@ -83,6 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the rows as JSON to this file")
     a = p.parse_args(argv)
     a.cache_dir = Path(a.cache_dir) if a.cache_dir else None
+    if a.logsnr_guidance is not None:
+        try:
+            w, _, rest = a.logsnr_guidance.partition("@")
+            lo, _, hi = rest.partition(":")
+            a.logsnr_guidance = (float(w), (float(lo), float(hi)))
+            SamplerSettings("dpmpp_sde", 20, a.logsnr_guidance[0], 0.0, a.logsnr_guidance[1]).validate()
+        except ValueError as e:
+            p.error(f"--logsnr-guidance: expected W@LO:HI such as 8@0.28:4 ({e})")
     try:
         a.steps = sorted({int(s) for s in a.steps.split(",") if s.strip()}, reverse=True)
     except ValueError:
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = SamplerSettings(a.sampler, steps, d.guidance, d.eta, d.guidance_interval)
         timed = {}
         for spacing in ("time", "logsnr"):
+            if spacing == "logsnr" and a.logsnr_guidance is not None:
+                settings = SamplerSettings(a.sampler, steps, a.logsnr_guidance[0], d.eta, a.logsnr_guidance[1])
             ts = (TIME_SPACED(ckpt.schedule.num_timesteps, steps) if spacing == "time"
                   else logsnr_timesteps(ckpt.schedule, steps))
             calls = settings.model_calls([sigma_at(ckpt.schedule, t) for t in ts])
@@ -140,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
             seconds = time.perf_counter() - t0
             feats, ok = measure(images)
             row = {"sampler": settings.sampler, "steps": steps, "spacing": spacing, "calls": calls,
+                   "guidance": settings.guidance, "guidance_interval": settings.guidance_interval,
                    "timesteps": ts, "images": len(images), "source": source, "seconds": round(seconds, 1),
                    "frechet_distance": frechet_distance_from_stats(*feature_stats(feats), *test_stats),
                    "class_fidelity": ok.float().mean().item()}
@@ -153,9 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{source} in {seconds:.0f} s", file=sys.stderr, flush=True)
 
     print(f"checkpoint {ckpt_dir} ({ckpt.sha256[:12]}), {a.precision}; {a.n_per_class} images per class and row; "
-          f"guidance {d.guidance:g} in {d.guidance_interval}; feature CNN test accuracy "
+          f"feature CNN test accuracy "
           f"{info.get('test_accuracy', float('nan')):.3f}")
-    print(f"{'sampler':<10} {'steps':>5} {'spacing':>7} {'calls':>5} {'FD':>8} {'vs time':>8} {'95% interval':>18} "
+    print(f"{'sampler':<10} {'steps':>5} {'spacing':>7} {'guidance':>12} {'calls':>5} {'FD':>8} {'vs time':>8} {'95% interval':>18} "
           f"{'fidelity':>8} {'vs time':>8} {'95% interval':>16}")
     for r in rows:
         v = r.get("vs_time")
@@ -163,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
                f"{v['frechet_distance_relative'][2]:+.1%}]") if v else ("", "")
         fid = (f"{100 * v['class_fidelity'][0]:+.1f}pp", f"[{100 * v['class_fidelity'][1]:+.1f}, "
                f"{100 * v['class_fidelity'][2]:+.1f}]pp") if v else ("", "")
-        print(f"{r['sampler']:<10} {r['steps']:>5} {r['spacing']:>7} {r['calls']:>5} {r['frechet_distance']:>8.3f} "
+        glabel = f"{r['guidance']:g}@{r['guidance_interval'][0]:g}:{r['guidance_interval'][1]:g}"
+        print(f"{r['sampler']:<10} {r['steps']:>5} {r['spacing']:>7} {glabel:>12} {r['calls']:>5} "
+              f"{r['frechet_distance']:>8.3f} "
               f"{rel[0]:>8} {rel[1]:>18} {r['class_fidelity']:>8.3f} {fid[0]:>8} {fid[1]:>16}")
     print("vs time: the logSNR row minus the time-spaced row of the same steps, paired bootstrap over the images")
     result = {"rows": rows, "feature_classifier": info, "checkpoint": str(ckpt_dir), "precision": a.precision}

@@ -53,6 +53,7 @@ def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tmp_
     ckpt = save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {})
     before = samplers.timesteps_for
     out = bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--n-per-class", "2", "--steps", "3",
+                      "--logsnr-guidance", "8@0.28:4",
                       "--precision", "fp32", "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20",
                       "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o.json")])
     assert samplers.timesteps_for is before
@@ -60,6 +61,7 @@ def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tmp_
     assert [(r["steps"], r["spacing"]) for r in rows] == [(3, "time"), (3, "logsnr")]
     assert rows[0]["timesteps"] == [999, 500, 0] and rows[1]["timesteps"] != rows[0]["timesteps"]
     assert all(r["images"] == 20 and r["frechet_distance"] >= 0 for r in rows)
+    assert (rows[0]["guidance"], rows[1]["guidance"], rows[1]["guidance_interval"]) == (6.0, 8.0, (0.28, 4.0))
     assert "vs_time" not in rows[0] and set(rows[1]["vs_time"]) >= {"frechet_distance_relative", "class_fidelity"}
     assert json.loads((tmp_path / "o.json").read_text())["rows"][1]["spacing"] == "logsnr"
     assert "logsnr" in capsys.readouterr().out
@@ -69,3 +71,10 @@ def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tmp_
                         "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
     assert again["rows"][0]["source"] == "cache"
     assert again["rows"][0]["frechet_distance"] == pytest.approx(rows[0]["frechet_distance"], rel=1e-4)
+
+
+def test_a_bad_logsnr_guidance_is_refused(bench, capsys):
+    for bad in ("8", "8@4:0.28", "x@0.28:4"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--data", "x", "--logsnr-guidance", bad])
+        assert "--logsnr-guidance: expected W@LO:HI" in capsys.readouterr().err
