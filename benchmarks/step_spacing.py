@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      cache_dir=a.cache_dir, device="cpu", test=test)
     test_stats = feature_stats(extract_features(clf, test.images, "cpu"))
     ckpt = load_for_sampling(ckpt_dir, precision=a.precision)
-    specs = image_specs(a.n_per_class, len(ckpt.class_names), 0)
+    # in index order (class-major), as synthetic_images returns the time-spaced rows: image i pairs with image i
+    specs = sorted(image_specs(a.n_per_class, len(ckpt.class_names), 0), key=lambda s: s.index)
     labels = torch.tensor([s.class_index for s in specs])
     seeds = [s.seed for s in specs]
 
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             if spacing == "time":  # the service's own sampling, through the synthetic cache
                 synth, sinfo = synthetic_images(ckpt, a.n_per_class, settings, cache_dir=a.cache_dir,
                                                 precision=a.precision, batch_size=a.batch_size)
+                if not torch.equal(synth.labels, labels):
+                    raise RuntimeError("the synthetic set's images are not in this script's order")
                 images, source = synth.images, "cache" if sinfo.get("reused") else "sampled"
             else:
                 samplers.timesteps_for = lambda T, k, _s=ckpt.schedule: logsnr_timesteps(_s, k)

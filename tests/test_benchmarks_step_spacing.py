@@ -78,3 +78,23 @@ def test_a_bad_logsnr_guidance_is_refused(bench, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--data", "x", "--logsnr-guidance", bad])
         assert "--logsnr-guidance: expected W@LO:HI" in capsys.readouterr().err
+
+
+def test_the_two_rows_pair_image_by_image(bench, tmp_path, monkeypatch):
+    """With the logSNR spacing swapped for the time spacing the two rows are the same images in the same order:
+    no FD or fidelity difference (the rows pair image i with image i, same seed and class)."""
+    data = write_tar(tmp_path / "tiny.tar.gz", make_images(CIFAR10_CLASSES, 3),
+                     make_images(CIFAR10_CLASSES, 3, offset=3), ext=".png")
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {})
+    monkeypatch.setattr(bench, "logsnr_timesteps", lambda schedule, steps: bench.TIME_SPACED(1000, steps))
+    out = bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--n-per-class", "3", "--steps", "3",
+                      "--precision", "fp32", "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20",
+                      "--batch-size", "30", "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    time_row, same = out["rows"]
+    assert same["class_fidelity"] == time_row["class_fidelity"]
+    assert same["frechet_distance"] == pytest.approx(time_row["frechet_distance"], rel=1e-3, abs=1e-3)
+    assert same["vs_time"]["class_fidelity"][0] == 0
+    # image i against image i in every resample: no spread at all (mispaired images would have one)
+    assert max(abs(x) for x in same["vs_time"]["frechet_distance"]) < 1e-3, same["vs_time"]
