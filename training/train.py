@@ -167,10 +167,12 @@ def _load_state(path: Path, device: torch.device) -> dict:
     """``state.pt``, or a ValueError that names it and says what to do: a damaged file is no traceback."""
     try:
         st = torch.load(path, map_location=device, weights_only=True)
+    except torch.OutOfMemoryError:  # the file is fine; the device is full
+        raise
     except (EOFError, pickle.UnpicklingError, RuntimeError) as e:  # empty, cut short, not a torch file
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is unreadable ({reason}): the training state is damaged and the run cannot go on "
-                         "from it; move it away and train again without --resume, or into another --out") from e
+        raise ValueError(f"{path} cannot be read as a training state ({reason}): if it is damaged, the run cannot go "
+                         "on from it; move it away and train again without --resume, or into another --out") from e
     if not isinstance(st, dict) or not {"config", "model", "ema", "opt", "step"} <= set(st):
         raise ValueError(f"{path} is not a dreamdata training state: move it away and train again without "
                          "--resume, or into another --out")
@@ -452,7 +454,7 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
                 if save_now:
                     write_checkpoint()
                     loss_curve(out / "metrics.jsonl", out / "loss.png")
-                if cfg.sample_every and step % cfg.sample_every == 0 and not stop:  # a stop exits soon
+                if cfg.sample_every and step % cfg.sample_every == 0 and not interrupted:  # a signal: exit soon
                     _sample_grid(ema, schedule, cfg, out / "samples" / f"step_{step:07d}.png", bf16)
         bar.close()
         if dd.main:
@@ -463,11 +465,11 @@ def _train(cfg: TrainConfig, data: str, out: Path, resume: bool, progress: bool,
                 write_checkpoint()
                 loss_curve(out / "metrics.jsonl", out / "loss.png")
             metrics_f.close()
+        if dd.world > 1:  # under the guard too: torchrun's SIGTERM to every rank must not end the others meanwhile
+            dist.barrier()
     if dd.main:
         log.info("at step %d, %d of them trained in this run (%.1f min)", step, step - start_step,
                  (wall - t_start_wall) / 60)
-    if dd.world > 1:
-        dist.barrier()
     if interrupted:
         raise TrainingInterrupted(f"stopped by a signal at step {step}; {state_path} holds the state to resume")
     return out / "checkpoint"

@@ -368,7 +368,7 @@ def test_a_damaged_state_is_a_clear_error_naming_it(data10, tmp_path, damage):
         torch.save({"weights": torch.zeros(2)}, state)
     else:
         state.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
-    words = "is not a dreamdata training state" if damage == "not a state" else "is unreadable"
+    words = "is not a dreamdata training state" if damage == "not a state" else "cannot be read as a training state"
     with pytest.raises(ValueError, match=f"{state}.*{words}.*move it away"):
         train(replace(FAST, max_steps=2), str(data10), out, resume=True, progress=False)
 
@@ -554,6 +554,13 @@ def test_a_signal_during_the_final_save_lets_it_finish_and_a_stop_samples_no_gri
                   progress=False)
         assert sorted(p.name for p in (out2 / "samples").iterdir()) == ["step_0000001.png"]
         assert _state(out2)["step"] == 2
+
+        # the time budget's stop is a normal finish: its last step's grid is sampled
+        monkeypatch.setattr(tt, "ema_update", real_update)
+        out3 = tmp_path / "run3"
+        train(replace(FAST, max_steps=10, max_minutes=1e-9, checkpoint_every=0, sample_every=1), str(data10), out3,
+              progress=False)
+        assert _state(out3)["step"] == 1 and (out3 / "samples" / "step_0000001.png").is_file()
     finally:
         signal.signal(signal.SIGTERM, before)
 
