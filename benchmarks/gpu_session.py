@@ -108,10 +108,10 @@ from training.plots import image_grid, to_uint8  # noqa: E402
 from training.train import TrainingInterrupted, train  # noqa: E402
 
 # Estimates for the deadline (not measured on a GPU): the sample grid, the eager rows, the noise timing
-# and the DDPM probe at the default sizes; the set-up of a training run (data decode, model build) beyond
+# (bf16 and fp32, at batches 100, 256 and 1000) and the DDPM probe at the default sizes; the set-up of a training run (data decode, model build) beyond
 # its --train-minutes; the least time left to start a compiled sampling variant (one compile, 30-60 s, and
 # its timed runs); the shortest training worth running (else the shipped checkpoint is timed instead).
-SAMPLING_RESERVE_S = 90.0
+SAMPLING_RESERVE_S = 120.0
 EVAL_PACK_S = 15.0  # packing the experiment's folder (its runs and report, not the images) into the archive
 COMPILE_TRAIN_MIN_MINUTES = 4.0  # --train-compile auto: a compile (1-2 min, counted in the minutes) pays off past this
 TRAIN_SETUP_S = 30.0
@@ -191,7 +191,10 @@ def sync(device: torch.device) -> None:
 
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": device.type,
-           "cpu_threads": torch.get_num_threads()}
+           "cpu_threads": torch.get_num_threads(),
+           # what an "fp32" row's convolutions and matmuls may run in on a GPU (TF32 where allowed)
+           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+           "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
