@@ -82,6 +82,11 @@ def sampling_autocast(ckpt: Checkpoint) -> bool:
     return next(ckpt.model.parameters()).device.type == "cuda"
 
 
+# Metadata keys written only when not at their default (images made before they were recorded keep matching):
+# an image that has one differs from a call that does not write it, so drop_stale_images reads them back too.
+OPTIONAL_META = ("eta", "schedule")
+
+
 def _common_meta(settings: SamplerSettings, autocast: bool, schedule: ScheduleConfig | None = None) -> dict:
     """What every image of one call shares, for its PNG metadata and manifest entry."""
     meta = {"sampler": settings.sampler, "steps": settings.steps, "guidance": settings.guidance,
@@ -135,9 +140,7 @@ def drop_stale_images(out: Path, specs: Sequence[ImageSpec], common: dict, class
         want = _image_meta(common, s, class_names, checkpoint_sha256)
         try:
             with Image.open(f) as im:
-                # eta and schedule are written only when not the default: an image that has one differs from
-                # a call that does not
-                have = {k: im.text[k] for k in (*want, "eta", "schedule") if k in im.text}
+                have = {k: im.text[k] for k in (*want, *OPTIONAL_META) if k in im.text}
         except (OSError, ValueError):  # unreadable: made again too
             have = {}
         if have != want:
