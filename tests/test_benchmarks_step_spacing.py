@@ -29,6 +29,24 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny data set (3 images per class and split) and a random tiny checkpoint."""
+    data = write_tar(tmp_path / "tiny.tar.gz", make_images(CIFAR10_CLASSES, 3),
+                     make_images(CIFAR10_CLASSES, 3, offset=3), ext=".png")
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
+    return data, save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {})
+
+
+def run(bench, tiny, tmp_path, *extra):
+    """The script at the tiny size (fp32, one feature epoch, 20 resamples), its cache in tmp_path."""
+    data, ckpt = tiny
+    return bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--steps", "3", "--precision", "fp32",
+                       "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20", "--threads", "1",
+                       "--cache-dir", str(tmp_path / "cache"), *extra])
+
+
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 @pytest.mark.parametrize("steps", [2, 10, 20, 50])
 def test_logsnr_steps_run_from_t_minus_1_to_0_evenly_in_lambda(bench, name, steps):
@@ -45,17 +63,10 @@ def test_logsnr_steps_run_from_t_minus_1_to_0_evenly_in_lambda(bench, name, step
     assert all(abs(g - even) <= 0.25 * even for g in gaps[: max(1, len(gaps) - max(4, steps // 4))]), gaps
 
 
-def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tmp_path, capsys):
-    data = write_tar(tmp_path / "tiny.tar.gz", make_images(CIFAR10_CLASSES, 3),
-                     make_images(CIFAR10_CLASSES, 3, offset=3), ext=".png")
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
-    ckpt = save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {})
+def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tiny, tmp_path, capsys):
     before = samplers.timesteps_for
-    out = bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--n-per-class", "2", "--steps", "3",
-                      "--logsnr-guidance", "8@0.28:4",
-                      "--precision", "fp32", "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20",
-                      "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o.json")])
+    out = run(bench, tiny, tmp_path, "--n-per-class", "2", "--logsnr-guidance", "8@0.28:4",
+              "--out", str(tmp_path / "o.json"))
     assert samplers.timesteps_for is before
     rows = out["rows"]
     assert [(r["steps"], r["spacing"]) for r in rows] == [(3, "time"), (3, "logsnr")]
@@ -66,9 +77,7 @@ def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tmp_
     assert json.loads((tmp_path / "o.json").read_text())["rows"][1]["spacing"] == "logsnr"
     assert "logsnr" in capsys.readouterr().out
     # the time-spaced row came through the synthetic cache: a second run reuses it
-    again = bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--n-per-class", "2", "--steps", "3",
-                        "--precision", "fp32", "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20",
-                        "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    again = run(bench, tiny, tmp_path, "--n-per-class", "2")
     assert again["rows"][0]["source"] == "cache"
     assert again["rows"][0]["frechet_distance"] == pytest.approx(rows[0]["frechet_distance"], rel=1e-4)
 
@@ -80,18 +89,11 @@ def test_a_bad_logsnr_guidance_is_refused(bench, capsys):
         assert "--logsnr-guidance: expected W@LO:HI" in capsys.readouterr().err
 
 
-def test_the_two_rows_pair_image_by_image(bench, tmp_path, monkeypatch):
+def test_the_two_rows_pair_image_by_image(bench, tiny, tmp_path, monkeypatch):
     """With the logSNR spacing swapped for the time spacing the two rows are the same images in the same order:
     no FD or fidelity difference (the rows pair image i with image i, same seed and class)."""
-    data = write_tar(tmp_path / "tiny.tar.gz", make_images(CIFAR10_CLASSES, 3),
-                     make_images(CIFAR10_CLASSES, 3, offset=3), ext=".png")
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0))
-    ckpt = save_checkpoint(tmp_path / "ckpt", model, ScheduleConfig("linear", 1000), CIFAR10_CLASSES, {})
     monkeypatch.setattr(bench, "logsnr_timesteps", lambda schedule, steps: bench.TIME_SPACED(1000, steps))
-    out = bench.main(["--data", str(data), "--checkpoint", str(ckpt), "--n-per-class", "3", "--steps", "3",
-                      "--precision", "fp32", "--feature-epochs", "1", "--feature-width", "4", "--bootstrap", "20",
-                      "--batch-size", "30", "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    out = run(bench, tiny, tmp_path, "--n-per-class", "3", "--batch-size", "30")
     time_row, same = out["rows"]
     assert same["class_fidelity"] == time_row["class_fidelity"]
     assert same["frechet_distance"] == pytest.approx(time_row["frechet_distance"], rel=1e-3, abs=1e-3)
