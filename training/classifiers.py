@@ -19,6 +19,9 @@ Two architectures, one training loop (CPU or CUDA, same code):
   SGD with Nesterov momentum, one-cycle LR, label smoothing 0.2, random crop (4 px reflect
   padding) and horizontal flips; channels_last.
 
+Training runs under bf16 autocast on CUDA; on a CPU in fp32 unless ``TrainSettings.cpu_bf16`` (one CNN step of
+512 images at w = 16 took 0.49 s in fp32 and 0.23 s in bf16 on a 2-core Xeon with AMX, medians of six).
+
 Every model takes ``x: [N, 3, H, W] float in [-1, 1]`` (``training.data.to_model_range``) and
 normalises with the CIFAR-10 channel statistics inside, so features and logits need no outside
 preprocessing.  ``model.features(x)`` gives the penultimate layer ``[N, D]`` (D = 8w for the CNN,
@@ -146,9 +149,14 @@ class TrainSettings:
     label_smoothing: float = 0.2
     crop: bool = True            # random 32x32 crop of the 4-px reflect-padded image
     flip: bool = True            # random horizontal flip
+    cpu_bf16: bool = False       # bf16 autocast on a CPU too (on CUDA training always runs under it)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings; ``cpu_bf16`` only when on, so the saved-run keys of fp32 runs stay what they were."""
+        d = asdict(self)
+        if not self.cpu_bf16:
+            del d["cpu_bf16"]
+        return d
 
 
 def default_train_settings(kind: ClassifierKind, epochs: int = 10, **overrides) -> TrainSettings:
@@ -178,8 +186,11 @@ def augment(x: torch.Tensor, g: torch.Generator, crop: bool, flip: bool, pad: in
     return x
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def _autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA, and on a CPU when asked (``TrainSettings.cpu_bf16``); else fp32."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -242,7 +253,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                 x = augment(to_model_range(x_all[idx]), g, settings.crop, settings.flip)
                 for group in opt.param_groups:
                     group["lr"] = settings.lr * _lr_factor(step, total, settings.warmup)
-                with _autocast(device):
+                with _autocast(device, settings.cpu_bf16):
                     loss = F.cross_entropy(model(x).float(), y_all[idx], label_smoothing=settings.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -74,11 +74,14 @@ log = logging.getLogger(__name__)
 ARMS: tuple[str, ...] = ("real", "real+synthetic", "synthetic")
 Budget = Literal["steps", "epochs"]
 BUDGETS: tuple[str, ...] = get_args(Budget)
+CLASSIFIER_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 ProgressFn = Callable[[float, str], None]  # (fraction done 0..1, message); may raise to cancel the run
 RUNS_DIR = "runs"  # under out_dir: one JSON per finished training run (arm, seed), for resuming
 # Settings that do not change a training run's result, or that enter its key in another form
 # (checkpoint and cache_dir: the checkpoint's sha256 and the synthetic set's folder name).
-_NOT_IN_RUN_KEY = ("data", "checkpoint", "cache_dir", "device", "precision", "sample_batch_size", "seeds")
+# (classifier_precision: the training settings' cpu_bf16.)
+_NOT_IN_RUN_KEY = ("data", "checkpoint", "cache_dir", "device", "precision", "sample_batch_size", "seeds",
+                   "classifier_precision")
 # what only the synthetic images depend on: not in the real arm's key (since 2026-12-02), so an experiment that
 # changes k or the sampler in the same folder reuses its real runs
 _SYNTHETIC_ONLY = ("synthetic_per_class", "sampler", "steps", "guidance", "eta", "guidance_interval", "synthetic_seed",
@@ -107,6 +110,7 @@ class EvaluationSettings:
     device: str = "auto"                        # auto, cpu, cuda, cuda:1 ...
     cache_dir: str | None = None                # None: training.data.default_cache_dir()
     precision: str | None = None                # of the sampling calls: auto, fp32, bf16 (None: $DREAMDATA_PRECISION)
+    classifier_precision: str = "fp32"          # classifier training on a CPU: fp32 or bf16 autocast (CUDA: always bf16)
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -150,6 +154,9 @@ class EvaluationSettings:
             raise ValueError(f"width must be at least 2, got {self.width}")
         if self.precision is not None:
             requested_precision(self.precision)
+        if self.classifier_precision not in CLASSIFIER_PRECISIONS:
+            raise ValueError(f"classifier_precision must be one of {', '.join(CLASSIFIER_PRECISIONS)}, "
+                             f"got {self.classifier_precision!r}")
         # the sampler, its steps and guidance ranges, eta, the guidance interval: before the data loads
         self.sampler_settings.validate()
         if self.budget not in BUDGETS:
@@ -306,6 +313,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
 
     reals = {s: train.subset(settings.real_fraction, seed=s) for s in settings.seeds}
     overrides = {"batch_size": settings.train_batch_size} if settings.train_batch_size else {}
+    overrides["cpu_bf16"] = settings.classifier_precision == "bf16"
     tset = default_train_settings(settings.classifier, settings.epochs, **overrides)
     if settings.budget == "steps":  # every arm: the real arm's steps (full batches per epoch x epochs)
         n_real = len(reals[settings.seeds[0]])

@@ -22,7 +22,7 @@ from diffusion.checkpoint import load_for_sampling
 from diffusion.precision import compile_for_sampling
 
 from .classifiers import CLASSIFIERS, DEFAULT_WIDTH
-from .evaluate import BUDGETS, EvaluationSettings, run_evaluation
+from .evaluate import BUDGETS, CLASSIFIER_PRECISIONS, EvaluationSettings, run_evaluation
 from .generate import default_checkpoint
 from .sample_cli import add_sampler_args, arg_type, as_options, check_out_dir, pick_device
 
@@ -61,6 +61,10 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-seed", type=int, default=0, help="seed base of the synthetic set: image j of class c gets seed S + c x 1,000,000 + j (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampling batch (default 50 on a CPU, 256 on a GPU)")
     p.add_argument("--train-batch-size", type=int, default=None, help="classifier batch size (default mlp 256, cnn 512)")
+    p.add_argument("--classifier-precision", choices=CLASSIFIER_PRECISIONS, default="fp32",
+                   help="classifier training on a CPU: fp32 (default) or bf16 autocast, about twice as fast on a CPU "
+                        "with bf16 instructions (0.23 against 0.49 s per CNN step on a 2-core Xeon with AMX); on "
+                        "CUDA training always runs under bf16 autocast. Saved runs are kept apart by it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=None,
@@ -86,7 +90,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
         budget=args.budget,
         seeds=args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
         guidance_interval=args.guidance_interval, synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
-        train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir, precision=args.precision)
+        train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir, precision=args.precision,
+        classifier_precision=args.classifier_precision)
     try:
         settings.validate()
     except ValueError as e:  # the settings' field names, as the options that set them

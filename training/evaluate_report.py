@@ -106,13 +106,21 @@ def _interval_text(interval: list[float] | None) -> str:
     return "" if not interval else f" at noise levels sigma in ({interval[0]:g}, {interval[1]:g}]"
 
 
+def _train_arithmetic(train_settings: dict, device: str) -> str:
+    """How the classifier trained: bf16 autocast on CUDA, or on a CPU where asked; fp32 otherwise."""
+    if train_settings.get("cpu_bf16") or str(device).startswith("cuda"):
+        return "bf16 autocast"
+    return "fp32" if str(device) == "cpu" else "fp32 on a CPU, bf16 autocast on CUDA"
+
+
 def markdown(report: dict) -> str:
     s, arms, d, c = report["settings"], report["arms"], report["delta"], report["classifier"]
     lines = [
         "# Augmentation experiment", "",
         f"- classifier: {c['kind']} (width {c['width']}, {c['parameters']:,} parameters), " + (
             f"{c['train_settings']['steps']} optimizer steps per arm (= {s['epochs']} epochs of the real arm)"
-            if s.get("budget", "epochs") == "steps" else f"{s['epochs']} epochs per arm"),
+            if s.get("budget", "epochs") == "steps" else f"{s['epochs']} epochs per arm")
+        + f", trained in {_train_arithmetic(c['train_settings'], s['device'])}",
         f"- real data: {100 * s['real_fraction']:g}% of the training set, class-balanced "
         f"({report['data']['real_train_images_per_seed']} images; {s['data']})",
         f"- synthetic data: {s['synthetic_per_class']} images per class from checkpoint "

@@ -18,6 +18,27 @@ def test_classifier_learns_a_tiny_separable_set(separable, kind, width, epochs):
     assert after >= 0.9 > before + 0.3, (before, after)
 
 
+def test_cpu_bf16_trains_under_bf16_autocast_and_still_learns(separable, monkeypatch):
+    """``cpu_bf16``: the CPU training loop runs the model under bf16 autocast (its conv outputs are bf16) and the
+    net learns as in fp32; the setting enters the saved-run key only when on, so fp32 keys stay as they were."""
+    x, y = separable
+    torch.manual_seed(0)
+    model = build_classifier("cnn", 10, 8)
+    seen = []
+    model.body[0][0].register_forward_hook(lambda m, i, o: seen.append(o.dtype) if m.training else None)
+    s = default_train_settings("cnn", 15, batch_size=20, cpu_bf16=True)
+    train_classifier(model, x, y, s, seed=0, show_bar=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert (predict(model, x) == y).double().mean().item() >= 0.9
+    assert model.head.weight.dtype == torch.float32  # autocast: the weights stay fp32
+    assert "cpu_bf16" not in default_train_settings("cnn").to_dict()
+    assert s.to_dict()["cpu_bf16"] is True
+    fp32_model, seen[:] = build_classifier("cnn", 10, 8), []
+    fp32_model.body[0][0].register_forward_hook(lambda m, i, o: seen.append(o.dtype) if m.training else None)
+    train_classifier(fp32_model, x, y, default_train_settings("cnn", 1, batch_size=20), seed=0, show_bar=False)
+    assert seen and set(seen) == {torch.float32}
+
+
 def test_training_is_reproducible_and_leaves_the_global_rng_alone(separable):
     x, y = separable
     s = default_train_settings("mlp", 2, batch_size=25)

@@ -65,6 +65,8 @@ def test_settings_are_validated():
         EvaluationSettings(data="x", steps=0).validate()
     with pytest.raises(ValueError, match="eta"):
         EvaluationSettings(data="x", sampler="ddim", eta=-1).validate()
+    with pytest.raises(ValueError, match="classifier_precision must be one of fp32, bf16, got 'fp16'"):
+        EvaluationSettings(data="x", classifier_precision="fp16").validate()
 
 
 @pytest.mark.parametrize("text, seeds", [("0,1,2", (0, 1, 2)), ("0-4", (0, 1, 2, 3, 4)), ("3", (3,)),
@@ -186,14 +188,15 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
     md = (tmp_path / "run1" / "report.md").read_text()
     assert "95% CI" in md and "real+synthetic" in md and "accuracy.png" in md
     assert "fp32 model calls, image j of class c has seed 0 + c x 1,000,000 + j" in md  # tests pin fp32
+    assert "trained in fp32" in md and "cpu_bf16" not in on_disk["classifier"]["train_settings"]
 
     # second run, through the CLI (its default sampler), with another classifier and one seed: same synthetic
     # settings -> cache hit
     dreamdata_cli.main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(data_tar),
                         "--classifier", "cnn", "--width", "4", "--synthetic-per-class", "2", "--real-fraction", "0.5",
                         "--epochs", "1", "--budget", "epochs", "--seeds", "3", "--steps", "2", "--guidance", "1.5",
-                        "--train-batch-size", "8", "--device", "cpu", "--cache-dir", str(cache_dir),
-                        "--out", str(tmp_path / "run2")])
+                        "--train-batch-size", "8", "--classifier-precision", "bf16", "--device", "cpu",
+                        "--cache-dir", str(cache_dir), "--out", str(tmp_path / "run2")])
     assert len(calls) == 1  # nothing was sampled again
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["delta"]["ci95"] is None
@@ -204,7 +207,9 @@ def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
     # budget "epochs": one pass over each arm's own set, last partial batch of 8 dropped
     assert {arm: a["train_steps"] for arm, a in second["arms"].items()} == {
         "real": 40 // 8, "real+synthetic": 60 // 8, "synthetic": 20 // 8}
-    assert "1 epochs per arm" in (tmp_path / "run2" / "report.md").read_text()
+    assert "1 epochs per arm, trained in bf16 autocast" in (tmp_path / "run2" / "report.md").read_text()
+    assert second["classifier"]["train_settings"]["cpu_bf16"] is True
+    assert second["settings"]["classifier_precision"] == "bf16"
     assert "undefined" in (tmp_path / "run2" / "report.md").read_text()
 
 
@@ -381,6 +386,10 @@ def test_the_old_real_arm_key_is_the_key_runs_were_saved_under():
     assert run_key(s, **kw, legacy=True) == "1becaaadc7e244bc7566"
     assert run_key(s, **kw) == "8f77fa3dfe7f46fc55e0"
     assert run_key(replace(s, synthetic_per_class=5000, guidance=4.0), **kw) == "8f77fa3dfe7f46fc55e0"
+    # the classifier's arithmetic enters through the training settings (cpu_bf16), which only bf16 runs name
+    assert run_key(replace(s, classifier_precision="bf16"), **kw) == "8f77fa3dfe7f46fc55e0"
+    bf16 = dict(kw, train_settings={"steps": 970, "batch_size": 512, "cpu_bf16": True})
+    assert run_key(replace(s, classifier_precision="bf16"), **bf16) != "8f77fa3dfe7f46fc55e0"
     synthetic = dict(kw, arm="synthetic")  # 6 and 6.0 are one guidance, 1 and 1.0 one fraction
     assert run_key(replace(s, guidance=6, real_fraction=1), **synthetic) == run_key(s, **synthetic)
 
