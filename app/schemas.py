@@ -6,12 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
-from diffusion.spec import (DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, SamplerName,
+from diffusion.spec import (DEFAULT_SETTINGS, SAMPLER_LIST, GUIDANCE_RANGE, MAX_SEED, STEP_RANGES, SamplerName, Spacing,
                             format_guidance_interval, parse_guidance_interval, request_defaults)
 
 STEPS_HELP = ("sampler steps: " + ", ".join(f"{s} {lo}-{hi}" for s, (lo, hi) in STEP_RANGES.items())
               + ", at most the checkpoint's timesteps (GET /models)")
 CLASS_HELP = "class name (any case) or index (GET /classes)"
+SPACING_HELP = ("where the sampler's steps fall: time (evenly in the timestep index) or logsnr (evenly in logSNR, "
+                "more steps at low noise)")
 GUIDANCE_INTERVAL_HELP = ("guide only the steps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) is in "
                           "(lo, hi]: 'lo,hi' or [lo, hi]; 'all' or null: every step")
 
@@ -53,6 +55,8 @@ class GenerateBody(BaseModel):
     guidance_interval: RequestedInterval = Field(
         _DEFAULT_INTERVAL, description=f"{GUIDANCE_INTERVAL_HELP} (default "
                                        f"{format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})")
+    spacing: Spacing = Field(DEFAULT_SETTINGS.spacing,
+                             description=f"{SPACING_HELP} (default {DEFAULT_SETTINGS.spacing})")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="base seed; image i gets seed + i (default: drawn)")
 
 
@@ -65,6 +69,7 @@ class JobInput(BaseModel):
     guidance_interval: list[float] | None = Field(
         None, description="guided only where lo < sigma_t <= hi; null: every step (and every job queued before "
                           "intervals existed), or no step when guidance is 0 or 1")
+    spacing: Spacing = Field("time", description=f"{SPACING_HELP}; time for jobs queued before it was a setting")
     seed: int = Field(description="base seed; image i has seed + i")
     seed_drawn: bool = Field(False, description="true when the service drew the seed")
 
@@ -163,6 +168,8 @@ class EvaluationBody(BaseModel):
     guidance_interval: RequestedInterval = Field(
         _DEFAULT_INTERVAL, description=f"{GUIDANCE_INTERVAL_HELP} (default "
                                        f"{format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})")
+    spacing: Spacing = Field(DEFAULT_SETTINGS.spacing,
+                             description=f"{SPACING_HELP} (default {DEFAULT_SETTINGS.spacing})")
     synthetic_seed: int = Field(0, ge=0, le=MAX_SEED,
                                 description="seed base: synthetic image j of class c gets sampler seed "
                                             "synthetic_seed + c * 1,000,000 + j")

@@ -43,10 +43,11 @@ def check_query(request: Request, allowed: Sequence[str]) -> None:
 
 
 def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, settings: Settings) -> dict:
-    """-> {"classes": {name: n}, "sampler", "steps", "guidance", "guidance_interval" ([lo, hi] or None), "seed",
-    "seed_drawn"}; raises RequestValidationError.
+    """-> {"classes": {name: n}, "sampler", "steps", "guidance", "guidance_interval" ([lo, hi] or None), "spacing",
+    "seed", "seed_drawn"}; raises RequestValidationError.
 
-    ``query``: {"class", "n", "sampler", "steps", "guidance", "guidance_interval", "seed"}, None where not given.
+    ``query``: {"class", "n", "sampler", "steps", "guidance", "guidance_interval", "spacing", "seed"}, None where not
+    given.
     """
     names = info.class_names
     errors: list[dict] = []
@@ -55,7 +56,7 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
         errors += [_error(("query", k), "give either a JSON body or query parameters, not both", v)
                    for k, v in query.items() if v is not None]
         specs = [(("body", "classes", k), ("body", "classes", k), k, v) for k, v in body.classes.items()]
-        sampler, steps, guidance, seed = body.sampler, body.steps, body.guidance, body.seed
+        sampler, steps, guidance, seed, spacing = body.sampler, body.steps, body.guidance, body.seed, body.spacing
         interval = body.guidance_interval  # parsed by the schema
     else:
         src = "query"
@@ -68,6 +69,7 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
         steps = DEFAULT_SETTINGS.steps if query["steps"] is None else query["steps"]
         guidance = DEFAULT_SETTINGS.guidance if query["guidance"] is None else query["guidance"]
         seed = query["seed"]
+        spacing = query["spacing"] or DEFAULT_SETTINGS.spacing  # a name FastAPI checked against Spacing
         interval = DEFAULT_SETTINGS.guidance_interval
         if query["guidance_interval"] is not None:
             try:
@@ -101,7 +103,7 @@ def resolve_request(query: dict, body: GenerateBody | None, info: ModelInfo, set
         raise RequestValidationError(errors)
     interval = effective_interval(guidance, interval)  # unguided: no interval recorded as if it applied
     return {"classes": counts, "sampler": sampler, "steps": steps, "guidance": float(guidance),
-            "guidance_interval": None if interval is None else list(interval),
+            "guidance_interval": None if interval is None else list(interval), "spacing": spacing,
             "seed": draw_seed() if seed is None else seed, "seed_drawn": seed is None}
 
 

@@ -1,6 +1,6 @@
 """Exploratory (issue 5): DPM-Solver++ with its steps evenly spaced in logSNR instead of in time.
 
-The service's samplers space their steps evenly in the timestep index (``diffusion.samplers.timesteps_for``).
+By default the service's samplers space their steps evenly in the timestep index (``spacing=time``).
 Lu et al. (2022) recommend steps evenly spaced in logSNR, lambda_t = log(alpha_t / sigma_t), for pixel-space
 models at low resolution: on the shipped linear schedule the time spacing leaves one large jump in lambda at
 the end (sigma 0.19 -> 0.01 at 20 steps), the logSNR spacing puts more steps at low noise.  This script measures
@@ -10,9 +10,9 @@ what that does to the generator measures, on the same seeds, against the time-sp
         --steps 20,10 --threads 2 --precision bf16
 
 Each row: ``dpmpp_sde`` (or ``--sampler``) at K steps, the service's default guidance and interval, image j of
-class c with seed c x 1,000,000 + j (the synthetic cache's rule, so the time-spaced rows come from that cache
-when ``dreamdata evaluate`` or ``metrics`` already sampled them).  The logSNR rows are sampled here, not cached:
-their spacing is not a setting of the service (yet), so this script swaps ``timesteps_for`` while it samples.
+class c with seed c x 1,000,000 + j, sampled through the synthetic cache (so a row that ``dreamdata evaluate`` or
+``metrics`` already sampled, or an earlier run of this script, is read back); the logSNR rows are the service's
+``spacing=logsnr`` setting (``diffusion.samplers.step_timesteps``).
 FD and class fidelity are measured in the features of the CNN trained on the real training split
 (``training.generator_metrics``), against all real test images; intervals are the paired bootstrap of
 ``training.features_metrics.paired_bootstrap`` against the time-spaced row of the same steps.  The guidance
@@ -25,46 +25,22 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import diffusion.samplers as samplers  # noqa: E402
 from diffusion.checkpoint import load_for_sampling  # noqa: E402
-from diffusion.samplers import SamplerSettings, sigma_at  # noqa: E402
+from diffusion.samplers import SamplerSettings, model_calls, step_timesteps  # noqa: E402
 from diffusion.spec import DEFAULT_SETTINGS  # noqa: E402
 from training.classifiers import extract_features  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.features_metrics import feature_stats, frechet_distance_from_stats, paired_bootstrap  # noqa: E402
 from training.generate import default_checkpoint  # noqa: E402
 from training.generator_metrics import real_data_classifier  # noqa: E402
-from training.plots import to_uint8  # noqa: E402
 from training.synthetic_cache import image_specs, synthetic_images  # noqa: E402
-
-TIME_SPACED = samplers.timesteps_for
-
-
-def logsnr_timesteps(schedule, steps: int) -> list[int]:
-    """``steps`` indices from T-1 down to 0, each the nearest to an even grid in lambda = log(alpha / sigma),
-    made strictly decreasing (at low noise lambda changes fast, and neighbours may round to one index)."""
-    T = schedule.num_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
-    abar = schedule.alphas_cumprod.double()
-    lam = 0.5 * torch.log(abar / (1 - abar))
-    if steps == 1:
-        return [T - 1]
-    grid = torch.linspace(float(lam[T - 1]), float(lam[0]), steps)
-    out: list[int] = []
-    for i, v in enumerate(grid):
-        t = int(torch.argmin((lam - v).abs()))
-        if out:
-            t = min(t, out[-1] - 1)
-        out.append(max(t, steps - 1 - i))
-    return out
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,10 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      cache_dir=a.cache_dir, device="cpu", test=test)
     test_stats = feature_stats(extract_features(clf, test.images, "cpu"))
     ckpt = load_for_sampling(ckpt_dir, precision=a.precision)
-    # in index order (class-major), as synthetic_images returns the time-spaced rows: image i pairs with image i
+    # in index order (class-major), as synthetic_images returns its sets: image i of one row pairs with image i of
+    # the other
     specs = sorted(image_specs(a.n_per_class, len(ckpt.class_names), 0), key=lambda s: s.index)
     labels = torch.tensor([s.class_index for s in specs])
-    seeds = [s.seed for s in specs]
 
     def measure(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = extract_features(clf, images, "cpu")
@@ -132,27 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
         for spacing in ("time", "logsnr"):
             if spacing == "logsnr" and a.logsnr_guidance is not None:
                 settings = SamplerSettings(a.sampler, steps, a.logsnr_guidance[0], d.eta, a.logsnr_guidance[1])
-            ts = (TIME_SPACED(ckpt.schedule.num_timesteps, steps) if spacing == "time"
-                  else logsnr_timesteps(ckpt.schedule, steps))
-            calls = settings.model_calls([sigma_at(ckpt.schedule, t) for t in ts])
+            settings = replace(settings, spacing=spacing)
+            ts = step_timesteps(ckpt.schedule, steps, spacing)
+            calls = model_calls(settings, ckpt.schedule)
             t0 = time.perf_counter()
-            if spacing == "time":  # the service's own sampling, through the synthetic cache
-                synth, sinfo = synthetic_images(ckpt, a.n_per_class, settings, cache_dir=a.cache_dir,
-                                                precision=a.precision, batch_size=a.batch_size)
-                if not torch.equal(synth.labels, labels):
-                    raise RuntimeError("the synthetic set's images are not in this script's order")
-                images, source = synth.images, "cache" if sinfo.get("reused") else "sampled"
-            else:
-                samplers.timesteps_for = lambda T, k, _s=ckpt.schedule: logsnr_timesteps(_s, k)
-                try:
-                    images = torch.cat([to_uint8(samplers.sample(
-                        ckpt.model, ckpt.schedule, labels[b:b + a.batch_size], seeds[b:b + a.batch_size],
-                        sampler=settings.sampler, steps=steps, guidance=settings.guidance, eta=settings.eta,
-                        guidance_interval=settings.guidance_interval, autocast=a.precision == "bf16"))
-                        for b in range(0, len(specs), a.batch_size)])
-                finally:
-                    samplers.timesteps_for = TIME_SPACED
-                source = "sampled"
+            # the service's own sampling, through the synthetic cache
+            synth, sinfo = synthetic_images(ckpt, a.n_per_class, settings, cache_dir=a.cache_dir,
+                                            precision=a.precision, batch_size=a.batch_size)
+            if not torch.equal(synth.labels, labels):
+                raise RuntimeError("the synthetic set's images are not in this script's order")
+            images, source = synth.images, "cache" if sinfo.get("reused") else "sampled"
             seconds = time.perf_counter() - t0
             feats, ok = measure(images)
             row = {"sampler": settings.sampler, "steps": steps, "spacing": spacing, "calls": calls,

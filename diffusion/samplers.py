@@ -5,8 +5,8 @@ Every sampler takes ``(model, schedule, labels, seeds, steps, guidance)`` and re
 predicts the noise (a :class:`~diffusion.unet.UNet`, or a closed-form predictor in tests).
 
 Noise comes from one ``torch.Generator`` per image seed, consumed in the same order whatever
-the batch: an image depends only on (model, class, seed, sampler, steps, guidance, guidance interval),
-never on the other images it was sampled with. Samplers hold no state between calls.
+the batch: an image depends only on (model, class, seed, sampler, steps, guidance, guidance interval,
+spacing), never on the other images it was sampled with. Samplers hold no state between calls.
 
 Timestep index i in [0, T) stands for the paper's t = i + 1 (see ``schedules.NoiseSchedule``).
 """
@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from .schedules import NoiseSchedule
-from .spec import SAMPLERS, STEP_RANGES, GuidanceInterval, SamplerName, SamplerSettings  # noqa: F401  (re-exported)
+from .spec import (SAMPLERS, SPACINGS, STEP_RANGES, GuidanceInterval, SamplerName, SamplerSettings,  # noqa: F401
+                   Spacing, check_spacing)  # (re-exported)
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps); may raise to cancel
@@ -35,20 +36,50 @@ def timesteps_for(num_timesteps: int, steps: int) -> list[int]:
     return [round(num_timesteps - 1 - i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)]
 
 
+def logsnr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """``steps`` timestep indices from T-1 down to 0, each the nearest to an even grid in lambda_t =
+    log(alpha_t / sigma_t) between its values at T-1 and 0, made strictly decreasing (at low noise lambda
+    changes fast per index, and neighbours can round to one index; the last index stays 0)."""
+    T = schedule.num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    if steps == 1:
+        return [T - 1]
+    abar = schedule.alphas_cumprod.double()
+    lam = 0.5 * torch.log(abar / (1 - abar))
+    grid = torch.linspace(float(lam[T - 1]), float(lam[0]), steps, dtype=torch.float64)
+    out: list[int] = []
+    for i, v in enumerate(grid):
+        t = int(torch.argmin((lam - v).abs()))
+        if out:
+            t = min(t, out[-1] - 1)
+        out.append(max(t, steps - 1 - i))  # room for the steps still to come
+    return out
+
+
+def step_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing = "time") -> list[int]:
+    """The timestep index of each of the ``steps`` sampler steps, noisiest first: evenly spaced in the index
+    (``time``, :func:`timesteps_for`) or in logSNR (``logsnr``, :func:`logsnr_timesteps`)."""
+    check_spacing(spacing)
+    if spacing == "logsnr":
+        return logsnr_timesteps(schedule, steps)
+    return timesteps_for(schedule.num_timesteps, steps)
+
+
 def sigma_at(schedule: NoiseSchedule, t: int) -> float:
     """Noise level of index t: sigma_t = sqrt((1 - abar_t) / abar_t) (what a guidance interval bounds)."""
     abar = float(schedule.alphas_cumprod[t])
     return math.sqrt((1 - abar) / abar)
 
 
-def step_sigmas(schedule: NoiseSchedule, steps: int) -> list[float]:
+def step_sigmas(schedule: NoiseSchedule, steps: int, spacing: Spacing = "time") -> list[float]:
     """The noise level of each of the ``steps`` sampler steps, first (noisiest) to last."""
-    return [sigma_at(schedule, t) for t in timesteps_for(schedule.num_timesteps, steps)]
+    return [sigma_at(schedule, t) for t in step_timesteps(schedule, steps, spacing)]
 
 
 def model_calls(settings: SamplerSettings, schedule: NoiseSchedule) -> int:
     """Model evaluations per image of ``settings`` on ``schedule`` (see ``SamplerSettings.model_calls``)."""
-    return settings.model_calls(step_sigmas(schedule, settings.steps))
+    return settings.model_calls(step_sigmas(schedule, settings.steps, settings.spacing))
 
 
 class _Noise:
@@ -85,6 +116,7 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
            guidance: float = 1.0,
            eta: float = 0.0,
            guidance_interval: GuidanceInterval | None = None,  # guide only where lo < sigma_t <= hi; None: always
+           spacing: Spacing = "time",       # where the steps fall: evenly in time or in logSNR (step_timesteps)
            image_shape: tuple[int, int, int] | None = None,  # (C, H, W); default from model.config
            null_class: int | None = None,  # default: model.null_class
            autocast: bool = False,          # bf16 autocast for the model calls
@@ -105,7 +137,7 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
             check()
             if report is not None:
                 report(done, total)
-    settings = SamplerSettings(sampler, steps, guidance, eta, guidance_interval)
+    settings = SamplerSettings(sampler, steps, guidance, eta, guidance_interval, spacing)
     settings.validate(schedule.num_timesteps)
     cfg = getattr(model, "config", None)
     if image_shape is None:
@@ -131,7 +163,7 @@ def sample(model: ModelFn, schedule: NoiseSchedule, labels: torch.Tensor, seeds:
 
     with torch.inference_mode():
         x = noise.next()  # x_T
-        ts = timesteps_for(schedule.num_timesteps, steps)
+        ts = step_timesteps(schedule, steps, spacing)
         x = step_fn(eps_fn, schedule, x, ts, noise, eta=eta, clip_x0=clip_x0, progress=progress)
     return x.clamp(-1, 1)
 

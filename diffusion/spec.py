@@ -28,6 +28,13 @@ GUIDANCE_RANGE: tuple[float, float] = (0.0, 20.0)  # classifier-free guidance sc
 # None: every step (classic classifier-free guidance).
 GuidanceInterval = tuple[float, float]
 GUIDANCE_INTERVAL_ALL = "all"  # how a request spells None
+# Where the sampler's steps fall (``diffusion.samplers.step_timesteps``): "time", evenly spaced in the timestep
+# index (as in DDIM; the default, and the only spacing until 2026-12-03); "logsnr", evenly spaced in lambda_t =
+# log(alpha_t / sigma_t) = -log(sigma_t), which Lu et al. (2022) recommend for DPM-Solver at low resolution: on
+# the shipped linear schedule it moves steps from the noisiest end to low noise (docs/results.md "Steps evenly
+# spaced in logSNR").
+Spacing = Literal["time", "logsnr"]
+SPACINGS: tuple[str, ...] = get_args(Spacing)
 
 
 def installed_checkpoint() -> Path | None:
@@ -88,6 +95,7 @@ class SamplerSettings:
     guidance: float = 1.0  # w in eps = eps_u + w (eps_c - eps_u); 1 = conditional only, 0 = unconditional
     eta: float = 0.0       # DDIM only: 0 = deterministic, 1 = DDPM-like noise
     guidance_interval: GuidanceInterval | None = None  # (lo, hi]: guide only where lo < sigma_t <= hi
+    spacing: Spacing = "time"  # where the steps fall (SPACINGS above)
 
     def __post_init__(self):
         # one spelling of each number (guidance 6 and 6.0 are one setting: one cache key, one run key; + 0.0
@@ -131,6 +139,13 @@ class SamplerSettings:
         check_eta(self.eta, self.sampler)
         if self.guidance_interval is not None:
             check_guidance_interval(self.guidance_interval)
+        check_spacing(self.spacing)
+
+
+def check_spacing(spacing: str) -> None:
+    """ValueError unless ``spacing`` is one of ``SPACINGS``."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
 
 
 def check_eta(eta: float, sampler: str | None = None) -> None:
@@ -185,7 +200,8 @@ DEFAULT_SETTINGS = SamplerSettings(sampler="dpmpp_sde", steps=20, guidance=6.0, 
 def request_defaults() -> dict:
     """The defaults as a request spells them (GET /models, the API examples)."""
     return {"sampler": DEFAULT_SETTINGS.sampler, "steps": DEFAULT_SETTINGS.steps, "guidance": DEFAULT_SETTINGS.guidance,
-            "guidance_interval": format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)}
+            "guidance_interval": format_guidance_interval(DEFAULT_SETTINGS.guidance_interval),
+            "spacing": DEFAULT_SETTINGS.spacing}
 
 
 def resolve_class(spec: str | int, class_names: Sequence[str]) -> int:

@@ -1,5 +1,5 @@
-"""benchmarks/step_spacing.py: the logSNR spacing itself, and the script end to end on a tiny random
-checkpoint and data set (the numbers mean nothing there; the rows, the swap and its undoing do)."""
+"""benchmarks/step_spacing.py end to end on a tiny random checkpoint and data set (the numbers mean nothing there;
+the rows and their pairing do). The logSNR spacing itself is tested in tests/diffusion/test_samplers.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +12,7 @@ import torch
 
 import diffusion.samplers as samplers
 from diffusion.checkpoint import save_checkpoint
-from diffusion.schedules import NoiseSchedule, ScheduleConfig
+from diffusion.schedules import ScheduleConfig
 from diffusion.unet import UNet, UNetConfig
 from tests.fixtures import CIFAR10_CLASSES, make_images, write_tar
 
@@ -47,27 +47,9 @@ def run(bench, tiny, tmp_path, *extra):
                        "--cache-dir", str(tmp_path / "cache"), *extra])
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
-@pytest.mark.parametrize("steps", [2, 10, 20, 50])
-def test_logsnr_steps_run_from_t_minus_1_to_0_evenly_in_lambda(bench, name, steps):
-    schedule = NoiseSchedule(ScheduleConfig(name, 1000))
-    ts = bench.logsnr_timesteps(schedule, steps)
-    assert len(ts) == steps and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
-    if name == "cosine":  # its clipped betas put lambda_999 far below lambda_998: the top steps crowd at 999..991
-        return
-    abar = schedule.alphas_cumprod.double()
-    lam = [float(0.5 * torch.log(abar[t] / (1 - abar[t]))) for t in ts]
-    gaps = [b - a for a, b in zip(lam, lam[1:])]
-    even = (lam[-1] - lam[0]) / (steps - 1)
-    # the nearest indices to an even grid: even but for the lowest noise, where one index spans more than a gap
-    assert all(abs(g - even) <= 0.25 * even for g in gaps[: max(1, len(gaps) - max(4, steps // 4))]), gaps
-
-
-def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tiny, tmp_path, capsys):
-    before = samplers.timesteps_for
+def test_the_script_measures_both_spacings(bench, tiny, tmp_path, capsys):
     out = run(bench, tiny, tmp_path, "--n-per-class", "2", "--logsnr-guidance", "8@0.28:4",
               "--out", str(tmp_path / "o.json"))
-    assert samplers.timesteps_for is before
     rows = out["rows"]
     assert [(r["steps"], r["spacing"]) for r in rows] == [(3, "time"), (3, "logsnr")]
     assert rows[0]["timesteps"] == [999, 500, 0] and rows[1]["timesteps"] != rows[0]["timesteps"]
@@ -76,10 +58,11 @@ def test_the_script_measures_both_spacings_and_puts_the_sampler_back(bench, tiny
     assert "vs_time" not in rows[0] and set(rows[1]["vs_time"]) >= {"frechet_distance_relative", "class_fidelity"}
     assert json.loads((tmp_path / "o.json").read_text())["rows"][1]["spacing"] == "logsnr"
     assert "logsnr" in capsys.readouterr().out
-    # the time-spaced row came through the synthetic cache: a second run reuses it
-    again = run(bench, tiny, tmp_path, "--n-per-class", "2")
-    assert again["rows"][0]["source"] == "cache"
-    assert again["rows"][0]["frechet_distance"] == pytest.approx(rows[0]["frechet_distance"], rel=1e-4)
+    # both rows came through the synthetic cache: a second run reuses them
+    again = run(bench, tiny, tmp_path, "--n-per-class", "2", "--logsnr-guidance", "8@0.28:4")
+    assert [r["source"] for r in again["rows"]] == ["cache", "cache"]
+    for r, before in zip(again["rows"], rows):
+        assert r["frechet_distance"] == pytest.approx(before["frechet_distance"], rel=1e-4)
 
 
 def test_a_bad_logsnr_guidance_is_refused(bench, capsys):
@@ -92,7 +75,7 @@ def test_a_bad_logsnr_guidance_is_refused(bench, capsys):
 def test_the_two_rows_pair_image_by_image(bench, tiny, tmp_path, monkeypatch):
     """With the logSNR spacing swapped for the time spacing the two rows are the same images in the same order:
     no FD or fidelity difference (the rows pair image i with image i, same seed and class)."""
-    monkeypatch.setattr(bench, "logsnr_timesteps", lambda schedule, steps: bench.TIME_SPACED(1000, steps))
+    monkeypatch.setattr(samplers, "logsnr_timesteps", lambda schedule, steps: samplers.timesteps_for(1000, steps))
     out = run(bench, tiny, tmp_path, "--n-per-class", "3", "--batch-size", "30")
     time_row, same = out["rows"]
     assert same["class_fidelity"] == time_row["class_fidelity"]

@@ -84,8 +84,8 @@ _NOT_IN_RUN_KEY = ("data", "checkpoint", "cache_dir", "device", "precision", "sa
                    "classifier_precision")
 # what only the synthetic images depend on: not in the real arm's key (since 2026-12-02), so an experiment that
 # changes k or the sampler in the same folder reuses its real runs
-_SYNTHETIC_ONLY = ("synthetic_per_class", "sampler", "steps", "guidance", "eta", "guidance_interval", "synthetic_seed",
-                   "checkpoint_sha256", "synthetic_set")
+_SYNTHETIC_ONLY = ("synthetic_per_class", "sampler", "steps", "guidance", "eta", "guidance_interval", "spacing",
+                   "synthetic_seed", "checkpoint_sha256", "synthetic_set")
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,14 @@ class EvaluationSettings:
     guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
     guidance_interval: GuidanceInterval | None = DEFAULT_SETTINGS.guidance_interval  # None: every step
+    spacing: str = DEFAULT_SETTINGS.spacing     # where the sampler's steps fall: time or logsnr
     synthetic_seed: int = 0                     # image j of class c: seed synthetic_seed + c * 1e6 + j
     sample_batch_size: int | None = None        # None: diffusion.precision.sampling_batch (50 on a CPU, 256 on a GPU)
     train_batch_size: int | None = None         # None: the classifier's default
     device: str = "auto"                        # auto, cpu, cuda, cuda:1 ...
     cache_dir: str | None = None                # None: training.data.default_cache_dir()
     precision: str | None = None                # of the sampling calls: auto, fp32, bf16 (None: $DREAMDATA_PRECISION)
-    classifier_precision: str = "fp32"          # classifier training on a CPU: fp32 or bf16 autocast (CUDA: always bf16)
+    classifier_precision: str = "fp32"          # classifier training on a CPU: fp32 or bf16 autocast (CUDA: bf16)
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -136,7 +137,7 @@ class EvaluationSettings:
 
     @property
     def sampler_settings(self) -> SamplerSettings:
-        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval)
+        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval, self.spacing)
 
     def validate(self) -> None:
         if self.classifier not in CLASSIFIERS:
@@ -191,6 +192,8 @@ def run_key(settings: EvaluationSettings, *, data_fingerprint: str, width: int, 
     actual width (the setting may be None, the default). The real arm's key leaves out the synthetic set's
     settings; ``legacy``: the key as it was before, with them (of runs saved until 2026-12-02)."""
     parts = {k: v for k, v in settings.to_dict().items() if k not in _NOT_IN_RUN_KEY}
+    if parts.get("spacing") == "time":  # the default: runs saved before the spacing was a setting keep their keys
+        del parts["spacing"]
     parts.update(data_fingerprint=data_fingerprint, width=width, checkpoint_sha256=checkpoint_sha256,
                  synthetic_set=synthetic_set, train_settings=train_settings, device_type=device.type, arm=arm,
                  seed=seed)

@@ -89,7 +89,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
         synthetic_per_class=args.synthetic_per_class, real_fraction=args.real_fraction, epochs=args.epochs,
         budget=args.budget,
         seeds=args.seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
-        guidance_interval=args.guidance_interval, synthetic_seed=args.synthetic_seed, sample_batch_size=args.batch_size,
+        guidance_interval=args.guidance_interval, spacing=args.spacing, synthetic_seed=args.synthetic_seed,
+        sample_batch_size=args.batch_size,
         train_batch_size=args.train_batch_size, device=args.device, cache_dir=args.cache_dir, precision=args.precision,
         classifier_precision=args.classifier_precision)
     try:

@@ -124,7 +124,8 @@ def markdown(report: dict) -> str:
         f"- real data: {100 * s['real_fraction']:g}% of the training set, class-balanced "
         f"({report['data']['real_train_images_per_seed']} images; {s['data']})",
         f"- synthetic data: {s['synthetic_per_class']} images per class from checkpoint "
-        f"`{report['synthetic']['checkpoint_sha256'][:12]}` ({s['sampler']}, {s['steps']} steps, "
+        f"`{report['synthetic']['checkpoint_sha256'][:12]}` ({s['sampler']}, {s['steps']} steps"
+        f"{' spaced evenly in logSNR' if s.get('spacing', 'time') == 'logsnr' else ''}, "
         f"guidance {s['guidance']:g}{_interval_text(s.get('guidance_interval'))}, "
         f"{report['synthetic'].get('precision', 'fp32')} model calls, "
         f"{_seed_text(report['synthetic'], s['synthetic_seed'])})",

@@ -2,9 +2,11 @@
 
     OUT/grid.png            one row per requested class (up to 10 images per row)
     OUT/images/NNNNN.png    every image, with PNG text metadata (class, seed, sampler, steps,
-                            guidance, guidance interval, precision, DDIM's eta where not 0, checkpoint hash)
+                            guidance, guidance interval, precision, DDIM's eta where not 0, the step
+                            spacing where not time, checkpoint hash)
     OUT/manifest.json       one entry per image: file, class name, class index, seed, sampler, steps, guidance,
-                            guidance interval ("lo,hi" or "all"), precision (and eta where not 0)
+                            guidance interval ("lo,hi" or "all"), precision (and eta where not 0, spacing
+                            where not time)
     OUT/images.zip          (optional) all images
 
 Image i of a request gets seed ``base_seed + i``; images are produced in batches and written as
@@ -84,7 +86,7 @@ def sampling_autocast(ckpt: Checkpoint) -> bool:
 
 # Metadata keys written only when not at their default (images made before they were recorded keep matching):
 # an image that has one differs from a call that does not write it, so drop_stale_images reads them back too.
-OPTIONAL_META = ("eta", "schedule")
+OPTIONAL_META = ("eta", "schedule", "spacing")
 
 
 def _common_meta(settings: SamplerSettings, autocast: bool, schedule: ScheduleConfig | None = None) -> dict:
@@ -94,6 +96,8 @@ def _common_meta(settings: SamplerSettings, autocast: bool, schedule: ScheduleCo
             "precision": "bf16" if autocast else "fp32"}
     if settings.eta:  # DDIM with noise; absent at 0, so images made before eta was recorded keep matching
         meta["eta"] = settings.eta
+    if settings.spacing != "time":  # steps evenly spaced in logSNR; absent at the default, as eta
+        meta["spacing"] = settings.spacing
     # the same weights under another schedule make other images, and the checkpoint's sha256 covers the weights only
     if schedule is not None and schedule != ScheduleConfig():
         meta["schedule"] = f"{schedule.name}-{schedule.timesteps}"
@@ -216,6 +220,8 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
         x = sample_fn(ckpt.model, ckpt.schedule, labels, [s.seed for s in batch], sampler=settings.sampler,
                       steps=settings.steps, guidance=settings.guidance, eta=settings.eta,
                       guidance_interval=settings.guidance_interval, autocast=autocast, progress=on_step,
+                      # only off its default: sample functions written before the setting (fakes) do not take it
+                      **({} if settings.spacing == "time" else {"spacing": settings.spacing}),
                       **({} if check is None else {"check": check}))
         imgs = to_uint8(x.cpu())
         for s, img in zip(batch, imgs):

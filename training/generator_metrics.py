@@ -105,6 +105,7 @@ class MetricsSettings:
     guidance: float = DEFAULT_SETTINGS.guidance
     eta: float = 0.0
     guidance_interval: GuidanceInterval | None = DEFAULT_SETTINGS.guidance_interval  # None: every step
+    spacing: str = DEFAULT_SETTINGS.spacing     # where the steps fall: time or logsnr
     seed: int = 0                               # image j of class c: sampler seed seed + c * 1e6 + j
     batch_size: int | None = None               # images per sampling batch (None: 50 on a CPU, 256 on a GPU)
     k: int = 5                                  # neighbours for precision/recall and density/coverage
@@ -136,7 +137,7 @@ class MetricsSettings:
 
     @property
     def sampler_settings(self) -> SamplerSettings:
-        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval)
+        return SamplerSettings(self.sampler, self.steps, self.guidance, self.eta, self.guidance_interval, self.spacing)
 
 
 def _row(feats: torch.Tensor, fidelity_pred: torch.Tensor, fidelity_labels: torch.Tensor, ref_stats,

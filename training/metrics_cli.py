@@ -53,7 +53,7 @@ def run_metrics(args: argparse.Namespace) -> None:
     s = MetricsSettings(
         data=args.data, checkpoint=args.checkpoint, n_per_class=args.n_per_class, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, eta=args.eta,
-        guidance_interval=args.guidance_interval, seed=args.seed, batch_size=args.batch_size, k=args.k,
+        guidance_interval=args.guidance_interval, spacing=args.spacing, seed=args.seed, batch_size=args.batch_size, k=args.k,
         feature_classifier=args.feature_classifier, feature_width=args.feature_width,
         feature_epochs=args.feature_epochs, inception_weights=args.inception_weights, device=args.device,
         cache_dir=args.cache_dir, precision=args.precision)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from diffusion.checkpoint import load_for_sampling
 from diffusion.precision import default_device
 from diffusion.samplers import SAMPLERS, SamplerSettings
-from diffusion.spec import PRECISIONS, check_seed, format_guidance_interval, parse_guidance_interval
+from diffusion.spec import PRECISIONS, SPACINGS, check_seed, format_guidance_interval, parse_guidance_interval
 
 from .generate import DEFAULT_SETTINGS, default_checkpoint, draw_seed, generate_to_dir, resolve_classes
 
@@ -63,8 +63,8 @@ def as_options(message: str, settings_class: type, renamed: dict[str, str] | Non
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    """--sampler, --steps, --guidance, --guidance-interval, --eta, --precision: shared by sample, evaluate and
-    metrics."""
+    """--sampler, --steps, --guidance, --guidance-interval, --eta, --spacing, --precision: shared by sample,
+    evaluate and metrics."""
     d = DEFAULT_SETTINGS
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"default {d.sampler}")
     p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
@@ -76,6 +76,9 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                         "'all': every step (default "
                         f"{format_guidance_interval(d.guidance_interval)})")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
+                   help="where the steps fall: evenly in the timestep index (time) or in logSNR (logsnr; Lu et al. "
+                        f"2022; more steps at low noise); default {d.spacing}")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="model calls in fp32 or bf16 autocast; auto: bf16 on a GPU, and on a CPU whichever a short "
                         "timing finds faster (default $DREAMDATA_PRECISION or auto; recorded in every PNG)")
@@ -105,7 +108,7 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
     check_out_dir(args.out)
-    settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.eta, args.guidance_interval)
+    settings = SamplerSettings(args.sampler, args.steps, args.guidance, args.eta, args.guidance_interval, args.spacing)
     settings.validate()  # before the model loads (checked again against the checkpoint's timesteps)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")

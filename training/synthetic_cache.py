@@ -73,6 +73,8 @@ def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_see
     interval = settings.guidance_interval if settings.guided else None
     if interval is None:
         del s["guidance_interval"]
+    if settings.spacing == "time":  # the default: entries made before the spacing was a setting keep their keys
+        del s["spacing"]
     key = {"v": CACHE_VERSION, "sha256": sha256, "settings": s, "base_seed": base_seed,
            "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}
     if bf16:  # only then: fp32 entries keep the keys they had before precision was a choice
@@ -80,7 +82,8 @@ def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_see
     if schedule is not None and schedule != ScheduleConfig():
         key["schedule"] = schedule.to_dict()
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    tag = "" if interval is None else f"-i{format_guidance_interval(interval)}"
+    tag = ("" if interval is None else f"-i{format_guidance_interval(interval)}") + \
+        ("" if settings.spacing == "time" else f"-{settings.spacing}")
     name = (f"{sha256[:12]}-{settings.sampler}-s{settings.steps}-g{settings.guidance:g}{tag}-seed{base_seed}"
             f"{'-bf16' if bf16 else ''}-{h}")
     return Path(cache_dir) / "synthetic" / name

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # The request keys the worker takes from the API (EvaluationBody); everything else is the server's.
 REQUEST_KEYS = ("classifier", "synthetic_per_class", "real_fraction", "epochs", "budget", "seeds", "sampler",
-                "steps", "guidance", "guidance_interval", "synthetic_seed")
+                "steps", "guidance", "guidance_interval", "spacing", "synthetic_seed")
 
 
 def evaluation_settings(request: dict, settings: Settings) -> EvaluationSettings:

@@ -219,7 +219,7 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
                    worker: str | None = None) -> dict:
     """Generate the images of job ``job_id`` into ``<data dir>/jobs/<id>/``; returns result.json's content.
 
-    ``request``: {"classes": {name: n, ...}, "sampler", "steps", "guidance", "guidance_interval", "seed"} (as
+    ``request``: {"classes": {name: n, ...}, "sampler", "steps", "guidance", "guidance_interval", "spacing", "seed"} (as
     validated by the API). A job that is already finished, canceled or unknown is skipped.
     """
     out = settings.jobs_dir / job_id
@@ -230,8 +230,10 @@ def run_generation(job_id: str, request: dict, *, store: JobStore, settings: Set
         ckpt = worker_model(settings)
         counts = [(resolve_class(name, ckpt.class_names), int(n)) for name, n in request["classes"].items()]
         # a job queued before guidance intervals existed has none: guided at every step, as it was asked
+        # and one queued before the spacing was a setting: steps evenly spaced in time
         sampler = SamplerSettings(request["sampler"], int(request["steps"]), float(request["guidance"]),
-                                  guidance_interval=request.get("guidance_interval"))
+                                  guidance_interval=request.get("guidance_interval"),
+                                  spacing=request.get("spacing", "time"))
         reporter = ProgressReporter(*job_hooks(store, job_id, rec["delivery"]),
                                     batch_size=settings.model_batch, interval=settings.progress_interval,
                                     time_limit=settings.job_time_limit, start=rec.get("progress") or 0.0)

@@ -5,14 +5,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
-from diffusion.spec import DEFAULT_SETTINGS, SAMPLER_LIST, SamplerName, format_guidance_interval, request_defaults
+from diffusion.spec import (DEFAULT_SETTINGS, SAMPLER_LIST, SamplerName, Spacing, format_guidance_interval,
+                            request_defaults)
 from worker.celery_app import TASK_GENERATE
 from worker.jobs import new_job_id, new_record
 
 from ..catalog import model_info
 from ..deps import CeleryDep, SettingsDep, StoreDep
 from ..job_view import job_url, job_view
-from ..schemas import CLASS_HELP, GUIDANCE_INTERVAL_HELP, STEPS_HELP, GenerateBody, GenerationJob
+from ..schemas import CLASS_HELP, GUIDANCE_INTERVAL_HELP, SPACING_HELP, STEPS_HELP, GenerateBody, GenerationJob
 from ..submit import submit
 from ..validate import check_query, resolve_request
 
@@ -50,13 +51,16 @@ def generate(
                     f"(default {format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})",
         openapi_examples={"default": {"value": format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)},
                           "every step": {"value": "all"}})] = None,
+    spacing: Annotated[Spacing | None, Query(
+        description=f"{SPACING_HELP} (default {DEFAULT_SETTINGS.spacing})",
+        openapi_examples={"default": {"value": DEFAULT_SETTINGS.spacing}, "logsnr": {"value": "logsnr"}})] = None,
     seed: Annotated[int | None, Query(description="base seed 0..2^31-1; image i gets seed + i (default: drawn)",
                                       openapi_examples={"zero": {"value": 0}})] = None,
     body: Annotated[GenerateBody | None, Body(openapi_examples=_BODY_EXAMPLES)] = None,
 ) -> GenerationJob:
     """Queue a generation job: ``?class=cat&n=100``, or a JSON body for several classes at once."""
     query = {"class": class_, "n": n, "sampler": sampler, "steps": steps, "guidance": guidance,
-             "guidance_interval": guidance_interval, "seed": seed}
+             "guidance_interval": guidance_interval, "spacing": spacing, "seed": seed}
     check_query(request, tuple(query))
     job_input = resolve_request(query, body, model_info(settings.checkpoint), settings)
     total = sum(job_input["classes"].values())

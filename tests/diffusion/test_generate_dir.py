@@ -151,6 +151,6 @@ def test_writers_of_the_same_file_each_use_their_own_temporary_file(tmp_path):
 def test_every_key_written_only_off_its_default_is_read_back():
     """A metadata key that _common_meta adds only for a non-default value must be in OPTIONAL_META, or an image
     made with it would be kept by a call at the default (as the schedule once was)."""
-    full = generate._common_meta(SamplerSettings("ddim", 4, eta=1.0), False, ScheduleConfig("cosine"))
+    full = generate._common_meta(SamplerSettings("ddim", 4, eta=1.0, spacing="logsnr"), False, ScheduleConfig("cosine"))
     plain = generate._common_meta(SamplerSettings("ddim", 4), False, ScheduleConfig())
     assert set(full) - set(plain) == set(generate.OPTIONAL_META)

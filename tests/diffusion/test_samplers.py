@@ -5,7 +5,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from diffusion.samplers import (SAMPLERS, STEP_RANGES, SamplerSettings, guided_eps, sample, timesteps_for)
+from diffusion.samplers import (SAMPLERS, STEP_RANGES, SamplerSettings, guided_eps, logsnr_timesteps, model_calls,
+                                sample, step_sigmas, step_timesteps, timesteps_for)
+from diffusion.spec import DEFAULT_SETTINGS
 from diffusion.schedules import NoiseSchedule, ScheduleConfig
 
 from diffusion_testlib import make_tiny_unet
@@ -94,6 +96,46 @@ def test_timesteps_for_all_step_counts():
     for bad in (0, T + 1):
         with pytest.raises(ValueError, match="steps must be in 1..1000"):
             timesteps_for(T, bad)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [2, 3, 10, 20, 50, 200, 1000])
+def test_logsnr_steps_run_from_t_minus_1_to_0_evenly_in_lambda(name, steps):
+    schedule = NoiseSchedule(ScheduleConfig(name, 1000))
+    ts = logsnr_timesteps(schedule, steps)
+    assert step_timesteps(schedule, steps, "logsnr") == ts
+    assert len(ts) == steps and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+    if name == "cosine" or steps > 50:  # cosine's clipped betas put lambda_999 far below lambda_998: the top
+        return                          # steps crowd at 999..991; at many steps the index grid is the limit
+    abar = schedule.alphas_cumprod.double()
+    lam = [float(0.5 * torch.log(abar[t] / (1 - abar[t]))) for t in ts]
+    gaps = [b - a for a, b in zip(lam, lam[1:])]
+    even = (lam[-1] - lam[0]) / (steps - 1)
+    # the nearest indices to an even grid: even but for the lowest noise, where one index spans more than a gap
+    assert all(abs(g - even) <= 0.25 * even for g in gaps[: max(1, len(gaps) - max(4, steps // 4))]), gaps
+
+
+def test_logsnr_spacing_moves_steps_to_low_noise_and_changes_the_guided_steps(linear_schedule):
+    time_ts, logsnr_ts = step_timesteps(linear_schedule, 20), step_timesteps(linear_schedule, 20, "logsnr")
+    assert time_ts == timesteps_for(1000, 20) and logsnr_ts != time_ts
+    assert sum(t < 100 for t in logsnr_ts) > sum(t < 100 for t in time_ts)
+    assert step_timesteps(linear_schedule, 1, "logsnr") == [999]
+    with pytest.raises(ValueError, match="spacing must be one of time, logsnr, got 'log'"):
+        step_timesteps(linear_schedule, 20, "log")
+    with pytest.raises(ValueError, match="spacing must be one of time, logsnr, got 'even'"):
+        SamplerSettings("dpmpp", 20, spacing="even").validate()
+    # the guidance interval is in sigma, so the logSNR steps meet it at other steps: the measured 29 and 25 calls
+    logsnr = SamplerSettings(DEFAULT_SETTINGS.sampler, 20, DEFAULT_SETTINGS.guidance, 0.0,
+                             DEFAULT_SETTINGS.guidance_interval, "logsnr")
+    assert model_calls(DEFAULT_SETTINGS, linear_schedule) == 29 and model_calls(logsnr, linear_schedule) == 25
+    assert step_sigmas(linear_schedule, 20, "logsnr")[-1] == pytest.approx(step_sigmas(linear_schedule, 20)[-1])
+
+
+def test_sample_follows_the_spacing(linear_schedule):
+    model = RecordingModel(null_class=5)
+    sample(model, linear_schedule, torch.tensor([0, 1]), [1, 2], sampler="dpmpp", steps=6, image_shape=(1, 2, 2),
+           spacing="logsnr")
+    assert [int(t[0]) for _, t, _ in model.calls] == logsnr_timesteps(linear_schedule, 6)
 
 
 # ------------------------------------------------------------------------ classifier-free guidance
@@ -238,6 +280,16 @@ def test_batch_independence(sampler, steps, guidance, eta, unet, linear_schedule
     torch.testing.assert_close(shuffled, full[perm], atol=1e-4, rtol=0)
     # and the images are not trivially equal to each other (the comparison above means something)
     assert (full[0] - full[1]).abs().max() > 1e-2
+
+
+def test_logsnr_images_are_batch_independent_and_differ_from_time_spaced_ones(unet, linear_schedule):
+    labels, seeds = torch.tensor([0, 1, 2]), [11, 22, 33]
+    kw = dict(sampler="dpmpp_sde", steps=8, guidance=2.5, guidance_interval=(0.28, 4.0))
+    full = sample(unet, linear_schedule, labels, seeds, spacing="logsnr", **kw)
+    alone = torch.cat([sample(unet, linear_schedule, labels[i:i + 1], seeds[i:i + 1], spacing="logsnr", **kw)
+                       for i in range(3)])
+    torch.testing.assert_close(alone, full, atol=1e-4, rtol=0)
+    assert (full - sample(unet, linear_schedule, labels, seeds, **kw)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("sampler,steps,guidance,eta", CASES)

@@ -390,6 +390,11 @@ def test_the_old_real_arm_key_is_the_key_runs_were_saved_under():
     assert run_key(replace(s, classifier_precision="bf16"), **kw) == "8f77fa3dfe7f46fc55e0"
     bf16 = dict(kw, train_settings={"steps": 970, "batch_size": 512, "cpu_bf16": True})
     assert run_key(replace(s, classifier_precision="bf16"), **bf16) != "8f77fa3dfe7f46fc55e0"
+    # the spacing: its default keeps the keys; logsnr is another synthetic set, but the same real arm
+    assert run_key(replace(s, spacing="time"), **kw) == "8f77fa3dfe7f46fc55e0"
+    assert run_key(replace(s, spacing="logsnr"), **kw) == "8f77fa3dfe7f46fc55e0"
+    logsnr_synthetic = dict(kw, arm="synthetic")
+    assert run_key(replace(s, spacing="logsnr"), **logsnr_synthetic) != run_key(s, **logsnr_synthetic)
     synthetic = dict(kw, arm="synthetic")  # 6 and 6.0 are one guidance, 1 and 1.0 one fraction
     assert run_key(replace(s, guidance=6, real_fraction=1), **synthetic) == run_key(s, **synthetic)
 

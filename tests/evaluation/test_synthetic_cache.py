@@ -241,3 +241,18 @@ def test_the_guidance_interval_keys_guided_entries_only(tmp_path):
     for w in (0.0, 1.0):
         assert (cache_path(tmp_path, "ab" * 32, SamplerSettings("ddim", 5, w, guidance_interval=(0.28, 4)), 0, 10)
                 == cache_path(tmp_path, "ab" * 32, SamplerSettings("ddim", 5, w), 0, 10))
+
+
+def test_the_spacing_keys_logsnr_entries_only():
+    """Time-spaced entries keep the names they had before the spacing was a setting (pinned: computed by the code
+    of 2026-12-02), so a synthetic set sampled for hours is not sampled again; logSNR ones are entries of their own."""
+    from dataclasses import replace
+
+    from diffusion.spec import DEFAULT_SETTINGS
+
+    default = cache_path(Path("/c"), "ab" * 32, DEFAULT_SETTINGS, 0, 10, True)
+    assert default.name == "abababababab-dpmpp_sde-s20-g6-i0.28,4-seed0-bf16-5048112f4e"
+    assert cache_path(Path("/c"), "ab" * 32, SamplerSettings("ddim", 50, 1.0), 3, 10).name == \
+        "abababababab-ddim-s50-g1-seed3-51247b974d"
+    logsnr = cache_path(Path("/c"), "ab" * 32, replace(DEFAULT_SETTINGS, spacing="logsnr"), 0, 10, True)
+    assert logsnr != default and logsnr.name.startswith("abababababab-dpmpp_sde-s20-g6-i0.28,4-logsnr-seed0-bf16-")

@@ -50,6 +50,7 @@ def idle(idle_settings):
     ("/generate?class=cat&n=5&guidance_interval=2.9,0.28", ["query", "guidance_interval"], ["0 <= lo < hi"]),
     ("/generate?class=cat&n=5&guidance_interval=0.28", ["query", "guidance_interval"], ["two noise levels"]),
     ("/generate?class=cat&n=5&guidance_interval=low,high", ["query", "guidance_interval"], ["'lo,hi'", "all"]),
+    ("/generate?class=cat&n=5&spacing=even", ["query", "spacing"], ["'time'", "'logsnr'"]),
 ])
 def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
     r = idle.post(url)
@@ -71,6 +72,7 @@ def test_bad_query_is_422_naming_the_field(idle, url, loc, words):
     ({"classes": {"cat": 5}, "guidance": 21}, ["body", "guidance"], ("20",)),
     ({"classes": {"cat": 5}, "seed": -3}, ["body", "seed"], ("greater than or equal to 0",)),
     ({"classes": {"cat": 5}, "sampler": "euler"}, ["body", "sampler"], ("'dpmpp_sde'",)),
+    ({"classes": {"cat": 5}, "spacing": "karras"}, ["body", "spacing"], ("'time'", "'logsnr'")),
     ({"classes": {"cat": 5}, "colour": "red"}, ["body", "colour"], ("not permitted",)),
     ({"classes": {"cat": 5}, "guidance_interval": [3, 1]}, ["body", "guidance_interval"], ("0 <= lo < hi",)),
     ({"classes": {"cat": 5}, "guidance_interval": "0,inf"}, ["body", "guidance_interval"], ("(finite)", "inf")),
@@ -145,6 +147,17 @@ def test_guidance_interval_is_resolved_into_the_job_input(idle, query, body, exp
     assert r.status_code == 202, r.text
     assert r.json()["input"]["guidance_interval"] == expected
     assert idle.get(r.json()["url"]).json()["input"]["guidance_interval"] == expected
+
+
+@pytest.mark.parametrize("query, body, expected", [
+    ("", None, "time"), ("&spacing=logsnr", None, "logsnr"), ("&spacing=time", None, "time"),
+    (None, {"classes": {"cat": 2}}, "time"), (None, {"classes": {"cat": 2}, "spacing": "logsnr"}, "logsnr"),
+])
+def test_spacing_is_resolved_into_the_job_input(idle, query, body, expected):
+    r = idle.post(f"/generate?class=cat&n=2{query}") if body is None else idle.post("/generate", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["input"]["spacing"] == expected
+    assert idle.get(r.json()["url"]).json()["input"]["spacing"] == expected
 
 
 @pytest.mark.parametrize("url, loc, words", [

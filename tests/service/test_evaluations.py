@@ -52,6 +52,7 @@ def idle(make_settings):
     ({"sampler": "euler"}, ["body", "sampler"], "dpmpp"),
     ({"sampler": "dpmpp", "steps": 101}, ["body", "steps"], "1..100"),
     ({"guidance": 21}, ["body", "guidance"], "20"),
+    ({"spacing": "uniform"}, ["body", "spacing"], "'logsnr'"),
     ({"data": "/etc/passwd"}, ["body", "data"], "not permitted"),      # no path from a client
     ({"checkpoint": "/tmp/other"}, ["body", "checkpoint"], "not permitted"),
 ])
@@ -60,6 +61,20 @@ def test_bad_input_is_422_naming_the_field(idle, body, loc, word):
     assert r.status_code == 422, r.text
     errors = [e for e in r.json()["detail"] if e["loc"] == loc]
     assert errors and word in " ".join(e["msg"] for e in errors), r.json()
+
+
+def test_the_spacing_of_a_request_reaches_the_experiment(idle, make_settings):
+    """The API's spacing field is among the keys the worker takes (REQUEST_KEYS), into the synthetic set's
+    settings; a record queued before it existed gets the default."""
+    from worker.evaluation import evaluation_settings
+
+    r = idle.post("/evaluations", json=dict(QUICK, spacing="logsnr"))
+    assert r.status_code == 202 and r.json()["input"]["spacing"] == "logsnr", r.text
+    settings = make_settings(queue="unused", key_prefix="unused")
+    chosen = evaluation_settings(r.json()["input"], settings)
+    assert chosen.spacing == "logsnr" and chosen.sampler_settings.spacing == "logsnr"
+    old = {k: v for k, v in r.json()["input"].items() if k != "spacing"}
+    assert evaluation_settings(old, settings).sampler_settings.spacing == "time"
 
 
 def test_without_a_data_set_it_is_503(make_settings):
@@ -79,7 +94,7 @@ def test_queued_evaluation_is_a_job_like_any_other(idle):
     assert (job["type"], job["status"], job["output"], job["report"]) == ("evaluation", "queued", None, None)
     interval = DEFAULT_SETTINGS.guidance_interval
     assert job["input"] == dict(QUICK, guidance=DEFAULT_SETTINGS.guidance, synthetic_seed=0, budget="steps",
-                                guidance_interval=None if interval is None else list(interval))
+                                guidance_interval=None if interval is None else list(interval), spacing="time")
     assert job["queue_position"] >= 1
     assert idle.get(f"/jobs/{job['id']}").json()["input"] == job["input"]
     gen = idle.post("/generate?class=cat&n=1").json()

@@ -419,6 +419,32 @@ def test_a_corrupt_checkpoint_fails_the_job_with_the_reason(store, body_settings
     assert "broken-ckpt" in rec["error"] and str(tmp_path) not in rec["error"]  # its name, not the server's path
 
 
+def test_spacing_reaches_the_sampler_and_the_records(store, body_settings):
+    """A logsnr request samples what diffusion.samplers.sample gives with that spacing, and its manifest and PNGs
+    say so; one without the key (queued before the setting existed) is spaced in time and says nothing."""
+    from diffusion.checkpoint import load_for_sampling
+    from diffusion.samplers import sample
+    from training.generate import to_uint8
+
+    base = dict(REQUEST, classes={"cat": 2}, sampler="dpmpp", steps=5, guidance=1.0)
+    images = {}
+    for name, request in (("logsnr", dict(base, spacing="logsnr")), ("old", base)):
+        job_id = _submit(store, request)
+        assert run_generation(job_id, request, store=store, settings=body_settings)["status"] == "succeeded"
+        out = body_settings.jobs_dir / job_id
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert {e.get("spacing") for e in manifest["images"]} == {"logsnr" if name == "logsnr" else None}
+        files = sorted((out / "images").iterdir())
+        with Image.open(files[0]) as im:
+            assert im.text.get("spacing") == ("logsnr" if name == "logsnr" else None)
+        images[name] = [torch.from_numpy(np.array(Image.open(p))) for p in files]
+    ckpt = load_for_sampling(body_settings.checkpoint, "cpu", "fp32")
+    cat = ckpt.class_names.index("cat")
+    x = sample(ckpt.model, ckpt.schedule, torch.tensor([cat, cat]), [5, 6], sampler="dpmpp", steps=5, spacing="logsnr")
+    assert_same_up_to_rounding(torch.stack(images["logsnr"]), to_uint8(x).permute(0, 2, 3, 1), "logsnr")
+    assert not all(torch.equal(a, b) for a, b in zip(images["logsnr"], images["old"]))
+
+
 def test_guidance_interval_reaches_the_sampler_and_the_records(store, body_settings):
     """An interval request samples what diffusion.samplers.sample gives with that interval, and the manifest
     says so; a request queued before intervals existed (no key) is guided at every step."""
