@@ -57,6 +57,7 @@ from typing import Callable, Literal, Sequence, get_args
 import torch
 
 from diffusion.checkpoint import Checkpoint, read_config
+from diffusion.precision import cpu_has_bf16
 from diffusion.samplers import SamplerName, SamplerSettings, sample
 from diffusion.spec import DEFAULT_SETTINGS, GuidanceInterval, check_seed, effective_interval, requested_precision
 
@@ -263,6 +264,19 @@ def summarize(class_names: Sequence[str], per_seed: dict[str, list[dict]]) -> di
     return arms
 
 
+def _classifier_cpu_bf16(classifier_precision: str, device: torch.device) -> bool:
+    """``TrainSettings.cpu_bf16`` for ``--classifier-precision``: on a CPU as asked, except one that torch says
+    has no bf16 instructions (bf16 emulated, many times slower: fp32, with a warning, as ``dreamdata train``
+    does); never on CUDA, which trains under bf16 autocast anyway (so its runs keep one key)."""
+    if classifier_precision != "bf16" or device.type != "cpu":
+        return False
+    if cpu_has_bf16() is False:
+        log.warning("this CPU has no bf16 instructions (bf16 autocast would be emulated, many times slower): "
+                    "training the classifier in fp32 (--classifier-precision asks for bf16)")
+        return False
+    return True
+
+
 def _key_settings(tset: TrainSettings, n_images: int) -> dict:
     """The training settings that decide a run's result, for its saved-run key.  Under a step budget an arm with
     fewer images than a batch is trained on full batches of repeated shuffles since 2026-12-01 (smaller batches
@@ -316,7 +330,7 @@ def run_evaluation(settings: EvaluationSettings, out_dir: str | os.PathLike, *,
 
     reals = {s: train.subset(settings.real_fraction, seed=s) for s in settings.seeds}
     overrides = {"batch_size": settings.train_batch_size} if settings.train_batch_size else {}
-    overrides["cpu_bf16"] = settings.classifier_precision == "bf16"
+    overrides["cpu_bf16"] = _classifier_cpu_bf16(settings.classifier_precision, device)
     tset = default_train_settings(settings.classifier, settings.epochs, **overrides)
     if settings.budget == "steps":  # every arm: the real arm's steps (full batches per epoch x epochs)
         n_real = len(reals[settings.seeds[0]])

@@ -5,7 +5,7 @@ A set is ``per_class`` images of every checkpoint class.  Image j of class c get
 ``per_class`` a caller asks for: a set of 100 per class is the first 100 of a set of 5,000, and one
 entry grows across runs (and sessions) instead of being sampled again.  It lives in::
 
-    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>[-i<lo>,<hi>]-seed<base_seed>[-bf16]-<key>/
+    CACHE/synthetic/<sha12>-<sampler>-s<steps>-g<guidance>[-i<lo>,<hi>][-logsnr]-seed<base_seed>[-bf16]-<key>/
         images/<class index>/<j>.png    one PNG per image, with its metadata (class, seed, sampler, ...)
         grid.png                        the first 10 images of every class (rewritten when the set grows)
         timing.json                     images sampled into the entry and the seconds they took, summed

@@ -147,8 +147,9 @@ def test_each_seed_pairs_its_arms_on_the_same_real_images_and_initial_weights(
 
 
 def test_evaluate_end_to_end_writes_the_report_and_reuses_the_synthetic_cache(
-        data_tar, tiny_checkpoint, cache_dir, tmp_path, sampling_calls, capsys):
+        data_tar, tiny_checkpoint, cache_dir, tmp_path, sampling_calls, capsys, monkeypatch):
     calls = sampling_calls
+    monkeypatch.setattr("training.evaluate.cpu_has_bf16", lambda: True)  # the bf16 run below, on any CPU
     settings = EvaluationSettings(data=str(data_tar), checkpoint=str(tiny_checkpoint), classifier="mlp", width=32,
                                   synthetic_per_class=2, real_fraction=0.5, epochs=2, seeds=(0, 1),
                                   sampler=DEFAULT_SETTINGS.sampler, steps=2, guidance=1.5, train_batch_size=8, device="cpu", cache_dir=str(cache_dir))
@@ -369,6 +370,23 @@ def test_the_real_arm_is_reused_by_an_experiment_that_changes_only_the_synthetic
                            show_bars=False)
     for k in ("accuracies", "confusion_matrix"):
         assert fresh["arms"]["real"][k] == first["arms"]["real"][k]
+
+
+def test_classifier_bf16_applies_on_a_cpu_with_bf16_instructions_only(monkeypatch, caplog):
+    """--classifier-precision bf16: on a CPU without bf16 instructions fp32 with a warning (emulated bf16 is many
+    times slower), as ``dreamdata train`` does; on CUDA never cpu_bf16 (it trains in bf16 anyway: one run key)."""
+    from training.evaluate import _classifier_cpu_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr("training.evaluate.cpu_has_bf16", lambda: True)
+    assert _classifier_cpu_bf16("bf16", cpu) and not _classifier_cpu_bf16("fp32", cpu)
+    assert not _classifier_cpu_bf16("bf16", cuda)
+    monkeypatch.setattr("training.evaluate.cpu_has_bf16", lambda: None)  # cannot tell: as asked
+    assert _classifier_cpu_bf16("bf16", cpu)
+    monkeypatch.setattr("training.evaluate.cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="training.evaluate"):
+        assert not _classifier_cpu_bf16("bf16", cpu)
+    assert "no bf16 instructions" in caplog.text and "fp32" in caplog.text
 
 
 def test_the_old_real_arm_key_is_the_key_runs_were_saved_under():
