@@ -107,10 +107,8 @@ def _interval_text(interval: list[float] | None) -> str:
 
 
 def _train_arithmetic(train_settings: dict, device: str) -> str:
-    """How the classifier trained: bf16 autocast on CUDA, or on a CPU where asked; fp32 otherwise."""
-    if train_settings.get("cpu_bf16") or str(device).startswith("cuda"):
-        return "bf16 autocast"
-    return "fp32" if str(device) == "cpu" else "fp32 on a CPU, bf16 autocast on CUDA"
+    """How the classifier trained: bf16 autocast on CUDA, or on a CPU where asked (and able); fp32 otherwise."""
+    return "bf16 autocast" if train_settings.get("cpu_bf16") or str(device).startswith("cuda") else "fp32"
 
 
 def markdown(report: dict) -> str:
