@@ -17,7 +17,17 @@ FD and class fidelity are measured in the features of the CNN trained on the rea
 (``training.generator_metrics``), against all real test images; intervals are the paired bootstrap of
 ``training.features_metrics.paired_bootstrap`` against the time-spaced row of the same steps.  The guidance
 interval is in sigma, so the logSNR rows guide at other steps (and usually fewer) than the time-spaced ones:
-the "calls" column says how many model calls an image took.
+the "calls" column says how many model calls an image took.  ``--guidance`` (repeatable) adds both spacings'
+rows at other guidance settings.  Every row also gets precision, recall, density and coverage (k = 5 neighbours,
+against ``--n-per-class`` real test images per class, as ``dreamdata metrics``).
+
+``--reference-steps 1000`` adds the report's method as the reference: DDPM ancestral at 1000 steps with the first
+guidance setting, on the same seeds, through the same cache, and pairs every row against it too ("vs ref").
+It costs about 50 times a 20-step row (1,445 model calls per image at the service's guidance), so fill its cache
+entry first where the run may be cut short (``--compile`` helps on a CPU; a stopped run keeps the images it wrote):
+
+    python benchmarks/step_spacing.py --data ../shared/data/cifar10-jpeg.tar.gz --n-per-class 100 --steps 20 \
+        --guidance 6@0.28:4 --guidance 8@0.28:4 --reference-steps 1000 --threads 2 --precision bf16 --compile
 """
 from __future__ import annotations
 
@@ -33,13 +43,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion.checkpoint import load_for_sampling  # noqa: E402
+from diffusion.precision import compile_for_sampling  # noqa: E402
 from diffusion.samplers import SamplerSettings, model_calls, step_timesteps  # noqa: E402
 from diffusion.spec import DEFAULT_SETTINGS  # noqa: E402
 from training.classifiers import extract_features  # noqa: E402
 from training.data import load_dataset  # noqa: E402
-from training.features_metrics import feature_stats, frechet_distance_from_stats, paired_bootstrap  # noqa: E402
+from training.features_metrics import (density_coverage, feature_stats, frechet_distance_from_stats,  # noqa: E402
+                                       paired_bootstrap, precision_recall)
 from training.generate import default_checkpoint  # noqa: E402
-from training.generator_metrics import real_data_classifier  # noqa: E402
+from training.generator_metrics import per_class, real_data_classifier  # noqa: E402
 from training.synthetic_cache import image_specs, synthetic_images  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,9 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-per-class", type=int, default=100, help="images per class and row (default 100)")
     p.add_argument("--steps", default="20,10", help="step counts, each with both spacings (default 20,10)")
     p.add_argument("--sampler", default="dpmpp_sde", choices=("dpmpp", "dpmpp_sde", "ddim", "ddpm"))
+    p.add_argument("--guidance", action="append", default=None, metavar="W@LO:HI",
+                   help="guidance of a pair of rows (time- and logSNR-spaced): W only where LO < sigma <= HI; "
+                        "repeatable (default: the service's)")
     p.add_argument("--logsnr-guidance", default=None, metavar="W@LO:HI",
-                   help="guidance of the logSNR rows: W only where LO < sigma <= HI (default: the service's, as the "
-                        "time-spaced rows); the logSNR steps meet the sigma interval at other, fewer, steps")
+                   help="guidance of the logSNR rows, with one --guidance: W only where LO < sigma <= HI (default: "
+                        "the time-spaced rows'); the logSNR steps meet the sigma interval at other, fewer, steps")
+    p.add_argument("--reference-steps", type=int, default=0,
+                   help="add DDPM ancestral at this many steps (1000: the report's method) with the first guidance "
+                        "setting, and pair every row against it (default 0: none)")
+    p.add_argument("--compile", action="store_true",
+                   help="sample on torch.compile (diffusion.precision.compile_for_sampling; same cache entries)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--feature-epochs", type=int, default=10, help="the feature CNN's epochs (default 10, cached)")
@@ -62,21 +82,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the rows as JSON to this file")
     a = p.parse_args(argv)
     a.cache_dir = Path(a.cache_dir) if a.cache_dir else None
-    if a.logsnr_guidance is not None:
+
+    def guidance(flag: str, text: str) -> tuple[float, tuple[float, float]]:
         try:
-            w, _, rest = a.logsnr_guidance.partition("@")
+            w, _, rest = text.partition("@")
             lo, _, hi = rest.partition(":")
-            a.logsnr_guidance = (float(w), (float(lo), float(hi)))
-            SamplerSettings("dpmpp_sde", 20, a.logsnr_guidance[0], 0.0, a.logsnr_guidance[1]).validate()
+            g = (float(w), (float(lo), float(hi)))
+            SamplerSettings("dpmpp_sde", 20, g[0], 0.0, g[1]).validate()
+            return g
         except ValueError as e:
-            p.error(f"--logsnr-guidance: expected W@LO:HI such as 8@0.28:4 ({e})")
+            p.error(f"{flag}: expected W@LO:HI such as 8@0.28:4 ({e})")
+
+    d = DEFAULT_SETTINGS
+    a.guidance = ([guidance("--guidance", g) for g in a.guidance] if a.guidance
+                  else [(d.guidance, d.guidance_interval)])
+    if a.logsnr_guidance is not None:
+        if len(a.guidance) > 1:
+            p.error("--logsnr-guidance goes with one --guidance at most")
+        a.logsnr_guidance = guidance("--logsnr-guidance", a.logsnr_guidance)
     try:
         a.steps = sorted({int(s) for s in a.steps.split(",") if s.strip()}, reverse=True)
     except ValueError:
         p.error(f"--steps: expected comma-separated integers, got {a.steps!r}")
     if not a.steps or min(a.steps) < 2 or a.n_per_class < 2 or a.batch_size < 1 or a.bootstrap < 2:
         p.error("need --steps >= 2, --n-per-class >= 2, --batch-size >= 1 and --bootstrap >= 2")
+    if a.reference_steps and a.reference_steps < 2:
+        p.error(f"--reference-steps: need at least 2 (or 0 for none), got {a.reference_steps}")
     return a
+
+
+def _vs(v: dict | None) -> tuple[str, str]:
+    """'FD rel [lo, hi]' and 'fidelity pp [lo, hi]' cells of a paired comparison (blank without one)."""
+    if not v:
+        return "", ""
+    fd, fid = v["frechet_distance_relative"], v["class_fidelity"]
+    return (f"{fd[0]:+.1%} [{fd[1]:+.1%}, {fd[2]:+.1%}]",
+            f"{100 * fid[0]:+.1f} [{100 * fid[1]:+.1f}, {100 * fid[2]:+.1f}]pp")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,73 +129,92 @@ def main(argv: list[str] | None = None) -> dict:
     clf, info = real_data_classifier(train, kind="cnn", width=a.feature_width, epochs=a.feature_epochs,
                                      cache_dir=a.cache_dir, device="cpu", test=test)
     test_stats = feature_stats(extract_features(clf, test.images, "cpu"))
+    # the k-NN measures' real set, as dreamdata metrics picks it (training.generator_metrics, seed 0)
+    knn_real = extract_features(clf, per_class(test, a.n_per_class, seed=1).images, "cpu")
     ckpt = load_for_sampling(ckpt_dir, precision=a.precision)
+    if a.compile:
+        ckpt = replace(ckpt, model=compile_for_sampling(ckpt.model))
     # in index order (class-major), as synthetic_images returns its sets: image i of one row pairs with image i of
     # the other
     specs = sorted(image_specs(a.n_per_class, len(ckpt.class_names), 0), key=lambda s: s.index)
     labels = torch.tensor([s.class_index for s in specs])
 
-    def measure(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = extract_features(clf, images, "cpu")
+    def measure(settings: SamplerSettings, steps: int, label: str) -> tuple[dict, dict]:
+        """One row through the service's sampling and the synthetic cache; and its features for pairing."""
+        t0 = time.perf_counter()
+        synth, sinfo = synthetic_images(ckpt, a.n_per_class, settings, cache_dir=a.cache_dir,
+                                        precision=a.precision, batch_size=a.batch_size)
+        if not torch.equal(synth.labels, labels):
+            raise RuntimeError("the synthetic set's images are not in this script's order")
+        images, source = synth.images, "cache" if sinfo.get("reused") else "sampled"
+        seconds = time.perf_counter() - t0
+        calls = model_calls(settings, ckpt.schedule)
+        feats = extract_features(clf, images, "cpu")
         with torch.no_grad():
-            pred = clf.head(f).argmax(1)
-        return f, pred == labels
+            ok = clf.head(feats).argmax(1) == labels
+        row = {"sampler": settings.sampler, "steps": steps, "spacing": settings.spacing, "calls": calls,
+               "guidance": settings.guidance, "guidance_interval": settings.guidance_interval,
+               "timesteps": step_timesteps(ckpt.schedule, steps, settings.spacing), "images": len(images),
+               "source": source, "seconds": round(seconds, 1),
+               "frechet_distance": frechet_distance_from_stats(*feature_stats(feats), *test_stats),
+               "class_fidelity": ok.float().mean().item(),
+               **precision_recall(knn_real, feats), **density_coverage(knn_real, feats)}
+        print(f"{label}: {row['images']} images, {calls} calls per image, {source} in {seconds:.0f} s",
+              file=sys.stderr, flush=True)
+        return row, {"feats": feats, "ok": ok}
+
+    def vs(x: dict, y: dict) -> dict:
+        return paired_bootstrap(x["feats"], x["ok"], y["feats"], y["ok"], test_stats, n_boot=a.bootstrap)
 
     d = DEFAULT_SETTINGS
+    reference = None
     rows = []
+    if a.reference_steps:
+        w, interval = a.guidance[0]
+        settings = SamplerSettings("ddpm", a.reference_steps, w, d.eta, interval)
+        row, reference = measure(settings, a.reference_steps, f"ddpm-{a.reference_steps} reference")
+        row["reference"] = True
+        rows.append(row)
     for steps in a.steps:
-        settings = SamplerSettings(a.sampler, steps, d.guidance, d.eta, d.guidance_interval)
-        timed = {}
-        for spacing in ("time", "logsnr"):
-            if spacing == "logsnr" and a.logsnr_guidance is not None:
-                settings = SamplerSettings(a.sampler, steps, a.logsnr_guidance[0], d.eta, a.logsnr_guidance[1])
-            settings = replace(settings, spacing=spacing)
-            ts = step_timesteps(ckpt.schedule, steps, spacing)
-            calls = model_calls(settings, ckpt.schedule)
-            t0 = time.perf_counter()
-            # the service's own sampling, through the synthetic cache
-            synth, sinfo = synthetic_images(ckpt, a.n_per_class, settings, cache_dir=a.cache_dir,
-                                            precision=a.precision, batch_size=a.batch_size)
-            if not torch.equal(synth.labels, labels):
-                raise RuntimeError("the synthetic set's images are not in this script's order")
-            images, source = synth.images, "cache" if sinfo.get("reused") else "sampled"
-            seconds = time.perf_counter() - t0
-            feats, ok = measure(images)
-            row = {"sampler": settings.sampler, "steps": steps, "spacing": spacing, "calls": calls,
-                   "guidance": settings.guidance, "guidance_interval": settings.guidance_interval,
-                   "timesteps": ts, "images": len(images), "source": source, "seconds": round(seconds, 1),
-                   "frechet_distance": frechet_distance_from_stats(*feature_stats(feats), *test_stats),
-                   "class_fidelity": ok.float().mean().item()}
-            if spacing == "time":
-                timed = {"feats": feats, "ok": ok}
-            else:
-                row["vs_time"] = paired_bootstrap(feats, ok, timed["feats"], timed["ok"], test_stats,
-                                                  n_boot=a.bootstrap)
-            rows.append(row)
-            print(f"{row['sampler']}-{steps} {spacing}: {row['images']} images, {calls} calls per image, "
-                  f"{source} in {seconds:.0f} s", file=sys.stderr, flush=True)
+        for w, interval in a.guidance:
+            timed = None
+            for spacing in ("time", "logsnr"):
+                if spacing == "logsnr" and a.logsnr_guidance is not None:
+                    w, interval = a.logsnr_guidance
+                settings = SamplerSettings(a.sampler, steps, w, d.eta, interval, spacing)
+                row, got = measure(settings, steps, f"{a.sampler}-{steps} {spacing} guidance {w:g}")
+                if timed is None:
+                    timed = got
+                else:
+                    row["vs_time"] = vs(got, timed)
+                if reference is not None:
+                    row["vs_reference"] = vs(got, reference)
+                rows.append(row)
 
-    print(f"checkpoint {ckpt_dir} ({ckpt.sha256[:12]}), {a.precision}; {a.n_per_class} images per class and row; "
-          f"feature CNN test accuracy "
+    print(f"checkpoint {ckpt_dir} ({ckpt.sha256[:12]}), {a.precision}{', compiled' if a.compile else ''}; "
+          f"{a.n_per_class} images per class and row; feature CNN test accuracy "
           f"{info.get('test_accuracy', float('nan')):.3f}")
-    print(f"{'sampler':<10} {'steps':>5} {'spacing':>7} {'guidance':>12} {'calls':>5} {'FD':>8} {'vs time':>8} {'95% interval':>18} "
-          f"{'fidelity':>8} {'vs time':>8} {'95% interval':>16}")
+    cols = [("sampler", 10), ("steps", 5), ("spacing", 7), ("guidance", 12), ("calls", 5), ("FD", 7),
+            ("fidelity", 8), ("recall", 6), ("coverage", 8), ("FD vs time", 26), ("fidelity vs time", 24)]
+    if reference is not None:
+        cols += [("FD vs ref", 26), ("fidelity vs ref", 24)]
+    print(" ".join(f"{name:>{width}}" if k else f"{name:<{width}}" for k, (name, width) in enumerate(cols)))
     for r in rows:
-        v = r.get("vs_time")
-        rel = (f"{v['frechet_distance_relative'][0]:+.1%}", f"[{v['frechet_distance_relative'][1]:+.1%}, "
-               f"{v['frechet_distance_relative'][2]:+.1%}]") if v else ("", "")
-        fid = (f"{100 * v['class_fidelity'][0]:+.1f}pp", f"[{100 * v['class_fidelity'][1]:+.1f}, "
-               f"{100 * v['class_fidelity'][2]:+.1f}]pp") if v else ("", "")
-        glabel = f"{r['guidance']:g}@{r['guidance_interval'][0]:g}:{r['guidance_interval'][1]:g}"
-        print(f"{r['sampler']:<10} {r['steps']:>5} {r['spacing']:>7} {glabel:>12} {r['calls']:>5} "
-              f"{r['frechet_distance']:>8.3f} "
-              f"{rel[0]:>8} {rel[1]:>18} {r['class_fidelity']:>8.3f} {fid[0]:>8} {fid[1]:>16}")
-    print("vs time: the logSNR row minus the time-spaced row of the same steps, paired bootstrap over the images")
-    result = {"rows": rows, "feature_classifier": info, "checkpoint": str(ckpt_dir), "precision": a.precision}
+        cells = [r["sampler"], r["steps"], r["spacing"],
+                 f"{r['guidance']:g}@{r['guidance_interval'][0]:g}:{r['guidance_interval'][1]:g}", r["calls"],
+                 f"{r['frechet_distance']:.3f}", f"{r['class_fidelity']:.3f}", f"{r['recall']:.3f}",
+                 f"{r['coverage']:.3f}", *_vs(r.get("vs_time"))]
+        if reference is not None:
+            cells += ["reference", ""] if r.get("reference") else list(_vs(r.get("vs_reference")))
+        print(" ".join(f"{str(c):>{w}}" if k else f"{str(c):<{w}}" for k, (c, (_, w)) in enumerate(zip(cells, cols))))
+    print("vs time: the logSNR row minus the time-spaced row of the same steps and guidance; vs ref: the row minus "
+          "the reference; paired bootstrap over the images, 95% intervals. recall, coverage: k = 5 neighbours "
+          f"against {a.n_per_class} real test images per class")
+    result = {"rows": rows, "feature_classifier": info, "checkpoint": str(ckpt_dir), "precision": a.precision,
+              "compiled": a.compile}
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1, default=float))
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -83,3 +83,34 @@ def test_the_two_rows_pair_image_by_image(bench, tiny, tmp_path, monkeypatch):
     assert same["vs_time"]["class_fidelity"][0] == 0
     # image i against image i in every resample: no spread at all (mispaired images would have one)
     assert max(abs(x) for x in same["vs_time"]["frechet_distance"]) < 1e-3, same["vs_time"]
+
+
+def test_guidance_pairs_and_a_reference_row(bench, tiny, tmp_path, capsys):
+    """--guidance twice: a time/logSNR pair of rows per setting; --reference-steps: a DDPM row first, every other
+    row paired against it; every row has the k-NN measures."""
+    out = run(bench, tiny, tmp_path, "--n-per-class", "2", "--guidance", "6@0.28:4", "--guidance", "2@0:1000",
+              "--reference-steps", "4")
+    rows = out["rows"]
+    assert [(r["sampler"], r["steps"], r["spacing"], r["guidance"]) for r in rows] == [
+        ("ddpm", 4, "time", 6.0), ("dpmpp_sde", 3, "time", 6.0), ("dpmpp_sde", 3, "logsnr", 6.0),
+        ("dpmpp_sde", 3, "time", 2.0), ("dpmpp_sde", 3, "logsnr", 2.0)]
+    assert rows[0]["reference"] and "vs_reference" not in rows[0] and "vs_time" not in rows[0]
+    assert all("vs_reference" in r for r in rows[1:])
+    assert ["vs_time" in r for r in rows[1:]] == [False, True, False, True]
+    assert all(0 <= r[m] <= 1 for r in rows for m in ("precision", "recall", "coverage"))
+    assert rows[3]["guidance_interval"] == (0.0, 1000.0)
+    table = capsys.readouterr().out
+    assert "reference" in table and "FD vs ref" in table and "coverage" in table
+
+
+def test_bad_guidance_options_are_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data", "x", "--guidance", "6@0.28:4", "--guidance", "8@0.28:4",
+                          "--logsnr-guidance", "8@0.28:4"])
+    assert "--logsnr-guidance goes with one --guidance" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data", "x", "--guidance", "6"])
+    assert "--guidance: expected W@LO:HI" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data", "x", "--reference-steps", "1"])
+    assert "--reference-steps" in capsys.readouterr().err
