@@ -19,7 +19,12 @@ FD and class fidelity are measured in the features of the CNN trained on the rea
 interval is in sigma, so the logSNR rows guide at other steps (and usually fewer) than the time-spaced ones:
 the "calls" column says how many model calls an image took.  ``--guidance`` (repeatable) adds both spacings'
 rows at other guidance settings.  Every row also gets precision, recall, density and coverage (k = 5 neighbours,
-against ``--n-per-class`` real test images per class, as ``dreamdata metrics``).
+against ``--n-per-class`` real test images per class, as ``dreamdata metrics``), and, from 6 images per feature
+up (768 in the feature CNN's 128: ``--n-per-class`` 77 or more), FD_inf: the FD extrapolated to infinitely many
+generated images (``training.features_metrics.frechet_distance_infinity``), whose relative differences do not
+shrink with few images as the plain FD's do (``benchmarks/fd_interval_coverage.py``).  ``--seed S`` samples
+another seed set (image j of class c: seed S + c x 1,000,000 + j) to check a finding on images it was not
+picked on.
 
 ``--reference-steps 1000`` adds the report's method as the reference: DDPM ancestral at 1000 steps with the first
 guidance setting, on the same seeds, through the same cache, and pairs every row against it too ("vs ref").
@@ -49,10 +54,14 @@ from diffusion.spec import DEFAULT_SETTINGS  # noqa: E402
 from training.classifiers import extract_features  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.features_metrics import (density_coverage, feature_stats, frechet_distance_from_stats,  # noqa: E402
-                                       paired_bootstrap, precision_recall)
+                                       frechet_distance_infinity, paired_bootstrap, precision_recall)
 from training.generate import default_checkpoint  # noqa: E402
 from training.generator_metrics import per_class, real_data_classifier  # noqa: E402
 from training.synthetic_cache import image_specs, synthetic_images  # noqa: E402
+
+# FD_inf's fit needs its smallest subset (half the images) to hold 3 images per feature
+FD_INF_IMAGES_PER_FEATURE = 6
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sample on torch.compile (diffusion.precision.compile_for_sampling; same cache entries)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed base: image j of class c gets seed S + c x 1,000,000 + j in every row (default 0)")
     p.add_argument("--feature-epochs", type=int, default=10, help="the feature CNN's epochs (default 10, cached)")
     p.add_argument("--feature-width", type=int, default=None, help="the feature CNN's width (default: its default)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
@@ -136,13 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = replace(ckpt, model=compile_for_sampling(ckpt.model))
     # in index order (class-major), as synthetic_images returns its sets: image i of one row pairs with image i of
     # the other
-    specs = sorted(image_specs(a.n_per_class, len(ckpt.class_names), 0), key=lambda s: s.index)
+    specs = sorted(image_specs(a.n_per_class, len(ckpt.class_names), a.seed), key=lambda s: s.index)
     labels = torch.tensor([s.class_index for s in specs])
 
     def measure(settings: SamplerSettings, steps: int, label: str) -> tuple[dict, dict]:
         """One row through the service's sampling and the synthetic cache; and its features for pairing."""
         t0 = time.perf_counter()
-        synth, sinfo = synthetic_images(ckpt, a.n_per_class, settings, cache_dir=a.cache_dir,
+        synth, sinfo = synthetic_images(ckpt, a.n_per_class, settings, base_seed=a.seed, cache_dir=a.cache_dir,
                                         precision=a.precision, batch_size=a.batch_size)
         if not torch.equal(synth.labels, labels):
             raise RuntimeError("the synthetic set's images are not in this script's order")
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
                "timesteps": step_timesteps(ckpt.schedule, steps, settings.spacing), "images": len(images),
                "source": source, "seconds": round(seconds, 1),
                "frechet_distance": frechet_distance_from_stats(*feature_stats(feats), *test_stats),
+               "frechet_distance_infinity": (frechet_distance_infinity(feats, test_stats)
+                                             if len(feats) >= FD_INF_IMAGES_PER_FEATURE * feats.shape[1] else None),
                "class_fidelity": ok.float().mean().item(),
                **precision_recall(knn_real, feats), **density_coverage(knn_real, feats)}
         print(f"{label}: {row['images']} images, {calls} calls per image, {source} in {seconds:.0f} s",
@@ -165,6 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def vs(x: dict, y: dict) -> dict:
         return paired_bootstrap(x["feats"], x["ok"], y["feats"], y["ok"], test_stats, n_boot=a.bootstrap)
+
+    def inf_vs(row: dict, base: dict) -> float | None:
+        """FD_inf of ``row`` relative to ``base``'s (a point estimate), where both have one."""
+        x, y = row["frechet_distance_infinity"], base["frechet_distance_infinity"]
+        return x / y - 1 if x is not None and y is not None and y > 0 else None
 
     d = DEFAULT_SETTINGS
     reference = None
@@ -175,41 +193,56 @@ def main(argv: list[str] | None = None) -> dict:
         row, reference = measure(settings, a.reference_steps, f"ddpm-{a.reference_steps} reference")
         row["reference"] = True
         rows.append(row)
+        reference_row = row
     for steps in a.steps:
         for w, interval in a.guidance:
-            timed = None
+            timed = timed_row = None
             for spacing in ("time", "logsnr"):
                 if spacing == "logsnr" and a.logsnr_guidance is not None:
                     w, interval = a.logsnr_guidance
                 settings = SamplerSettings(a.sampler, steps, w, d.eta, interval, spacing)
                 row, got = measure(settings, steps, f"{a.sampler}-{steps} {spacing} guidance {w:g}")
                 if timed is None:
-                    timed = got
+                    timed, timed_row = got, row
                 else:
                     row["vs_time"] = vs(got, timed)
+                    row["fd_infinity_vs_time"] = inf_vs(row, timed_row)
                 if reference is not None:
                     row["vs_reference"] = vs(got, reference)
+                    row["fd_infinity_vs_reference"] = inf_vs(row, reference_row)
                 rows.append(row)
 
     print(f"checkpoint {ckpt_dir} ({ckpt.sha256[:12]}), {a.precision}{', compiled' if a.compile else ''}; "
-          f"{a.n_per_class} images per class and row; feature CNN test accuracy "
+          f"{a.n_per_class} images per class and row, seed base {a.seed}; feature CNN test accuracy "
           f"{info.get('test_accuracy', float('nan')):.3f}")
+    has_inf = any(r["frechet_distance_infinity"] is not None for r in rows)
     cols = [("sampler", 10), ("steps", 5), ("spacing", 7), ("guidance", 12), ("calls", 5), ("FD", 7),
-            ("fidelity", 8), ("recall", 6), ("coverage", 8), ("FD vs time", 26), ("fidelity vs time", 24)]
+            *([("FD_inf", 7)] if has_inf else []),
+            ("fidelity", 8), ("recall", 6), ("coverage", 8), ("FD vs time", 26), ("fidelity vs time", 24),
+            *([("FD_inf vs time", 14)] if has_inf else [])]
     if reference is not None:
-        cols += [("FD vs ref", 26), ("fidelity vs ref", 24)]
+        cols += [("FD vs ref", 26), ("fidelity vs ref", 24), *([("FD_inf vs ref", 13)] if has_inf else [])]
+
+    def pct(x: float | None) -> str:
+        return "" if x is None else f"{x:+.1%}"
     print(" ".join(f"{name:>{width}}" if k else f"{name:<{width}}" for k, (name, width) in enumerate(cols)))
     for r in rows:
+        inf = r["frechet_distance_infinity"]
         cells = [r["sampler"], r["steps"], r["spacing"],
                  f"{r['guidance']:g}@{r['guidance_interval'][0]:g}:{r['guidance_interval'][1]:g}", r["calls"],
-                 f"{r['frechet_distance']:.3f}", f"{r['class_fidelity']:.3f}", f"{r['recall']:.3f}",
-                 f"{r['coverage']:.3f}", *_vs(r.get("vs_time"))]
+                 f"{r['frechet_distance']:.3f}", *([f"{inf:.3f}" if inf is not None else ""] if has_inf else []),
+                 f"{r['class_fidelity']:.3f}", f"{r['recall']:.3f}",
+                 f"{r['coverage']:.3f}", *_vs(r.get("vs_time")),
+                 *([pct(r.get("fd_infinity_vs_time"))] if has_inf else [])]
         if reference is not None:
-            cells += ["reference", ""] if r.get("reference") else list(_vs(r.get("vs_reference")))
+            cells += (["reference", "", *([""] if has_inf else [])] if r.get("reference")
+                      else [*_vs(r.get("vs_reference")), *([pct(r.get("fd_infinity_vs_reference"))] if has_inf else [])])
         print(" ".join(f"{str(c):>{w}}" if k else f"{str(c):<{w}}" for k, (c, (_, w)) in enumerate(zip(cells, cols))))
     print("vs time: the logSNR row minus the time-spaced row of the same steps and guidance; vs ref: the row minus "
           "the reference; paired bootstrap over the images, 95% intervals. recall, coverage: k = 5 neighbours "
-          f"against {a.n_per_class} real test images per class")
+          f"against {a.n_per_class} real test images per class"
+          + ("; FD_inf: extrapolated to infinitely many generated images, its differences point estimates"
+             if has_inf else ""))
     result = {"rows": rows, "feature_classifier": info, "checkpoint": str(ckpt_dir), "precision": a.precision,
               "compiled": a.compile}
     if a.out:

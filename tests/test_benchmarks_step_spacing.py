@@ -114,3 +114,24 @@ def test_bad_guidance_options_are_refused(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--data", "x", "--reference-steps", "1"])
     assert "--reference-steps" in capsys.readouterr().err
+
+
+def test_another_seed_set_and_fd_infinity(bench, tiny, tmp_path, monkeypatch, capsys):
+    """--seed samples other images (their own cache entries); rows with FD_inf get it and its relative differences
+    (FD_inf itself is tested in tests/training; here it is stubbed so the tiny sets count as large enough)."""
+    base = run(bench, tiny, tmp_path, "--n-per-class", "2", "--reference-steps", "4")["rows"]
+    assert all(r["frechet_distance_infinity"] is None for r in base)  # 20 images in 32 features: too few
+    assert "FD_inf" not in capsys.readouterr().out
+    monkeypatch.setattr(bench, "frechet_distance_infinity", lambda feats, stats: float(feats.float().std() + 1))
+    monkeypatch.setattr(bench, "FD_INF_IMAGES_PER_FEATURE", 0)
+    other = run(bench, tiny, tmp_path, "--n-per-class", "2", "--reference-steps", "4", "--seed", "7")["rows"]
+    assert [r["source"] for r in other] == ["sampled"] * 3
+    assert all(r["frechet_distance"] != b["frechet_distance"] for r, b in zip(other, base))
+    assert sorted(p.name.split("-seed")[1][0] for p in (tmp_path / "cache" / "synthetic").iterdir()) == ["0"] * 3 + ["7"] * 3
+    ref, timed, logsnr = other
+    assert logsnr["fd_infinity_vs_time"] == pytest.approx(
+        logsnr["frechet_distance_infinity"] / timed["frechet_distance_infinity"] - 1)
+    assert timed["fd_infinity_vs_reference"] == pytest.approx(
+        timed["frechet_distance_infinity"] / ref["frechet_distance_infinity"] - 1)
+    table = capsys.readouterr().out
+    assert "FD_inf vs ref" in table and "seed base 7" in table
