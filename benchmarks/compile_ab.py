@@ -1,5 +1,7 @@
 """The default sampler eager against compiled (``diffusion.precision.compile_for_sampling``), each variant in a
-fresh process of its own, alternated in rotated rounds.
+fresh process of its own, alternated in rotated rounds.  The default sampler is the service's, all of
+``DEFAULT_SETTINGS`` (dpmpp_sde, 20 steps evenly spaced in logSNR, guidance 8 inside the noise interval
+(0.28, 4]: 25 model calls per image on the shipped linear schedule).
 
 ``sampling_ab.py --compile`` times both in one process that also holds the other variants (and diffusers);
 a long job such as ``dreamdata evaluate --compile`` runs one model in a process of its own. This script
@@ -42,7 +44,7 @@ def child(a: argparse.Namespace) -> None:
 
     def run(steps: int) -> None:
         sample(model, ckpt.schedule, labels, seeds, sampler=d.sampler, steps=steps, guidance=d.guidance,
-               guidance_interval=d.guidance_interval, autocast=ckpt.precision.bf16)
+               guidance_interval=d.guidance_interval, spacing=d.spacing, autocast=ckpt.precision.bf16)
 
     t0 = time.perf_counter()
     # both warm up with a whole run: the guided and the unguided batch shape each see a first call untimed (two steps
@@ -85,9 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from diffusion.checkpoint import load_for_sampling
+    from diffusion.spec import DEFAULT_SETTINGS as d, format_guidance_interval
 
     torch.set_num_threads(a.threads)
     choice = load_for_sampling(a.checkpoint, "cpu", a.precision).precision
+    print(f"the default sampler: {d.sampler}, {d.steps} steps ({d.spacing}-spaced), guidance {d.guidance:g} "
+          f"(interval {format_guidance_interval(d.guidance_interval)})", flush=True)
     print(f"precision {choice.name} {choice.layout} ({choice.reason}), in every process", flush=True)
     common = ["--checkpoint", a.checkpoint, "--threads", str(a.threads), "--batch", str(a.batch),
               "--runs", str(a.runs), "--precision", choice.name, "--layout", choice.layout]

@@ -1,11 +1,13 @@
 """Are the compiled model's images (``diffusion.precision.compile_for_sampling``) the eager model's images?
 
-The same seeds through the default sampler, eager and compiled, compared as they are saved (uint8 pixel
-values); and, with ``--cache``, both against a synthetic-set cache entry's PNGs (the images a long job such as
-``dreamdata evaluate`` sampled earlier, eager or ``--compile``). Image j of class c has the synthetic sets'
-seed (base seed + c * CLASS_SEED_STRIDE + j), for j from ``--first`` on, every class in one batch, j-major, as
-the sets are sampled. Prints one row per comparison: the largest difference (levels of 255), the share of
-values that differ, and how many images are identical.
+The same seeds through the default sampler (all of ``DEFAULT_SETTINGS``, its step spacing included: dpmpp_sde,
+20 steps evenly spaced in logSNR, guidance 8 inside the noise interval (0.28, 4]), eager and compiled, compared
+as they are saved (uint8 pixel values); and, with ``--cache``, both against a synthetic-set cache entry's PNGs
+(the images a long job such as ``dreamdata evaluate`` sampled earlier, eager or ``--compile``; an entry of the
+default's settings: one sampled before 2026-12-04, with time-spaced steps and guidance 6, holds other images).
+Image j of class c has the synthetic sets' seed (base seed + c * CLASS_SEED_STRIDE + j), for j from ``--first``
+on, every class in one batch, j-major, as the sets are sampled. Prints one row per comparison: the largest
+difference (levels of 255), the share of values that differ, and how many images are identical.
 
     python benchmarks/compile_parity.py [--checkpoint checkpoints/cifar10] [--threads 2] [--precision fp32]
         [--first 1000] [--per-class 5] [--cache ~/.cache/dreamdata/synthetic/<entry>]
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     def run(model: torch.nn.Module) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         x = sample(model, ckpt.schedule, labels, seeds, sampler=D.sampler, steps=D.steps, guidance=D.guidance,
-                   guidance_interval=D.guidance_interval, autocast=ckpt.precision.bf16)
+                   guidance_interval=D.guidance_interval, spacing=D.spacing, autocast=ckpt.precision.bf16)
         return to_uint8(x).numpy(), time.perf_counter() - t0
 
     eager, t_eager = run(ckpt.model)
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows["eager vs cache"] = compare(eager, cached)
         rows["compiled vs cache"] = compare(compiled, cached)
     print(f"{len(specs)} images (j {a.first}..{a.first + a.per_class - 1} of {k} classes), {D.sampler} {D.steps} "
-          f"steps, {ckpt.precision.reason}; eager {t_eager:.1f} s, compiled {t_compiled:.1f} s (with compiling)")
+          f"steps ({D.spacing}-spaced), {ckpt.precision.reason}; eager {t_eager:.1f} s, compiled {t_compiled:.1f} s "
+          "(with compiling)")
     print(f"{'comparison':<20} {'max diff':>8} {'values differing':>17} {'identical images':>17}")
     for name, r in rows.items():
         print(f"{name:<20} {r['max']:>8} {r['differing']:>16.3%} {r['identical']:>10} of {r['images']}")

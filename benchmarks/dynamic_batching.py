@@ -8,6 +8,11 @@ worker` and the API, then measures
      time from POST to "succeeded" (median and max). Clients poll every POLL seconds (the times
      are rounded up to that).
 
+Every job asks for the service's default sampler, ``DEFAULT_SETTINGS`` (dpmpp_sde, 20 steps evenly spaced in
+logSNR, guidance 8 inside the noise interval (0.28, 4]: 25 model calls per image on the shipped linear
+schedule), each setting spelled out in the request; --sampler, --steps, --guidance, --guidance-interval and
+--spacing change it.
+
     python benchmarks/dynamic_batching.py [--checkpoint DIR | --tiny] [--jobs 10] [--n 10] [--threads 2]
     python benchmarks/dynamic_batching.py --tiny --steps 5     # a quick check of the script
 """
@@ -25,7 +30,7 @@ import httpx
 import torch
 
 from diffusion.precision import default_device
-from diffusion.spec import DEFAULT_SETTINGS, format_guidance_interval, parse_guidance_interval
+from diffusion.spec import DEFAULT_SETTINGS, SPACINGS, format_guidance_interval, parse_guidance_interval
 from service import run_job, running_service, tiny_checkpoint
 from training.generate import default_checkpoint
 
@@ -58,12 +63,17 @@ def concurrent_jobs(base_url: str, params: list[dict]) -> tuple[float, list[floa
     return max(e for _, e in spans) - min(s for s, _ in spans), [e - s for s, e in spans]
 
 
+def sampler_params(a: argparse.Namespace) -> dict:
+    """The sampler settings of every job's POST /generate query, each spelled out (none left to the service)."""
+    return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
+            "guidance_interval": format_guidance_interval(a.guidance_interval), "spacing": a.spacing}
+
+
 def measure(mode: str, a, ckpt: Path, tmp: Path) -> list[tuple]:
     env = dict(MODES[mode], DREAMDATA_BATCH_SIZE=a.batch_size, DREAMDATA_MAX_N=max(a.jobs * a.n, 1))
     if mode == "threads":
         env["DREAMDATA_CONCURRENCY"] = a.jobs
-    common = {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
-              "guidance_interval": format_guidance_interval(a.guidance_interval)}
+    common = sampler_params(a)
     rows = []
     with running_service(tmp, ckpt, threads=a.threads, **env) as (base_url, _):
         with httpx.Client(base_url=base_url, timeout=60) as client:
@@ -81,7 +91,7 @@ def measure(mode: str, a, ckpt: Path, tmp: Path) -> list[tuple]:
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     p.add_argument("--tiny", action="store_true", help="a tiny random checkpoint (a quick check of the script)")
@@ -92,11 +102,18 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
     p.add_argument("--guidance-interval", type=parse_guidance_interval, default=DEFAULT_SETTINGS.guidance_interval,
                    metavar="LO,HI|all")
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SETTINGS.spacing,
+                   help="where the steps fall: evenly in the timestep index (time) or in logSNR (logsnr; Lu et al. "
+                        f"2022; more steps at low noise); default {DEFAULT_SETTINGS.spacing}")
     p.add_argument("--batch-size", type=int, default=100, help="the worker's batch size (most images merged)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each measurement (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in the worker")
     p.add_argument("--modes", default="prefork,threads")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="dreamdata-batching-"))
     try:
         ckpt = tiny_checkpoint(tmp / "ckpt") if a.tiny else Path(a.checkpoint or default_checkpoint())
@@ -105,7 +122,7 @@ def main() -> None:
             rows += measure(mode, a, ckpt, tmp / mode)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ncheckpoint {ckpt}; {a.sampler} {a.steps} steps, guidance {a.guidance} "
+    print(f"\ncheckpoint {ckpt}; {a.sampler} {a.steps} steps ({a.spacing}-spaced), guidance {a.guidance} "
           f"(interval {format_guidance_interval(a.guidance_interval)}); worker batch {a.batch_size}; "
           f"{a.threads} torch threads; device {default_device().type}; "
           f"median of {a.repeats}\n")

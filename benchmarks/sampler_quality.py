@@ -23,6 +23,12 @@ at those steps and one at the others, so it costs fewer calls than the same sett
 Its rows are held against the reference of the classic guidance --reference-guidance (default: the last of
 --guidances that guides, 4): the interval, and its own scale W, are one more way to reach that quality.
 
+Every row's steps are evenly spaced in time (``spacing=time``, ``GRID_SPACING``), as the grid has always been
+measured.  The service default spaces its steps evenly in logSNR since 2026-12-04 (dpmpp_sde-20, guidance 8
+inside (0.28, 4]: 25 model calls per image on the shipped linear schedule, 29 time-spaced), so its row here,
+dpmpp_sde-20 at that guidance and interval, is marked "as the service default but time-spaced";
+``benchmarks/step_spacing.py`` measures the two spacings side by side.
+
 The choice rule, per guidance value: among the settings whose FD is at most --tolerance (default
 5%) above the reference's, and whose class fidelity is at most --tolerance x 100 percentage
 points (absolute, so 5 points at the default) below the reference's, the one with the fewest
@@ -87,14 +93,18 @@ log = logging.getLogger("sampler_quality")
 
 DEFAULT_GRID = "ddpm:1000,ddim:50,ddim:100,dpmpp:10,dpmpp:15,dpmpp:20,dpmpp_sde:10,dpmpp_sde:15,dpmpp_sde:20"
 REPORT_STEPS = 1000  # the report's method: DDPM ancestral sampling over all 1000 timesteps
+# Where every row's steps fall: evenly in time, as the grid has always been measured (the service default is
+# logsnr-spaced since 2026-12-04; benchmarks/step_spacing.py compares the two)
+GRID_SPACING = "time"
 
 
 def model_calls(steps: int, guidance: float, interval: GuidanceInterval | None = None,
                 schedule: NoiseSchedule | None = None) -> int:
     """Model calls per image (see ``SamplerSettings.model_calls``); the sampler does not matter.  With a
     guidance interval, which steps are guided depends on the schedule's noise levels."""
-    s = SamplerSettings("ddim", steps, guidance, guidance_interval=interval)
-    return s.model_calls(step_sigmas(schedule, steps) if interval is not None and schedule is not None else None)
+    s = SamplerSettings("ddim", steps, guidance, guidance_interval=interval, spacing=GRID_SPACING)
+    return s.model_calls(step_sigmas(schedule, steps, GRID_SPACING) if interval is not None and schedule is not None
+                         else None)
 
 
 def guidance_label(guidance: float, interval: GuidanceInterval | None) -> str:
@@ -104,7 +114,8 @@ def guidance_label(guidance: float, interval: GuidanceInterval | None) -> str:
 
 CLASSIC_GUIDANCE = 4.0  # the guidance of the classic (every-step) rows of the default grid
 DEFAULT_GUIDANCES = f"1.0,{CLASSIC_GUIDANCE:g}"
-# the service default, when it guides inside an interval: held against the classic rows' reference
+# the service default's guidance and interval, when it guides inside one: held against the classic rows' reference
+# (on the grid's time-spaced steps, GRID_SPACING, not the default's own spacing)
 DEFAULT_INTERVAL_GUIDANCES = ("" if DEFAULT_SETTINGS.guidance_interval is None else
                               guidance_label(DEFAULT_SETTINGS.guidance, DEFAULT_SETTINGS.guidance_interval))
 
@@ -132,6 +143,7 @@ class Row:
     guidance_interval: GuidanceInterval | None = None  # guided only where lo < sigma_t <= hi; None: every step
     interval_calls: int | None = None  # model calls per image with the interval (they depend on the schedule)
     fd_infinity: float | None = None  # FD extrapolated to infinitely many generated images; None below 6 x features images
+    spacing: str = GRID_SPACING       # where the steps fall (every row of the grid: time)
 
     @property
     def calls(self) -> int:
@@ -356,8 +368,8 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
     for i, (sampler, steps, g, gi, dtype) in enumerate(grid, 1):
         calls = model_calls(steps, g, gi, schedule)
         label = guidance_label(g, gi)
-        folder = cache_path(cache_dir, sha, SamplerSettings(sampler, steps, g, guidance_interval=gi), a.seed,
-                            num_classes, dtype == "bf16", schedule.config)
+        setting = SamplerSettings(sampler, steps, g, guidance_interval=gi, spacing=GRID_SPACING)
+        folder = cache_path(cache_dir, sha, setting, a.seed, num_classes, dtype == "bf16", schedule.config)
         total = a.n_per_class * num_classes
         to_sample = missing(folder, a.n_per_class, num_classes, a.seed)
         state = ("cached" if not to_sample else f"sampling {to_sample}"
@@ -365,7 +377,8 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
         log.info("[%d/%d] %s-%d guidance %s %s: %d model calls per image, %s", i, len(grid), sampler, steps, label,
                  dtype, calls, state)
         s = MetricsSettings(data=a.data, checkpoint=str(checkpoint), n_per_class=a.n_per_class, sampler=sampler,
-                            steps=steps, guidance=g, guidance_interval=gi, seed=a.seed, batch_size=a.batch_size, k=a.k,
+                            steps=steps, guidance=g, guidance_interval=gi, spacing=GRID_SPACING, seed=a.seed,
+                            batch_size=a.batch_size, k=a.k,
                             feature_classifier=a.feature_classifier, feature_width=a.feature_width,
                             feature_epochs=a.feature_epochs, device=a.device, cache_dir=a.cache_dir)
         with tqdm(total=total, desc=f"{sampler}-{steps} g{label}", unit="img", dynamic_ncols=True, leave=False,
@@ -381,7 +394,7 @@ def measure(a: argparse.Namespace, checkpoint: Path) -> tuple[list[Row], dict, d
         rows.append(Row(sampler, steps, g, gen["frechet_distance"], gen["class_fidelity"]["overall"], gen["recall"],
                         gen["coverage"], gen["precision"], gen["density"], gen["images"], spi, timing,
                         result["synthetic"]["cache_dir"], dtype, guidance_interval=gi,
-                        interval_calls=calls if gi is not None else None))
+                        interval_calls=calls if gi is not None else None, spacing=GRID_SPACING))
         per_image[rows[-1].key] = result.pop("per_image")
         feats = per_image[rows[-1].key]["features"]
         if len(feats) >= FD_INF_MIN_RATIO * feats.shape[1]:  # enough images for the extrapolation to hold
@@ -421,7 +434,9 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
         for r in sorted(c.rows, key=lambda r: -r.calls):
             rel = r.frechet_distance / ref.frechet_distance - 1 if ref.frechet_distance > 0 else float("nan")
             notes = (["reference"] if r is ref else []) + (["<- chosen"] if r is c.chosen else [])
-            notes += ["service default"] if (r.sampler, r.steps, r.guidance, r.guidance_interval) == default else []
+            if (r.sampler, r.steps, r.guidance, r.guidance_interval) == default:
+                notes += ["service default" if r.spacing == d.spacing else
+                          f"as the service default but {r.spacing}-spaced"]
             notes += ["cached timing"] if r.timing.startswith("cached") else []
             v = r.vs_reference
             fd_ci = f"[{v['frechet_distance_relative'][1]:+.1%}, {v['frechet_distance_relative'][2]:+.1%}]" if v else ""
@@ -472,7 +487,8 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
                        f"fidelity {100 * (ch.class_fidelity - ref.class_fidelity):+.1f} pp")
         print(f"guidance {c.guidance:g}: reference {ref.name} ({why}); {verdict}")
     print(f"service default now (diffusion/spec.py DEFAULT_SETTINGS): {d.sampler}-{d.steps} guidance "
-          f"{guidance_label(d.guidance, d.guidance_interval)}")
+          f"{guidance_label(d.guidance, d.guidance_interval)}, steps {d.spacing}-spaced"
+          + (f" (every row above: {GRID_SPACING}-spaced)" if d.spacing != GRID_SPACING else ""))
 
 
 FIGURE_PER_CLASS = 4

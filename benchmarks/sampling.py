@@ -8,13 +8,18 @@ every variant side by side in one process, against three references:
     weights, only speed matters) run by diffusers' DDPMPipeline with the matching scheduler
     (unconditional, one model call per step) and by a minimal DiffusionPipeline that does
     classifier-free guidance in one batched call, as ours and diffusers' DiTPipeline do (guided);
-    at the largest batch, fp32, eager, in both layouts, each against ours with the same settings;
+    at the largest batch, fp32, eager, in both layouts, each against ours with the same settings
+    (the same sampler, steps and model calls; the scheduler spaces its steps evenly in time, its
+    default, whatever --spacing says: where the steps fall does not change what a step costs);
 (c) the machine's limit: FLOPs of one model call (torch.utils.flop_counter) and the peak torch.mm
     throughput at the same thread count, so each row says which fraction of peak it reaches.
 
-Our variants: diffusion.samplers.sample at fp32 and bf16 autocast (--precisions; bf16 only where the CPU
-has bf16 instructions unless asked for: on an AVX2-only CPU one bf16 forward is 10-50x slower than fp32,
-and its rows would take hours), NCHW and channels_last weights,
+Our variants: diffusion.samplers.sample with the service's default sampler (``DEFAULT_SETTINGS``: dpmpp_sde,
+20 steps evenly spaced in logSNR, guidance 8 inside the noise interval (0.28, 4], 25 model calls per image on
+the shipped linear schedule; --sampler, --steps, --guidance, --guidance-interval and --spacing change it) at
+fp32 and bf16 autocast (--precisions; bf16 only where the CPU has bf16 instructions unless asked for: on an
+AVX2-only CPU one bf16 forward is 10-50x slower than fp32, and its rows would take hours), NCHW and
+channels_last weights,
 and torch.compile (fp32 and bf16, in the service's layout), at each of --batch-sizes (one batch per
 timed run). A row is the median, min and max images/s over --repeats timed runs after a warm-up run of
 --warmup-steps sampler steps on the same batch; for torch.compile that warm-up compiles, and its
@@ -29,8 +34,8 @@ in docs/results.md: one guided 100-image run of DPM-Solver++ 20 steps takes over
 saves about a quarter of it.
 
     python benchmarks/sampling.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch-sizes 1,10,50]
-                                  [--repeats 3] [--sampler dpmpp_sde --steps 20 --guidance 6
-                                  --guidance-interval 0.28,4]
+                                  [--repeats 3] [--sampler dpmpp_sde --steps 20 --guidance 8
+                                  --guidance-interval 0.28,4 --spacing logsnr]
                                   [--skip-compile] [--skip-diffusers] [--precisions fp32,bf16]
     python benchmarks/sampling.py --quick    # that it runs: tiny sizes, the numbers mean nothing
 """
@@ -54,7 +59,7 @@ from diffusion.checkpoint import load_for_sampling
 from diffusion.precision import CPU_SAMPLING_BATCH, benchmark_precisions, compile_for_sampling
 from diffusion.samplers import model_calls, sample
 from diffusion.schedules import NoiseSchedule
-from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SamplerSettings,
+from diffusion.spec import (DEFAULT_SETTINGS, PRECISIONS, SHIPPED_CHECKPOINT, SPACINGS, SamplerSettings,
                             format_guidance_interval, parse_guidance_interval, requested_precision)
 from diffusion.unet import UNET_CONFIGS, UNet, UNetConfig, _groups, count_parameters
 
@@ -165,7 +170,7 @@ def run_ours(model, schedule: NoiseSchedule, batch: int, s: SamplerSettings, bf1
         pre = timed(guided_call)
     rates, warm = measure(lambda steps: sample(model, schedule, labels, seeds, sampler=s.sampler, steps=steps,
                                                guidance=s.guidance, guidance_interval=s.guidance_interval,
-                                               autocast=bf16),
+                                               spacing=s.spacing, autocast=bf16),
                           batch, s.steps, warmup_steps, repeats)
     return rates, pre + warm
 
@@ -263,7 +268,9 @@ def run_diffusers(unet, flops: int, schedule: NoiseSchedule, s: SamplerSettings,
                   a: argparse.Namespace, precision: str = "fp32") -> Row:
     """(b): a class-conditional ``unet`` through the guided pipeline, an unconditional one through
     diffusers' DDPMPipeline; eager, its weights in ``layout``; bf16 the diffusers way: the weights cast to
-    bfloat16 (``pipe.to(torch.bfloat16)``), so the noise, the model and the scheduler all run in bf16."""
+    bfloat16 (``pipe.to(torch.bfloat16)``), so the noise, the model and the scheduler all run in bf16.
+    ``s.spacing`` is not used: the scheduler spaces its steps evenly in time (its default); where the steps
+    fall does not change what a step costs."""
     from diffusers import DDPMPipeline
 
     unet.to(torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -300,6 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance-interval", type=parse_guidance_interval, default=DEFAULT_SETTINGS.guidance_interval,
                    metavar="LO,HI|all", help="guide only where LO < sigma_t <= HI (default "
                                              f"{format_guidance_interval(DEFAULT_SETTINGS.guidance_interval)})")
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SETTINGS.spacing,
+                   help="where the steps fall: evenly in the timestep index (time) or in logSNR (logsnr; Lu et al. "
+                        f"2022; more steps at low noise); default {DEFAULT_SETTINGS.spacing}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-sizes", default=f"1,10,{CPU_SAMPLING_BATCH}",
                    help="comma-separated; one batch per timed run (default: up to the worker's CPU batch)")
@@ -349,12 +359,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     precisions = [p for p in ("fp32", "bf16") if p in precisions or p in ("fp32", service.name)]
     service_layout = service.layout
     model, schedule, cfg = ckpt.model, ckpt.schedule, ckpt.model.config
-    s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval)
+    s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval, spacing=a.spacing)
     s.validate(schedule.num_timesteps)
     guided = s.guided
-    unguided_s = SamplerSettings(s.sampler, s.steps, 1.0) if guided else s  # one model call per step
+    unguided_s = SamplerSettings(s.sampler, s.steps, 1.0, spacing=s.spacing) if guided else s  # one call per step
     # guided at every step, as diffusers' pipelines guide: the like-with-like row for (b)
-    every_step = SamplerSettings(s.sampler, s.steps, s.guidance)
+    every_step = SamplerSettings(s.sampler, s.steps, s.guidance, spacing=s.spacing)
     interval = guided and s.guidance_interval is not None
 
     def glabel(settings: SamplerSettings) -> str:
@@ -396,7 +406,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"the service's precision here ({requested_precision(a.precision)}): {service.reason}")
     if "bf16" not in precisions:
         print(left_out)
-    print(f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance:g}"
+    print(f"sampler {s.sampler}, {s.steps} steps ({s.spacing}-spaced), guidance {s.guidance:g}"
           + (f" in the noise interval ({format_guidance_interval(s.guidance_interval)}] (guidance column "
              f"'{glabel(s)}')" if interval else "")
           + f": {model_calls(s, schedule)} model calls per image"
@@ -483,7 +493,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 if interval:
                     ours(model, precision, layout, big, every_step, "guided at every step, for (b)")
 
-    # ---- 3. (b) diffusers: same sampler, steps and batch; eager, fp32 and bf16, in both layouts
+    # ---- 3. (b) diffusers: same sampler, steps and batch; eager, fp32 and bf16, in both layouts (its steps evenly
+    # spaced in time, the scheduler's default, whatever s.spacing: where the steps fall does not change their cost)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers' deprecation notes, numpy 2's __array__ copy warning
         for key, (unet, f) in theirs.items():
@@ -505,8 +516,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     g, g1, ge = glabel(s), glabel(unguided_s), glabel(every_step)  # ge: guided at every step, as diffusers
     print()
     if theirs:
-        print(f"ours / diffusers, batch {big}, {s.sampler} {s.steps} steps, fp32, eager, threads {a.threads}, "
-              f"same model size, same model calls (goal: >= 1.5x):")
+        print(f"ours / diffusers, batch {big}, {s.sampler} {s.steps} steps (ours {s.spacing}-spaced, diffusers' "
+              f"time-spaced), fp32, eager, threads {a.threads}, same model size, same model calls (goal: >= 1.5x):")
         for layout in LAYOUTS:
             ours_u, their_u = find("ours", layout, g1), find("(b) diffusers", layout, "uncond")
             print(f"  {layout + ',':<14} unguided, 1 call per step "
@@ -529,8 +540,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                   f"({best_t.precision} {best_t.layout}) {mine.median / best_t.median:.2f}x")
     unguided = find("ours", service_layout, g1, service.name)
     print(f"speed-up vs (a), the report's method (DDPM {T} steps, batch {nb}, unguided; goal: 50x):")
-    print(f"  default row (ours {service.name} {service_layout} eager, batch {big}, {s.sampler} {s.steps} steps, "
-          f"guidance {s.guidance:g}): {default.median / report.median:.1f}x")
+    print(f"  default row (ours {service.name} {service_layout} eager, batch {big}, {s.sampler} {s.steps} steps "
+          f"({s.spacing}-spaced), guidance {s.guidance:g}): {default.median / report.median:.1f}x")
     if guided:
         print(f"  the same unguided (guidance 1): {unguided.median / report.median:.1f}x")
     best = max((r for r in rows if r.name.startswith("ours") and r.guidance == g), key=lambda r: r.median)

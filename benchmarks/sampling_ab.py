@@ -8,13 +8,20 @@ on, in rounds, each round running every variant once in a rotated order, and rep
 median over the rounds and each ratio as the median [min, max] of its per-round ratios:
 
     default     ``DEFAULT_SETTINGS`` as the service samples (with its guidance interval, if any)
-    every step  the same sampler, steps and guidance, guided at every step (what diffusers does)
+    every step  the same sampler, steps, spacing and guidance, guided at every step (what diffusers does)
     diffusers   a same-size diffusers UNet2DModel (random weights) in the same guided loop as
                 ``sampling.py``'s (b) rows, with the matching scheduler; its weights cast to the
-                service's precision, the way diffusers users run bf16
+                service's precision, the way diffusers users run bf16.  Its steps stay evenly spaced in
+                time (the scheduler's default): where the steps fall does not change what a step costs
     default, compiled   (with --compile) the default on ``diffusion.precision.compile_for_sampling(model)``, as
                 the worker runs it with ``--compile default`` (on a CPU: inductor with freezing); its warm-up
                 is a whole run, which compiles both the guided and the unguided batch shape
+    DDPM-1000   (with --report-loop) DDPM ancestral at 1000 steps, the report's method: unguided, as the
+                report ran it (1,000 model calls per image), and guided as the default is, in its
+                interval (1,445 calls on the shipped schedule: the quality reference of docs/results.md
+                "Steps evenly spaced in logSNR"); on the compiled model with --compile, so the ratios
+                compare like with like.  About 5-12 s per image on a 2-core CPU: use a small --batch
+                and few --rounds (``--batch 20 --rounds 3`` is about a quarter of an hour)
     default, unfolded upsampling   (with --unfolded) the default on a copy of the model whose
                 ``Upsample`` layers run nearest upsampling then their 3x3 conv, as diffusers does,
                 instead of the folded transposed conv (``diffusion.unet.Upsample``)
@@ -23,7 +30,7 @@ All in the precision and layout the service picks on this machine (``diffusion.p
 of --batch images per timed run, after one short warm-up run each.
 
     python benchmarks/sampling_ab.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch 50] [--rounds 5]
-        [--unfolded] [--compile]
+        [--unfolded] [--compile] [--report-loop]
 """
 from __future__ import annotations
 
@@ -52,6 +59,9 @@ from training.plots import to_uint8  # noqa: E402
 
 UNFOLDED = "default, unfolded upsampling"
 COMPILED = "default, compiled"
+REPORT = "DDPM-1000, unguided"
+REPORT_GUIDED = "DDPM-1000, guided as default"
+REPORT_STEPS = 1000
 
 
 def paired_ratios(a: list[float], b: list[float]) -> dict:
@@ -74,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also time the default with plain interpolate-then-conv upsampling (the UNet before the fold)")
     p.add_argument("--compile", action="store_true",
                    help="also time the default on the model compiled as the worker's --compile default compiles it")
+    p.add_argument("--report-loop", action="store_true",
+                   help="also time DDPM ancestral at 1000 steps (the report's method), unguided and guided as the "
+                        "default is; slow: use a small --batch and few --rounds")
     a = p.parse_args(argv)
     if a.batch < 1 or a.rounds < 1 or a.steps < 2:
         p.error("--batch and --rounds must be at least 1, --steps at least 2")
@@ -86,13 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = load_for_sampling(a.checkpoint, "cpu", a.precision)
     choice, model, schedule = ckpt.precision, ckpt.model, ckpt.schedule
     d = DEFAULT_SETTINGS
-    default = SamplerSettings(d.sampler, a.steps, d.guidance, d.eta, d.guidance_interval)
-    every = SamplerSettings(d.sampler, a.steps, d.guidance, d.eta)
+    default = SamplerSettings(d.sampler, a.steps, d.guidance, d.eta, d.guidance_interval, d.spacing)
+    every = SamplerSettings(d.sampler, a.steps, d.guidance, d.eta, None, d.spacing)
     labels, seeds = torch.arange(a.batch) % model.config.num_classes, list(range(a.batch))
 
     def ours(s: SamplerSettings, net: torch.nn.Module = model) -> Callable[[int], object]:
         return lambda steps: sample(net, schedule, labels, seeds, sampler=s.sampler, steps=steps,
-                                    guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=choice.bf16)
+                                    guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=choice.bf16,
+                                    spacing=s.spacing)
 
     interval = format_guidance_interval(default.guidance_interval)
     variants: dict[str, tuple[Callable[[int], object], int]] = {
@@ -102,8 +116,18 @@ def main(argv: list[str] | None = None) -> dict:
     if a.unfolded:
         unfolded = set_upsample_folding(copy.deepcopy(model), False)
         variants[UNFOLDED] = (ours(default, unfolded), model_calls(default, schedule))
+    compiled = compile_for_sampling(model) if a.compile else None
     if a.compile:
-        variants[COMPILED] = (ours(default, compile_for_sampling(model)), model_calls(default, schedule))
+        variants[COMPILED] = (ours(default, compiled), model_calls(default, schedule))
+    if a.report_loop:
+        def report_loop(guidance: float, interval) -> Callable[[int], object]:
+            net = model if compiled is None else compiled
+            return lambda steps: sample(net, schedule, labels, seeds, sampler="ddpm",  # warm-up: a few steps
+                                        steps=REPORT_STEPS if steps >= a.steps else steps, guidance=guidance,
+                                        guidance_interval=interval, autocast=choice.bf16)
+        for name, s in ((REPORT, SamplerSettings("ddpm", REPORT_STEPS, 1.0)),
+                        (REPORT_GUIDED, SamplerSettings("ddpm", REPORT_STEPS, d.guidance, 0.0, d.guidance_interval))):
+            variants[name] = (report_loop(s.guidance, s.guidance_interval), model_calls(s, schedule))
     if not a.skip_diffusers and load_diffusers():
         unet = diffusers_unet(model.config, True).to(torch.bfloat16 if choice.bf16 else torch.float32)
         set_layout(unet, choice.layout)
@@ -112,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         variants["diffusers"] = (lambda steps: pipe(labels, null, d.guidance, steps,
                                                      generator=torch.Generator().manual_seed(0)),
                                  every.model_calls())
-    print(f"{d.sampler}, {a.steps} steps, guidance {d.guidance:g}; precision {choice.name} {choice.layout} "
+    print(f"{d.sampler}, {a.steps} steps ({d.spacing}-spaced), guidance {d.guidance:g}; "
+          f"precision {choice.name} {choice.layout} "
           f"({choice.reason}); batch {a.batch}, threads {a.threads}, {a.rounds} rounds")
     names = list(variants)
     rates: dict[str, list[float]] = {n: [] for n in names}
@@ -121,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.simplefilter("ignore")  # diffusers' notes on casting and deprecations
         for n in names:
             t0 = time.perf_counter()
-            variants[n][0](a.steps if n == COMPILED else 2)  # warm-up; compiling needs a guided and an unguided step
+            # warm-up; compiling needs a guided and an unguided step (the DDPM rows run on the compiled model then)
+            variants[n][0](a.steps if n == COMPILED else 2)
             if n == COMPILED:
                 print(f"{n}: warm-up run (compiling) {time.perf_counter() - t0:.1f} s", flush=True)
         for r in range(a.rounds):
@@ -134,11 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
     med = {n: statistics.median(v) for n, v in rates.items()}
     print(f"\n{'variant':<30} {'calls/img':>9} {'img/s':>8} {'min':>8} {'max':>8}")
     for n in names:
-        print(f"{n:<30} {variants[n][1]:>9} {med[n]:>8.3f} {min(rates[n]):>8.3f} {max(rates[n]):>8.3f}")
+        print(f"{n:<30} {variants[n][1]:>9} {med[n]:>8.4g} {min(rates[n]):>8.4g} {max(rates[n]):>8.4g}")
     first = names[0]
     pairs = [(first, n) for n in names[1:]] + ([("every step", "diffusers")] if "diffusers" in med else [])
     if COMPILED in med and "diffusers" in med:
         pairs.append((COMPILED, "diffusers"))
+    if a.report_loop:  # like with like: the DDPM rows ran on the compiled model where there is one
+        ours_ = COMPILED if a.compile else first
+        pairs = [p for p in pairs if REPORT not in p and REPORT_GUIDED not in p]
+        pairs += [(ours_, REPORT), (ours_, REPORT_GUIDED)]
     ratios = {}
     print("ratios: the median [min, max] of the per-round ratios (each round times both in turn)")
     for a_, b_ in pairs:

@@ -1,5 +1,9 @@
 """Seconds per image of the default sampler against the batch size, the sizes timed in rotated rounds.
 
+The default sampler is the service's, ``DEFAULT_SETTINGS`` (dpmpp_sde, 20 steps evenly spaced in logSNR,
+guidance 8 inside the noise interval (0.28, 4]: 25 model calls per image on the shipped linear schedule);
+--sampler, --steps, --guidance, --guidance-interval and --spacing change it.
+
 The worker, ``dreamdata sample``, ``evaluate`` and ``metrics`` sample in batches of
 ``diffusion.precision.sampling_batch`` images unless told otherwise (50 on a CPU, 256 on a GPU). This
 is the measurement behind the CPU's 50: every round times one batch of each size, each round in a
@@ -9,7 +13,8 @@ layout). A guided step runs cond and uncond in one call of twice the rows, so a 
 model call of 200 images.
 
     python benchmarks/sampling_batch.py [--checkpoint checkpoints/cifar10] [--batch-sizes 25,50,100]
-                                        [--rounds 3] [--threads 2] [--sampler dpmpp_sde --steps 20 ...]
+                                        [--rounds 3] [--threads 2] [--sampler dpmpp_sde --steps 20 ...
+                                        --spacing logsnr]
     python benchmarks/sampling_batch.py --quick    # that it runs: tiny sizes, the numbers mean nothing
 """
 from __future__ import annotations
@@ -27,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from diffusion.checkpoint import load_for_sampling  # noqa: E402
 from diffusion.precision import sampling_batch  # noqa: E402
 from diffusion.samplers import model_calls, sample  # noqa: E402
-from diffusion.spec import (DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, SamplerSettings,  # noqa: E402
+from diffusion.spec import (DEFAULT_SETTINGS, SHIPPED_CHECKPOINT, SPACINGS, SamplerSettings,  # noqa: E402
                             format_guidance_interval, parse_guidance_interval)
 
 
@@ -43,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=DEFAULT_SETTINGS.steps)
     p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
     p.add_argument("--guidance-interval", type=parse_guidance_interval, default=DEFAULT_SETTINGS.guidance_interval)
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SETTINGS.spacing,
+                   help="where the steps fall: evenly in the timestep index (time) or in logSNR (logsnr; Lu et al. "
+                        f"2022; more steps at low noise); default {DEFAULT_SETTINGS.spacing}")
     p.add_argument("--quick", action="store_true", help="batch sizes 1,2, one round, 2 steps")
     a = p.parse_args(argv)
     if a.quick:
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[float]]:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     ckpt = load_for_sampling(a.checkpoint, a.device, a.precision)
-    s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval)
+    s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval, spacing=a.spacing)
     s.validate(ckpt.schedule.num_timesteps)
     device = next(ckpt.model.parameters()).device
 
@@ -68,12 +76,14 @@ def main(argv: list[str] | None = None) -> dict[int, list[float]]:
         labels = torch.arange(batch, device=device) % len(ckpt.class_names)
         t0 = time.perf_counter()
         sample(ckpt.model, ckpt.schedule, labels, list(range(batch)), sampler=s.sampler, steps=s.steps,
-               guidance=s.guidance, guidance_interval=s.guidance_interval, autocast=ckpt.precision.bf16)
+               guidance=s.guidance, guidance_interval=s.guidance_interval, spacing=s.spacing,
+               autocast=ckpt.precision.bf16)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return (time.perf_counter() - t0) / batch
 
-    print(f"checkpoint {a.checkpoint} (sha256 {ckpt.sha256[:12]}); {s.sampler} {s.steps} steps, guidance {s.guidance:g}"
+    print(f"checkpoint {a.checkpoint} (sha256 {ckpt.sha256[:12]}); {s.sampler} {s.steps} steps ({s.spacing}-spaced), "
+          f"guidance {s.guidance:g}"
           + (f" in ({format_guidance_interval(s.guidance_interval)}]" if s.guided and s.guidance_interval else "")
           + f", {model_calls(s, ckpt.schedule)} model calls per image; {a.threads} threads; {ckpt.precision.reason}")
     print(f"the default batch here (diffusion.precision.sampling_batch): {sampling_batch(device)}")

@@ -9,6 +9,11 @@ loopback), measured three ways:
     python benchmarks/service.py [--checkpoint DIR | --tiny] [--n 100] [--memory-n 10000]
                                  [--clients 50] [--requests 2000] [--threads 2] [--compile default]
 
+Every job, and the same work called directly, uses the service's default sampler, ``DEFAULT_SETTINGS``
+(dpmpp_sde, 20 steps evenly spaced in logSNR, guidance 8 inside the noise interval (0.28, 4]: 25 model calls
+per image on the shipped linear schedule), each setting spelled out in the request; --sampler, --steps,
+--guidance, --guidance-interval and --spacing change it.
+
 The worker decides its precision as it always does (DREAMDATA_PRECISION, else auto: timed at start);
 the direct runs load the model the worker's way (``worker.generation.model_for``: the same precision,
 layout and --compile mode), so the overhead rows compare like with like.
@@ -33,8 +38,8 @@ import httpx
 import torch
 
 from diffusion.precision import default_device
-from diffusion.spec import (DEFAULT_SETTINGS, SamplerSettings, format_guidance_interval, parse_guidance_interval,
-                            requested_precision)
+from diffusion.spec import (DEFAULT_SETTINGS, SPACINGS, SamplerSettings, format_guidance_interval,
+                            parse_guidance_interval, requested_precision)
 from training.generate import default_checkpoint, generate_to_dir, plan, sampling_autocast
 from worker.redis_server import RedisServer, die_with_parent, free_port
 
@@ -62,6 +67,12 @@ def rss_kb(pid: int, field: str = "VmHWM") -> int:
 def pool_child(pid: int) -> int:
     kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return int(kids[0]) if kids else pid
+
+
+def request_params(s: SamplerSettings, n: int, seed: int = 0) -> dict:
+    """The POST /generate query of an ``n``-image job of class cat with settings ``s``, each spelled out."""
+    return {"class": "cat", "n": n, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
+            "guidance_interval": format_guidance_interval(s.guidance_interval), "spacing": s.spacing, "seed": seed}
 
 
 def run_job(client: httpx.Client, params: dict, poll: float = 0.02) -> tuple[float, dict]:
@@ -94,13 +105,13 @@ def direct(ckpt_dir: Path, n: int, s: SamplerSettings, batch: int, out: Path,
         w = specs[:batch]
         sample(ckpt.model, ckpt.schedule, torch.tensor([x.class_index for x in w]), [x.seed for x in w],
                sampler=s.sampler, steps=s.steps, guidance=s.guidance, guidance_interval=s.guidance_interval,
-               autocast=sampling_autocast(ckpt))
+               spacing=s.spacing, autocast=sampling_autocast(ckpt))
     t0 = time.perf_counter()
     for i in range(0, n, batch):
         b = specs[i:i + batch]
         sample(ckpt.model, ckpt.schedule, torch.tensor([x.class_index for x in b]), [x.seed for x in b],
                sampler=s.sampler, steps=s.steps, guidance=s.guidance, guidance_interval=s.guidance_interval,
-               autocast=sampling_autocast(ckpt))
+               spacing=s.spacing, autocast=sampling_autocast(ckpt))
     t1 = time.perf_counter()
     generate_to_dir(ckpt, [(3, n)], out, settings=s, base_seed=0, batch_size=batch, make_zip=True)
     return t1 - t0, time.perf_counter() - t1, ckpt.precision.reason
@@ -132,7 +143,7 @@ def latency(base_url: str, url: str, clients: int, requests: int) -> list[float]
     return sorted(times)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     p.add_argument("--tiny", action="store_true", help="use a tiny random checkpoint (a quick check of the script)")
@@ -142,6 +153,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=DEFAULT_SETTINGS.guidance)
     p.add_argument("--guidance-interval", type=parse_guidance_interval, default=DEFAULT_SETTINGS.guidance_interval,
                    metavar="LO,HI|all")
+    p.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SETTINGS.spacing,
+                   help="where the steps fall: evenly in the timestep index (time) or in logSNR (logsnr; Lu et al. "
+                        f"2022; more steps at low noise); default {DEFAULT_SETTINGS.spacing}")
     p.add_argument("--compile", default="off", help="the worker's --compile mode (off, default, ...); the direct "
                                                     "runs compile the same way")
     p.add_argument("--batch-size", type=int, default=100)
@@ -155,11 +169,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (here and in the worker)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (jobs, logs)")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def settings(a: argparse.Namespace) -> SamplerSettings:
+    """The sampler settings of the command line (by default ``DEFAULT_SETTINGS``)."""
+    return SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval, spacing=a.spacing)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="dreamdata-bench-"))
     ckpt = tiny_checkpoint(tmp / "ckpt") if a.tiny else Path(a.checkpoint or default_checkpoint())
-    s = SamplerSettings(a.sampler, a.steps, a.guidance, guidance_interval=a.guidance_interval)
+    s = settings(a)
     with running_service(tmp, ckpt, threads=a.threads, DREAMDATA_BATCH_SIZE=a.batch_size,
                          DREAMDATA_MAX_N=max(a.n, a.memory_n), DREAMDATA_COMPILE=a.compile,
                          DREAMDATA_PRECISION=requested_precision()) as (base_url, worker_pid):
@@ -215,8 +238,7 @@ def running_service(tmp: Path, ckpt: Path, threads: int, **env_settings):
 
 
 def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_pid: int) -> None:
-    params = {"class": "cat", "n": a.n, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance,
-              "guidance_interval": format_guidance_interval(s.guidance_interval), "seed": 0}
+    params = request_params(s, a.n)
     with httpx.Client(base_url=base_url, timeout=30) as client:
         run_job(client, dict(params, n=1))  # warm-up: the worker's model is loaded and used once
         e2e, in_worker, sampler_only, with_files = [], [], [], []
@@ -242,7 +264,7 @@ def report(a, s: SamplerSettings, ckpt: Path, tmp: Path, base_url: str, worker_p
             mem_seconds, _ = run_job(client, dict(params, n=a.memory_n), poll=0.2)
             mem = (before, rss_kb(child, "VmHWM"), mem_seconds)
 
-    print(f"\ncheckpoint {ckpt}; {s.sampler} {s.steps} steps, guidance {s.guidance} "
+    print(f"\ncheckpoint {ckpt}; {s.sampler} {s.steps} steps ({s.spacing}-spaced), guidance {s.guidance} "
           f"(interval {format_guidance_interval(s.guidance_interval)}); batch {a.batch_size}; "
           f"{a.threads} torch threads; device {default_device().type}; compile {a.compile}; "
           f"precision {job['output'].get('precision')}")

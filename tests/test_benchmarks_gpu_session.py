@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from diffusion.checkpoint import load_checkpoint
+from diffusion.spec import DEFAULT_SETTINGS
 from tests.fixtures import CIFAR10_CLASSES, make_images, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ def test_smoke_run_trains_samples_times_and_keeps_at_most_8_files(tmp_path):
     assert [(r["variant"], r["precision"], r["batch"]) for r in rows] == [
         ("eager", "bf16", 2), ("eager", "bf16", 3), ("eager fp32", "fp32", 2), ("eager fp32", "fp32", 3)]
     assert all(r["images_per_s"] > 0 and len(r["runs"]) == 2 and r["steps"] == 2 for r in rows)
+    assert all((r["sampler"], r["spacing"]) == (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.spacing) for r in rows)
     assert set(summary["noise_seconds_per_run"]) == {"2", "3"}
     assert summary["ddpm_1000_steps"]["batch"] == 3 and summary["ddpm_1000_steps"]["images_per_s_extrapolated"] > 0
     peak = summary["peak"]
@@ -174,13 +176,50 @@ def test_a_stage_that_fails_is_recorded_and_the_next_ones_run(tmp_path):
     assert (out / "samples.png").exists()
 
 
-@pytest.mark.parametrize("bad", ["100,", "a", "0,100"])
-def test_bad_batch_sizes_are_refused_at_the_start_not_after_the_training(bad, capsys):
+def _script_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
     gpu_session = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_session)
+    return gpu_session
+
+
+def test_the_sampling_rows_and_the_grid_are_all_of_the_default_sampler_its_spacing_too(tmp_path, monkeypatch):
+    """The timed rows and samples.png sample DEFAULT_SETTINGS at --steps, its step spacing included: at 4 steps of
+    the default interval, 4 model calls per image spaced in logSNR (5 in time)."""
+    import argparse
+    from dataclasses import replace
+
+    import torch
+
+    from diffusion.checkpoint import load_for_sampling
+    from diffusion.samplers import model_calls
+
+    gpu_session = _script_module()
+    spacings, real = [], gpu_session.sample
+
+    def recording(*args, **kwargs):
+        spacings.append(kwargs.get("spacing", "time"))  # sample()'s own default
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gpu_session, "sample", recording)
+    args = argparse.Namespace(steps=4, repeats=1)
+    expected = replace(DEFAULT_SETTINGS, steps=4)
+    assert gpu_session._settings(args) == expected
+    ckpt = load_for_sampling(_tiny_checkpoint(tmp_path / "tiny"), device="cpu", precision="fp32")
+    summary: dict = {}
+    gpu_session._time_variant("eager fp32", ckpt.model, ckpt, 2, args, torch.device("cpu"), summary, lambda: None,
+                              "fp32")
+    (row,) = summary["sampling"]
+    assert row["spacing"] == expected.spacing and row["model_calls_per_image"] == model_calls(expected, ckpt.schedule)
+    assert row["model_calls_per_image"] == (4 if expected.spacing == "logsnr" else 5)
+    gpu_session.sample_grid(ckpt, tmp_path, torch.device("cpu"), 4)
+    assert spacings == [expected.spacing] * 3 and (tmp_path / "samples.png").is_file()  # warm-up, timed run, grid
+
+
+@pytest.mark.parametrize("bad", ["100,", "a", "0,100"])
+def test_bad_batch_sizes_are_refused_at_the_start_not_after_the_training(bad, capsys):
+    gpu_session = _script_module()
     with pytest.raises(SystemExit) as e:
         gpu_session.parse_args(["--data", "x", "--out", "y", "--batch-sizes", bad])
     assert e.value.code == 2 and "--batch-sizes" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoint import save_checkpoint
-from diffusion.schedules import ScheduleConfig
-from diffusion.spec import DEFAULT_SETTINGS
+from diffusion.samplers import model_calls
+from diffusion.schedules import NoiseSchedule, ScheduleConfig
+from diffusion.spec import DEFAULT_SETTINGS, format_guidance_interval
 from diffusion.unet import UNet, UNetConfig
 from tests.fixtures import CIFAR10_CLASSES, make_images, write_tar
 
@@ -87,7 +89,8 @@ def test_settings_parsing(bench):
     a = bench.parse_args(["--data", "d", "--skip-ddpm"])
     assert a.settings == [("ddim", 50), ("ddim", 100), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 20),
                           ("dpmpp_sde", 10), ("dpmpp_sde", 15), ("dpmpp_sde", 20)]
-    assert (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps) in a.settings  # the service default is measured
+    # the service default's sampler and steps are measured (time-spaced, as every row of the grid)
+    assert (DEFAULT_SETTINGS.sampler, DEFAULT_SETTINGS.steps) in a.settings
     assert a.guidances == [1.0, bench.CLASSIC_GUIDANCE] and a.n_per_class == 100 and a.tolerance == 0.05
     # the service default guides inside an interval: its row is in the grid, held against guidance 4's reference
     d = DEFAULT_SETTINGS
@@ -226,6 +229,34 @@ def test_interval_rows_are_held_against_the_classic_reference(bench, tiny, tmp_p
     assert "-g2-i0.28,5-" in Path(rows[0].cache_dir).name
     out = capsys.readouterr().out
     assert "2@0.28:5" in out and "held against guidance 1.5's reference" in out
+
+
+def test_the_grid_stays_time_spaced_and_says_how_the_service_default_differs(bench, tiny, tmp_path, capsys):
+    """The row of the default's sampler, steps, guidance and interval is sampled time-spaced like every grid row
+    (its own cache entry, its calls counted on time-spaced steps), marked as not quite the service default, and
+    the closing line names the default's spacing."""
+    data, ckpt = tiny
+    d = DEFAULT_SETTINGS
+    label = bench.guidance_label(d.guidance, d.guidance_interval)
+    result = bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings",
+                         f"{d.sampler}:{d.steps}", "--guidances", "1.5", "--interval-guidances", label, "--k", "2",
+                         "--feature-classifier", "mlp", "--feature-width", "8", "--feature-epochs", "1",
+                         "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                         "--out", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    (row,) = [r for r in result["rows"] if r.guidance_interval is not None]
+    schedule = NoiseSchedule(ScheduleConfig("linear", 1000))
+    time_spaced = replace(d, spacing="time")
+    assert row.spacing == "time" and row.calls == model_calls(time_spaced, schedule)
+    assert d.spacing == "time" or row.calls != model_calls(d, schedule)  # 29 and 25 on the shipped schedule
+    name = Path(row.cache_dir).name  # a logsnr-spaced entry would end its settings with "-logsnr"
+    assert f"-g{d.guidance:g}-i{format_guidance_interval(d.guidance_interval)}-seed0-" in name and "logsnr" not in name
+    assert all(r["spacing"] == "time" for r in json.loads((tmp_path / "out.json").read_text())["rows"])
+    (line,) = [line for line in out.splitlines() if line.startswith(d.sampler) and label in line]
+    assert line.endswith("service default" if d.spacing == "time" else "as the service default but time-spaced")
+    assert (f"service default now (diffusion/spec.py DEFAULT_SETTINGS): {d.sampler}-{d.steps} guidance {label}, "
+            f"steps {d.spacing}-spaced") in out
+    assert (d.spacing == "time") is ("(every row above: time-spaced)" not in out)
 
 
 @pytest.mark.parametrize("text", ["6", "6@0.28", "6@2.9:0.28", "1@0.28:2.9", "x@0:1"])

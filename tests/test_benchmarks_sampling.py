@@ -6,6 +6,7 @@ import importlib.util
 import re
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,37 @@ def test_unguided_settings_need_no_extra_row(bench, tiny_checkpoint, capsys):
     assert "the same unguided" not in capsys.readouterr().out
 
 
+def recording_sample(module, monkeypatch) -> list[str]:
+    """Replaces ``module.sample`` with the real sampler that also records each call's ``spacing``."""
+    spacings, real = [], module.sample
+
+    def recording(*args, **kwargs):
+        spacings.append(kwargs.get("spacing", "time"))  # sample()'s own default
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, "sample", recording)
+    return spacings
+
+
+@pytest.mark.parametrize("spacing", [None, "time"])
+def test_the_default_sampler_is_all_of_the_default_its_spacing_too(bench, tiny_checkpoint, capsys, monkeypatch,
+                                                                   spacing):
+    # 4 steps of the default interval: 4 model calls per image spaced in logSNR (DEFAULT_SETTINGS), 5 in time
+    spacings = recording_sample(bench, monkeypatch)
+    rows = bench.main(["--checkpoint", str(tiny_checkpoint), "--quick", "--skip-compile", "--skip-diffusers",
+                       "--threads", "1", "--precisions", "fp32", "--steps", "4"]
+                      + (["--spacing", spacing] if spacing else []))
+    out = capsys.readouterr().out
+    expected = replace(DEFAULT_SETTINGS, steps=4, spacing=spacing or DEFAULT_SETTINGS.spacing)
+    schedule = NoiseSchedule(ScheduleConfig("linear", 1000))
+    (default,) = [r for r in rows if r.note.startswith("default")]
+    assert default.calls == model_calls(expected, schedule) == (4 if expected.spacing == "logsnr" else 5)
+    assert spacings and set(spacings) == {expected.spacing}  # every row of ours, guided or not
+    assert f"sampler {expected.sampler}, 4 steps ({expected.spacing}-spaced), guidance {expected.guidance:g}" in out
+    assert f"{expected.sampler} 4 steps ({expected.spacing}-spaced), guidance" in out  # the speed-up's default row
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--spacing", "sideways"])
+
+
 @pytest.mark.parametrize("has_bf16", [True, False, None])
 def test_bf16_rows_by_default_only_where_the_cpu_has_bf16_instructions(bench, tiny_checkpoint, capsys, monkeypatch,
                                                                        has_bf16):
@@ -174,13 +206,30 @@ def test_interleaved_ab_times_every_variant_in_every_round(ab, tiny_checkpoint, 
     names = list(result["rates"])
     assert names == [default, "every step"] + ["diffusers"] * HAS_DIFFUSERS
     assert all(len(v) == 2 and min(v) > 0 for v in result["rates"].values())
-    calls = model_calls(SamplerSettings(d.sampler, 3, d.guidance, guidance_interval=d.guidance_interval), schedule)
+    calls = model_calls(SamplerSettings(d.sampler, 3, d.guidance, guidance_interval=d.guidance_interval,
+                                        spacing=d.spacing), schedule)
     assert result["calls"] == {default: calls, "every step": 6, **({"diffusers": 6} if HAS_DIFFUSERS else {})}
-    assert "round 2:" in out and f"{default} / every step: " in out
+    assert "round 2:" in out and f"{default} / every step: " in out and f"({d.spacing}-spaced)" in out
     r = result["ratios"][f"{default} / every step"]  # paired by round, not a ratio of medians
     rounds = [x / y for x, y in zip(result["rates"][default], result["rates"]["every step"])]
     assert r["rounds"] == rounds
     assert (r["min"], r["median"], r["max"]) == (min(rounds), statistics.median(rounds), max(rounds))
+
+
+def test_interleaved_ab_can_time_the_reports_loop(ab, tiny_checkpoint, capsys):
+    """--report-loop: DDPM at 1000 steps, unguided (the report's method) and guided as the default is, each
+    timed in every round, and the default's speed over each (the 50x goal's ratio)."""
+    result = ab.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2", "--rounds", "1",
+                      "--steps", "3", "--skip-diffusers", "--report-loop"])
+    d = DEFAULT_SETTINGS
+    schedule = NoiseSchedule(ScheduleConfig("linear", 1000))
+    guided = model_calls(SamplerSettings("ddpm", 1000, d.guidance, 0.0, d.guidance_interval), schedule)
+    assert result["calls"][ab.REPORT] == 1000 and result["calls"][ab.REPORT_GUIDED] == guided > 1000
+    default = list(result["rates"])[0]
+    for name in (ab.REPORT, ab.REPORT_GUIDED):
+        r = result["ratios"][f"{default} / {name}"]
+        assert r["rounds"] == [result["rates"][default][0] / result["rates"][name][0]]
+    assert f"{default} / {ab.REPORT_GUIDED}: " in capsys.readouterr().out
 
 
 def test_interleaved_ab_can_time_the_unfolded_upsampling_too(ab, tiny_checkpoint, capsys):
@@ -240,6 +289,36 @@ def test_sampling_batch_times_every_size_in_rotated_rounds(batch_bench, tiny_che
         module.main(["--checkpoint", str(tiny_checkpoint), "--batch-sizes", "0,2"])
 
 
+@pytest.mark.parametrize("spacing", [None, "time"])
+def test_sampling_batch_samples_all_of_the_default_its_spacing_too(batch_bench, tiny_checkpoint, capsys, monkeypatch,
+                                                                   spacing):
+    spacings = recording_sample(batch_bench, monkeypatch)
+    batch_bench.main(["--checkpoint", str(tiny_checkpoint), "--batch-sizes", "1", "--rounds", "1", "--steps", "4",
+                      "--threads", "1", "--precision", "fp32"] + (["--spacing", spacing] if spacing else []))
+    expected = replace(DEFAULT_SETTINGS, steps=4, spacing=spacing or DEFAULT_SETTINGS.spacing)
+    calls = model_calls(expected, NoiseSchedule(ScheduleConfig("linear", 1000)))
+    assert spacings == [expected.spacing] * 2  # the warm-up and the round
+    out = capsys.readouterr().out
+    assert f"{expected.sampler} 4 steps ({expected.spacing}-spaced), guidance {expected.guidance:g}" in out
+    assert f", {calls} model calls per image;" in out and calls == (4 if expected.spacing == "logsnr" else 5)
+
+
+@pytest.fixture
+def time_bench(monkeypatch):
+    yield from script_module("sampling_time.py", monkeypatch)
+
+
+def test_sampling_time_rows_keep_their_time_spaced_steps(time_bench, tiny_checkpoint, monkeypatch):
+    """Its rows (DDPM 1000, DDIM 50, DPM-Solver++ 20, guided at every step or not at all) are not the service
+    default: they stay time-spaced whatever DEFAULT_SETTINGS.spacing is."""
+    from diffusion.checkpoint import load_checkpoint
+
+    spacings = recording_sample(time_bench, monkeypatch)
+    seconds = time_bench.time_sampler(load_checkpoint(tiny_checkpoint), 2, "dpmpp", 3, DEFAULT_SETTINGS.guidance,
+                                      False, None)
+    assert seconds > 0 and spacings == ["time"]
+
+
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_training_throughput_times_bf16_only_where_the_cpu_has_it(monkeypatch, capsys, has_bf16):
     bench = next(script_module("training_throughput.py", monkeypatch))
@@ -276,6 +355,16 @@ def test_compile_ab_child_times_the_compiled_model_after_a_whole_warm_up_run(com
     assert cheap_compile == [("default", False)]  # the eager child compiles nothing
 
 
+def test_compile_ab_child_samples_all_of_the_default_its_spacing_too(compile_bench, tiny_checkpoint, capsys,
+                                                                     monkeypatch):
+    import diffusion.samplers
+
+    spacings = recording_sample(diffusion.samplers, monkeypatch)  # the child imports it when it runs
+    compile_bench.main(["--child", "eager", "--checkpoint", str(tiny_checkpoint), "--threads", "1", "--batch", "2",
+                        "--runs", "1", "--precision", "fp32"])
+    assert spacings == [DEFAULT_SETTINGS.spacing] * 2  # the warm-up run and the timed one
+
+
 def test_compile_ab_alternates_fresh_processes_and_pairs_each_round(compile_bench, monkeypatch, capsys):
     import json
     import subprocess
@@ -294,7 +383,10 @@ def test_compile_ab_alternates_fresh_processes_and_pairs_each_round(compile_benc
     assert [v for v, _, _ in calls] == ["eager", "compiled", "compiled", "eager", "eager", "compiled"]  # rotated
     assert {(p, layout) for _, p, layout in calls} == {("fp32", "channels_last")}  # decided once, for every child
     assert result["ratios"] == pytest.approx([1.5, 1.0, 1.2])
-    assert "compiled / eager, per round: 1.20x [1.00, 1.50]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compiled / eager, per round: 1.20x [1.00, 1.50]" in out
+    d = DEFAULT_SETTINGS
+    assert f"the default sampler: {d.sampler}, {d.steps} steps ({d.spacing}-spaced), guidance {d.guidance:g} " in out
 
 
 def test_compile_parity_compares_both_models_with_each_other_and_a_cache_entry(monkeypatch, tiny_checkpoint, tmp_path,
@@ -309,8 +401,11 @@ def test_compile_parity_compares_both_models_with_each_other_and_a_cache_entry(m
                                batch_size=20)
     rows = parity.main(["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--first", "0", "--per-class", "2",
                         "--cache", info["cache_dir"]])
-    assert rows["eager vs cache"]["max"] == 0 and rows["eager vs cache"]["images"] == 20  # the same seeds, exactly
+    # the same seeds and all of the default's settings (its spacing too: time-spaced steps make other images), exactly
+    assert rows["eager vs cache"]["max"] == 0 and rows["eager vs cache"]["images"] == 20
     assert rows["eager vs compiled"]["max"] <= 1 and cheap_compile == [("default", False)]
     out = capsys.readouterr().out
     assert re.search(r"^eager vs compiled +\d+ +[\d.]+% +\d+ of 20$", out, re.M)
     assert "compiled vs cache" in out
+    d = DEFAULT_SETTINGS
+    assert f"{d.sampler} {d.steps} steps ({d.spacing}-spaced)" in out
