@@ -1,7 +1,7 @@
 """The ``dreamdata`` command.
 
     dreamdata train   --config cifar10-cpu --data ../shared/data/cifar10-jpeg.tar.gz --out runs/cpu [--resume]
-    dreamdata sample  [--checkpoint DIR] --class cat --n 100 [--sampler dpmpp_sde --steps 20 --guidance 6] --seed 0 --out OUT
+    dreamdata sample  [--checkpoint DIR] --class cat --n 100 [--sampler dpmpp_sde --steps 20 --guidance 8] --seed 0 --out OUT
     dreamdata evaluate --data DATA --classifier mlp|cnn --synthetic-per-class K --real-fraction F --out DIR
     dreamdata metrics  --data DATA --n-per-class N
     dreamdata serve   [--host 127.0.0.1] [--port 8000] [--data-dir PATH] [--checkpoint DIR] [--eval-data PATH] ...

@@ -1,6 +1,7 @@
-"""Exploratory (issue 5): DPM-Solver++ with its steps evenly spaced in logSNR instead of in time.
+"""Issue 5: DPM-Solver++ with its steps evenly spaced in logSNR against the same evenly spaced in time.
 
-By default the service's samplers space their steps evenly in the timestep index (``spacing=time``).
+Until 2026-12-04 the service's samplers spaced their steps evenly in the timestep index (``spacing=time``); this
+script's measurements made ``spacing=logsnr`` the default then (docs/results.md "Steps evenly spaced in logSNR").
 Lu et al. (2022) recommend steps evenly spaced in logSNR, lambda_t = log(alpha_t / sigma_t), for pixel-space
 models at low resolution: on the shipped linear schedule the time spacing leaves one large jump in lambda at
 the end (sigma 0.19 -> 0.01 at 20 steps), the logSNR spacing puts more steps at low noise.  This script measures

@@ -48,7 +48,7 @@ def run(bench, tiny, tmp_path, *extra):
 
 
 def test_the_script_measures_both_spacings(bench, tiny, tmp_path, capsys):
-    out = run(bench, tiny, tmp_path, "--n-per-class", "2", "--logsnr-guidance", "8@0.28:4",
+    out = run(bench, tiny, tmp_path, "--n-per-class", "2", "--guidance", "6@0.28:4", "--logsnr-guidance", "8@0.28:4",
               "--out", str(tmp_path / "o.json"))
     rows = out["rows"]
     assert [(r["steps"], r["spacing"]) for r in rows] == [(3, "time"), (3, "logsnr")]
@@ -59,7 +59,7 @@ def test_the_script_measures_both_spacings(bench, tiny, tmp_path, capsys):
     assert json.loads((tmp_path / "o.json").read_text())["rows"][1]["spacing"] == "logsnr"
     assert "logsnr" in capsys.readouterr().out
     # both rows came through the synthetic cache: a second run reuses them
-    again = run(bench, tiny, tmp_path, "--n-per-class", "2", "--logsnr-guidance", "8@0.28:4")
+    again = run(bench, tiny, tmp_path, "--n-per-class", "2", "--guidance", "6@0.28:4", "--logsnr-guidance", "8@0.28:4")
     assert [r["source"] for r in again["rows"]] == ["cache", "cache"]
     for r, before in zip(again["rows"], rows):
         assert r["frechet_distance"] == pytest.approx(before["frechet_distance"], rel=1e-4)

@@ -193,7 +193,7 @@ def run_key(settings: EvaluationSettings, *, data_fingerprint: str, width: int, 
     actual width (the setting may be None, the default). The real arm's key leaves out the synthetic set's
     settings; ``legacy``: the key as it was before, with them (of runs saved until 2026-12-02)."""
     parts = {k: v for k, v in settings.to_dict().items() if k not in _NOT_IN_RUN_KEY}
-    if parts.get("spacing") == "time":  # the default: runs saved before the spacing was a setting keep their keys
+    if parts.get("spacing") == "time":  # runs saved before the spacing was a setting (all time-spaced) keep their keys
         del parts["spacing"]
     parts.update(data_fingerprint=data_fingerprint, width=width, checkpoint_sha256=checkpoint_sha256,
                  synthetic_set=synthetic_set, train_settings=train_settings, device_type=device.type, arm=arm,

@@ -96,7 +96,7 @@ def _common_meta(settings: SamplerSettings, autocast: bool, schedule: ScheduleCo
             "precision": "bf16" if autocast else "fp32"}
     if settings.eta:  # DDIM with noise; absent at 0, so images made before eta was recorded keep matching
         meta["eta"] = settings.eta
-    if settings.spacing != "time":  # steps evenly spaced in logSNR; absent at the default, as eta
+    if settings.spacing != "time":  # absent for time-spaced steps, so images made before the setting keep matching
         meta["spacing"] = settings.spacing
     # the same weights under another schedule make other images, and the checkpoint's sha256 covers the weights only
     if schedule is not None and schedule != ScheduleConfig():
@@ -220,7 +220,7 @@ def sample_specs(ckpt: Checkpoint, specs: Sequence[ImageSpec], out_dir: str | os
         x = sample_fn(ckpt.model, ckpt.schedule, labels, [s.seed for s in batch], sampler=settings.sampler,
                       steps=settings.steps, guidance=settings.guidance, eta=settings.eta,
                       guidance_interval=settings.guidance_interval, autocast=autocast, progress=on_step,
-                      # only off its default: sample functions written before the setting (fakes) do not take it
+                      # only off time: sample functions written before the setting (fakes) do not take it
                       **({} if settings.spacing == "time" else {"spacing": settings.spacing}),
                       **({} if check is None else {"check": check}))
         imgs = to_uint8(x.cpu())

@@ -73,7 +73,7 @@ def cache_path(cache_dir: Path, sha256: str, settings: SamplerSettings, base_see
     interval = settings.guidance_interval if settings.guided else None
     if interval is None:
         del s["guidance_interval"]
-    if settings.spacing == "time":  # the default: entries made before the spacing was a setting keep their keys
+    if settings.spacing == "time":  # entries made before the spacing was a setting (all time-spaced) keep their keys
         del s["spacing"]
     key = {"v": CACHE_VERSION, "sha256": sha256, "settings": s, "base_seed": base_seed,
            "num_classes": num_classes, "stride": CLASS_SEED_STRIDE}

@@ -36,6 +36,8 @@ def evaluation_settings(request: dict, settings: Settings) -> EvaluationSettings
     if settings.eval_data is None:
         raise RuntimeError("evaluation data set not configured on the worker (set DREAMDATA_EVAL_DATA)")
     chosen = {k: request[k] for k in REQUEST_KEYS if k in request}
+    # the API resolves every default into the request; one queued before the spacing was a setting was time-spaced
+    chosen.setdefault("spacing", "time")
     return EvaluationSettings.from_dict(dict(chosen, data=str(settings.eval_data), checkpoint=str(settings.checkpoint),
                                              sample_batch_size=settings.model_batch,
                                              cache_dir=str(settings.cache_dir)))

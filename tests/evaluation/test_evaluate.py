@@ -408,7 +408,8 @@ def test_the_old_real_arm_key_is_the_key_runs_were_saved_under():
     assert run_key(replace(s, classifier_precision="bf16"), **kw) == "8f77fa3dfe7f46fc55e0"
     bf16 = dict(kw, train_settings={"steps": 970, "batch_size": 512, "cpu_bf16": True})
     assert run_key(replace(s, classifier_precision="bf16"), **bf16) != "8f77fa3dfe7f46fc55e0"
-    # the spacing: its default keeps the keys; logsnr is another synthetic set, but the same real arm
+    # the spacing: time (the only one before it was a setting) keeps the keys; logsnr is another synthetic set, but
+    # the same real arm
     assert run_key(replace(s, spacing="time"), **kw) == "8f77fa3dfe7f46fc55e0"
     assert run_key(replace(s, spacing="logsnr"), **kw) == "8f77fa3dfe7f46fc55e0"
     logsnr_synthetic = dict(kw, arm="synthetic")

@@ -250,9 +250,13 @@ def test_the_spacing_keys_logsnr_entries_only():
 
     from diffusion.spec import DEFAULT_SETTINGS
 
-    default = cache_path(Path("/c"), "ab" * 32, DEFAULT_SETTINGS, 0, 10, True)
-    assert default.name == "abababababab-dpmpp_sde-s20-g6-i0.28,4-seed0-bf16-5048112f4e"
+    old_default = SamplerSettings("dpmpp_sde", 20, 6.0, 0.0, (0.28, 4.0))  # the default until 2026-12-04
+    timed = cache_path(Path("/c"), "ab" * 32, old_default, 0, 10, True)
+    assert timed.name == "abababababab-dpmpp_sde-s20-g6-i0.28,4-seed0-bf16-5048112f4e"
     assert cache_path(Path("/c"), "ab" * 32, SamplerSettings("ddim", 50, 1.0), 3, 10).name == \
         "abababababab-ddim-s50-g1-seed3-51247b974d"
-    logsnr = cache_path(Path("/c"), "ab" * 32, replace(DEFAULT_SETTINGS, spacing="logsnr"), 0, 10, True)
-    assert logsnr != default and logsnr.name.startswith("abababababab-dpmpp_sde-s20-g6-i0.28,4-logsnr-seed0-bf16-")
+    logsnr = cache_path(Path("/c"), "ab" * 32, replace(old_default, spacing="logsnr"), 0, 10, True)
+    assert logsnr != timed and logsnr.name.startswith("abababababab-dpmpp_sde-s20-g6-i0.28,4-logsnr-seed0-bf16-")
+    # the default now: its own entries, named for its guidance and spacing
+    default = cache_path(Path("/c"), "ab" * 32, DEFAULT_SETTINGS, 0, 10, True)
+    assert default.name.startswith("abababababab-dpmpp_sde-s20-g8-i0.28,4-logsnr-seed0-bf16-")

@@ -150,8 +150,8 @@ def test_guidance_interval_is_resolved_into_the_job_input(idle, query, body, exp
 
 
 @pytest.mark.parametrize("query, body, expected", [
-    ("", None, "time"), ("&spacing=logsnr", None, "logsnr"), ("&spacing=time", None, "time"),
-    (None, {"classes": {"cat": 2}}, "time"), (None, {"classes": {"cat": 2}, "spacing": "logsnr"}, "logsnr"),
+    ("", None, "logsnr"), ("&spacing=logsnr", None, "logsnr"), ("&spacing=time", None, "time"),
+    (None, {"classes": {"cat": 2}}, "logsnr"), (None, {"classes": {"cat": 2}, "spacing": "time"}, "time"),
 ])
 def test_spacing_is_resolved_into_the_job_input(idle, query, body, expected):
     r = idle.post(f"/generate?class=cat&n=2{query}") if body is None else idle.post("/generate", json=body)

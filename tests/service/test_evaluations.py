@@ -94,7 +94,8 @@ def test_queued_evaluation_is_a_job_like_any_other(idle):
     assert (job["type"], job["status"], job["output"], job["report"]) == ("evaluation", "queued", None, None)
     interval = DEFAULT_SETTINGS.guidance_interval
     assert job["input"] == dict(QUICK, guidance=DEFAULT_SETTINGS.guidance, synthetic_seed=0, budget="steps",
-                                guidance_interval=None if interval is None else list(interval), spacing="time")
+                                guidance_interval=None if interval is None else list(interval),
+                                spacing=DEFAULT_SETTINGS.spacing)
     assert job["queue_position"] >= 1
     assert idle.get(f"/jobs/{job['id']}").json()["input"] == job["input"]
     gen = idle.post("/generate?class=cat&n=1").json()
