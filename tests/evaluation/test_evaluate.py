@@ -397,7 +397,7 @@ def test_the_old_real_arm_key_is_the_key_runs_were_saved_under():
 
     s = EvaluationSettings(data="d.tar.gz", classifier="cnn", width=16, synthetic_per_class=2500, real_fraction=1.0,
                            epochs=10, budget="steps", seeds=(0, 1, 2), sampler="dpmpp_sde", steps=20, guidance=6.0,
-                           eta=0.0, guidance_interval=(0.28, 4.0), synthetic_seed=0)
+                           eta=0.0, guidance_interval=(0.28, 4.0), synthetic_seed=0, spacing="time")
     kw = dict(data_fingerprint="0123456789abcdef", width=16, checkpoint_sha256="89574521e555" + "0" * 52,
               synthetic_set="89574521e555-dpmpp_sde-s20-g6-i0.28,4-seed0-5a8611e8a6",
               train_settings={"steps": 970, "batch_size": 512}, device=torch.device("cpu"), arm="real", seed=0)

@@ -28,7 +28,7 @@ N, STEPS, SEED = 160, 10, 1234  # 40 batches of 4, ddpm: seconds even on a fast 
 # (about 7 s an attempt with both cores busy, extrapolated from 16 images): limits per attempt with room to spare
 WHOLE_WORKER_LIMITS = dict(job_time_limit=30, visibility_timeout=32)  # the job comes back after 32 s
 AT_ONCE_LIMITS = dict(job_time_limit=120, visibility_timeout=600)    # 600 s: longer than any wait below
-# no guidance_interval: the default one applies, and the reference below samples with it too
+# no guidance_interval or spacing: the default ones apply, and the reference below samples with them too
 QUERY = f"/generate?class=horse&n={N}&sampler=ddpm&steps={STEPS}&guidance=1.5&seed={SEED}"
 
 
@@ -42,7 +42,8 @@ def reference(settings, tmp_path_factory) -> dict[str, np.ndarray]:
         ckpt = model_for(settings.checkpoint, settings.torch_threads)
         out = tmp_path_factory.mktemp("reference")
         generate_to_dir(ckpt, [(ckpt.class_names.index("horse"), N)], out, settings=SamplerSettings("ddpm", STEPS, 1.5,
-                                                    guidance_interval=DEFAULT_SETTINGS.guidance_interval),
+                                                    guidance_interval=DEFAULT_SETTINGS.guidance_interval,
+                                                    spacing=DEFAULT_SETTINGS.spacing),
                         base_seed=SEED, batch_size=settings.model_batch)
     finally:
         torch.set_num_threads(threads)
