@@ -1,7 +1,7 @@
 """The default sampler eager against compiled (``diffusion.precision.compile_for_sampling``), each variant in a
 fresh process of its own, alternated in rotated rounds.  The default sampler is the service's, all of
-``DEFAULT_SETTINGS`` (dpmpp_sde, 20 steps evenly spaced in logSNR, guidance 8 inside the noise interval
-(0.28, 4]: 25 model calls per image on the shipped linear schedule).
+``DEFAULT_SETTINGS`` (``diffusion/spec.py``: sampler, steps, spacing, guidance and its interval; the README's
+"Which sampler" says what it is and why).
 
 ``sampling_ab.py --compile`` times both in one process that also holds the other variants (and diffusers);
 a long job such as ``dreamdata evaluate --compile`` runs one model in a process of its own. This script

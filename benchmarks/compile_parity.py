@@ -1,10 +1,9 @@
 """Are the compiled model's images (``diffusion.precision.compile_for_sampling``) the eager model's images?
 
-The same seeds through the default sampler (all of ``DEFAULT_SETTINGS``, its step spacing included: dpmpp_sde,
-20 steps evenly spaced in logSNR, guidance 8 inside the noise interval (0.28, 4]), eager and compiled, compared
-as they are saved (uint8 pixel values); and, with ``--cache``, both against a synthetic-set cache entry's PNGs
-(the images a long job such as ``dreamdata evaluate`` sampled earlier, eager or ``--compile``; an entry of the
-default's settings: one sampled before 2026-12-04, with time-spaced steps and guidance 6, holds other images).
+The same seeds through the default sampler (all of ``DEFAULT_SETTINGS``, its step spacing included), eager and
+compiled, compared as they are saved (uint8 pixel values); and, with ``--cache``, both against a synthetic-set
+cache entry's PNGs (the images a long job such as ``dreamdata evaluate`` sampled earlier, eager or ``--compile``;
+an entry of the default's settings: one sampled under an earlier default holds other images).
 Image j of class c has the synthetic sets' seed (base seed + c * CLASS_SEED_STRIDE + j), for j from ``--first``
 on, every class in one batch, j-major, as the sets are sampled. Prints one row per comparison: the largest
 difference (levels of 255), the share of values that differ, and how many images are identical.

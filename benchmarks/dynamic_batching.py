@@ -8,9 +8,8 @@ worker` and the API, then measures
      time from POST to "succeeded" (median and max). Clients poll every POLL seconds (the times
      are rounded up to that).
 
-Every job asks for the service's default sampler, ``DEFAULT_SETTINGS`` (dpmpp_sde, 20 steps evenly spaced in
-logSNR, guidance 8 inside the noise interval (0.28, 4]: 25 model calls per image on the shipped linear
-schedule), each setting spelled out in the request; --sampler, --steps, --guidance, --guidance-interval and
+Every job asks for the service's default sampler, ``DEFAULT_SETTINGS`` (``diffusion/spec.py``), each setting
+spelled out in the request; --sampler, --steps, --guidance, --guidance-interval and
 --spacing change it.
 
     python benchmarks/dynamic_batching.py [--checkpoint DIR | --tiny] [--jobs 10] [--n 10] [--threads 2]

@@ -23,9 +23,8 @@ its time limit still brings back what it did:
    UNet, batch 512, bf16 autocast, channels_last, ``torch.compile``) for ``--train-minutes`` of
    training wall time, compile included (so ``--train-compile auto`` trains eager when it gets fewer
    than ``COMPILE_TRAIN_MIN_MINUTES``: a compile of one to two minutes, estimated, would eat a short run).
-2. Sampling: images/s of the default sampler (all of ``DEFAULT_SETTINGS``: dpmpp_sde, 20 steps evenly spaced
-   in logSNR, guidance 8 inside the noise interval (0.28, 4], 25 model calls per image on the shipped linear
-   schedule; ``--steps`` changes the steps only) on the trained checkpoint at each
+2. Sampling: images/s of the default sampler (all of ``DEFAULT_SETTINGS``, ``diffusion/spec.py``: sampler,
+   steps, spacing, guidance and its interval; ``--steps`` changes the steps only) on the trained checkpoint at each
    of ``--batch-sizes`` (100, 256: the service's GPU batch, 1000), in bf16 autocast: eager, eager in fp32 (what
    bf16 buys), and ``torch.compile(mode="reduce-overhead")`` (inductor
    kernels replayed as CUDA graphs; each batch shape compiles once, before timing), the median of

@@ -24,9 +24,8 @@ Its rows are held against the reference of the classic guidance --reference-guid
 --guidances that guides, 4): the interval, and its own scale W, are one more way to reach that quality.
 
 Every row's steps are evenly spaced in time (``spacing=time``, ``GRID_SPACING``), as the grid has always been
-measured.  The service default spaces its steps evenly in logSNR since 2026-12-04 (dpmpp_sde-20, guidance 8
-inside (0.28, 4]: 25 model calls per image on the shipped linear schedule, 29 time-spaced), so its row here,
-dpmpp_sde-20 at that guidance and interval, is marked "as the service default but time-spaced";
+measured.  The service default spaces its steps evenly in logSNR since 2026-12-04 (``DEFAULT_SETTINGS``), so a
+row here at its sampler, steps, guidance and interval is marked "as the service default but time-spaced";
 ``benchmarks/step_spacing.py`` measures the two spacings side by side.
 
 The choice rule, per guidance value: among the settings whose FD is at most --tolerance (default

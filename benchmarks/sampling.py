@@ -14,9 +14,8 @@ every variant side by side in one process, against three references:
 (c) the machine's limit: FLOPs of one model call (torch.utils.flop_counter) and the peak torch.mm
     throughput at the same thread count, so each row says which fraction of peak it reaches.
 
-Our variants: diffusion.samplers.sample with the service's default sampler (``DEFAULT_SETTINGS``: dpmpp_sde,
-20 steps evenly spaced in logSNR, guidance 8 inside the noise interval (0.28, 4], 25 model calls per image on
-the shipped linear schedule; --sampler, --steps, --guidance, --guidance-interval and --spacing change it) at
+Our variants: diffusion.samplers.sample with the service's default sampler (``DEFAULT_SETTINGS``,
+``diffusion/spec.py``; --sampler, --steps, --guidance, --guidance-interval and --spacing change it) at
 fp32 and bf16 autocast (--precisions; bf16 only where the CPU has bf16 instructions unless asked for: on an
 AVX2-only CPU one bf16 forward is 10-50x slower than fp32, and its rows would take hours), NCHW and
 channels_last weights,
@@ -34,8 +33,8 @@ in docs/results.md: one guided 100-image run of DPM-Solver++ 20 steps takes over
 saves about a quarter of it.
 
     python benchmarks/sampling.py [--checkpoint checkpoints/cifar10] [--threads 2] [--batch-sizes 1,10,50]
-                                  [--repeats 3] [--sampler dpmpp_sde --steps 20 --guidance 8
-                                  --guidance-interval 0.28,4 --spacing logsnr]
+                                  [--repeats 3] [--sampler S --steps K --guidance W
+                                  --guidance-interval LO,HI --spacing time|logsnr]   (default: DEFAULT_SETTINGS)
                                   [--skip-compile] [--skip-diffusers] [--precisions fp32,bf16]
     python benchmarks/sampling.py --quick    # that it runs: tiny sizes, the numbers mean nothing
 """

@@ -1,8 +1,7 @@
 """Seconds per image of the default sampler against the batch size, the sizes timed in rotated rounds.
 
-The default sampler is the service's, ``DEFAULT_SETTINGS`` (dpmpp_sde, 20 steps evenly spaced in logSNR,
-guidance 8 inside the noise interval (0.28, 4]: 25 model calls per image on the shipped linear schedule);
---sampler, --steps, --guidance, --guidance-interval and --spacing change it.
+The default sampler is the service's, ``DEFAULT_SETTINGS`` (``diffusion/spec.py``); --sampler, --steps,
+--guidance, --guidance-interval and --spacing change it.
 
 The worker, ``dreamdata sample``, ``evaluate`` and ``metrics`` sample in batches of
 ``diffusion.precision.sampling_batch`` images unless told otherwise (50 on a CPU, 256 on a GPU). This

@@ -6,8 +6,8 @@ the 1000 steps and reports the measured time scaled to 1000 (marked "extrapolate
 runs two untimed steps of its own sampler and guidance (since 2026-12-02), so first-call costs (kernel
 set-up for a new batch shape) are neither timed nor, for DDPM, multiplied by 1000/K.
 
-No row is the service's default sampler (``DEFAULT_SETTINGS``: dpmpp_sde, 20 steps evenly spaced in logSNR,
-guided only inside a noise interval; ``benchmarks/sampling.py`` times that): every row is guided at every step
+No row is the service's default sampler (``DEFAULT_SETTINGS``, guided only inside a noise interval;
+``benchmarks/sampling.py`` times that): every row is guided at every step
 or not at all, with the service's guidance scale (--guidance, default 8), and its steps evenly spaced in time, as
 these rows have always been (where the steps fall does not change what a step costs).
 

@@ -10,9 +10,8 @@ loopback), measured three ways:
                                  [--clients 50] [--requests 2000] [--threads 2] [--compile default]
 
 Every job, and the same work called directly, uses the service's default sampler, ``DEFAULT_SETTINGS``
-(dpmpp_sde, 20 steps evenly spaced in logSNR, guidance 8 inside the noise interval (0.28, 4]: 25 model calls
-per image on the shipped linear schedule), each setting spelled out in the request; --sampler, --steps,
---guidance, --guidance-interval and --spacing change it.
+(``diffusion/spec.py``), each setting spelled out in the request; --sampler, --steps, --guidance,
+--guidance-interval and --spacing change it.
 
 The worker decides its precision as it always does (DREAMDATA_PRECISION, else auto: timed at start);
 the direct runs load the model the worker's way (``worker.generation.model_for``: the same precision,
