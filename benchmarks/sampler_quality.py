@@ -448,9 +448,10 @@ def print_report(rows: list[Row], choices: list[Choice], floor: dict, result: di
     print("s/img: sampling wall time per image of the run that made the images (batch "
           f"{a.batch_size}); 'cached timing': from the cache entry's timing.json")
     if any(r.guidance_interval for r in rows):
+        held = (f"held against guidance {a.reference_guidance:g}'s reference (--reference-guidance)"
+                if a.reference_guidance is not None else "held against the reference of their own guidance")
         print("guidance W@LO:HI: W applied only at the steps with LO < sigma_t <= HI, sigma_t = sqrt((1 - abar_t) / "
-              f"abar_t); one conditional call at the others. Those rows are held against guidance "
-              f"{a.reference_guidance:g}'s reference (--reference-guidance)")
+              f"abar_t); one conditional call at the others. Those rows are {held}")
     if any(r.vs_reference for r in rows):
         print(f"95% interval: of the row minus its reference, paired bootstrap over the {n} images "
               f"({a.bootstrap} resamples; image i has the same seed and class in every row). An interval that "

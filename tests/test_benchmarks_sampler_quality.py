@@ -231,6 +231,18 @@ def test_interval_rows_are_held_against_the_classic_reference(bench, tiny, tmp_p
     assert "2@0.28:5" in out and "held against guidance 1.5's reference" in out
 
 
+def test_interval_rows_without_a_guided_reference(bench, tiny, tmp_path, capsys):
+    """With no guided --guidances there is no --reference-guidance: an interval row is its own guidance's group
+    (the report says so instead of failing on the missing weight)."""
+    data, ckpt = tiny
+    result = bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--n-per-class", "2", "--settings", "ddim:3",
+                         "--guidances", "1", "--interval-guidances", "2@0.28:5", "--k", "2",
+                         "--feature-classifier", "mlp", "--feature-width", "8", "--feature-epochs", "1",
+                         "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    assert sorted(c.guidance for c in result["choices"]) == [1.0, 2.0]
+    assert "held against the reference of their own guidance" in capsys.readouterr().out
+
+
 def test_the_grid_stays_time_spaced_and_says_how_the_service_default_differs(bench, tiny, tmp_path, capsys):
     """The row of the default's sampler, steps, guidance and interval is sampled time-spaced like every grid row
     (its own cache entry, its calls counted on time-spaced steps), marked as not quite the service default, and
