@@ -4,13 +4,23 @@ bf16 autocast is the obvious choice on a GPU.  On a CPU it depends on the chip: 
 (AVX512-BF16) the UNet ran 0.7-0.8x as fast in bf16 as in fp32; on a 2-core AMD EPYC (also AVX512-BF16)
 2.0x as fast; on a 2-core AMD EPYC with AVX2 only (Zen 3, no bf16 instructions) 0.02-0.10x.  So ``auto``
 (the default everywhere) measures: on a CPU it times one forward pass of the model at a small batch in
-each precision and layout and keeps the fastest, and bf16 only if it is at least ``BF16_MARGIN`` times
-as fast as fp32 (a small gain is not worth images that differ from fp32 ones).  On a CPU that torch
+each precision and layout and keeps the fastest (a layout only with a margin, below), and bf16 only if it
+is at least ``BF16_MARGIN`` times as fast as fp32 (a small gain is not worth images that differ from fp32
+ones).  On a CPU that torch
 says has no bf16 instructions (neither AVX512-BF16 nor AMX) it does not time bf16 at all: there one bf16
 probe pass of the default model took 43 s against 0.7-1.3 s in fp32, and timing it made a worker's start
 take four minutes.  A variant whose warm-up pass is ``SLOW_FACTOR`` times slower than the best variant
 timed so far is not timed again (its warm-up time stands for it).  ``fp32`` and ``bf16`` force the
 choice; ``DREAMDATA_PRECISION`` sets the default.
+
+The layout changes the images too: the two layouts run different convolution kernels, which round
+differently, and the stochastic sampler carries the difference on (bf16, the default sampler, ten images on
+the AMX Xeon: 64% of the 8-bit values differ between NCHW and channels_last, by 0.96 levels on average).
+Where the two layouts tie, as they do on the AMX Xeon at the probe's batch, timing noise flipped the pick
+from one load to the next, and with it the images of a seed.  So ``auto`` keeps the layout that forcing
+the same precision uses (``FORCED_CHANNELS_LAST``: what was measured faster on the CPUs it was measured
+on) unless the other is at least ``LAYOUT_MARGIN`` times as fast, and then ``auto`` gives the images of
+``--precision fp32|bf16`` wherever the layouts are close.
 
 The choice changes the images a seed gives (bf16 rounds the model's output), so it is recorded in
 every PNG's metadata and manifest, and synthetic-set caches are keyed by it.  The sampler's own
@@ -34,6 +44,10 @@ BF16_MARGIN = 1.2   # auto picks bf16 on a CPU only if it is at least this much 
 PROBE_BATCH = 32    # images per timed forward pass
 PROBE_REPEATS = 3   # timed passes per variant (median), after one warm-up pass
 SLOW_FACTOR = 10.0  # a variant whose warm-up pass is this much slower than the best median so far is not timed further
+LAYOUT_MARGIN = 1.1  # auto leaves a precision's forced layout only for one at least this much faster
+# The layout forced with each precision (keyed by bf16): fp32 channels_last was measured faster on the Xeon and
+# both EPYCs, bf16 NCHW on the EPYC (docs/results.md, "Precision").
+FORCED_CHANNELS_LAST = {False: True, True: False}
 
 # Images per sampling batch where a caller does not say: on the 2-core AVX2 EPYC the default sampler took
 # 0.97-1.06 s per image at batch 100 against 0.77-0.92 at 25 and 50 (three runs of interleaved rounds,
@@ -158,8 +172,7 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
         why = p if bf16 or p == "fp32" else "auto: this GPU has no native bf16"
         return PrecisionChoice(bf16, False, f"{'bf16 autocast' if bf16 else 'fp32'} on {device.type} ({why})")
     if p != "auto":
-        # fp32: channels_last was measured faster on both CPUs above; bf16: NCHW on the EPYC
-        choice = PrecisionChoice(p == "bf16", p == "fp32", f"{p} (requested)")
+        choice = PrecisionChoice(p == "bf16", FORCED_CHANNELS_LAST[p == "bf16"], f"{p} (requested)")
     else:
         key = (repr(model.config), torch.get_num_threads())
         if key not in _AUTO_CACHE:
@@ -170,8 +183,9 @@ def choose_precision(model: torch.nn.Module, precision: str | None = None) -> Pr
 
 
 def _measure_auto(model: torch.nn.Module, device: torch.device) -> PrecisionChoice:
-    """Time the variants; the fastest layout of the faster precision, bf16 only with the margin, and only
-    on a CPU with bf16 instructions (or one torch cannot tell about)."""
+    """Time the variants; the faster precision, bf16 only with the margin and only on a CPU with bf16
+    instructions (or one torch cannot tell about); in it the forced layout unless the other has the layout
+    margin."""
     time_bf16 = cpu_has_bf16() is not False
     seconds: dict[tuple[bool, bool], float] = {}
     for b in (False, True) if time_bf16 else (False,):
@@ -187,7 +201,9 @@ def _measure_auto(model: torch.nn.Module, device: torch.device) -> PrecisionChoi
         use_bf16 = False
         why = (f"no bf16 instructions (torch sees {torch.backends.cpu.get_cpu_capability()}), bf16 not timed; "
                f"layouts timed in a batch-{PROBE_BATCH} forward")
-    _, (_, channels_last) = bf16 if use_bf16 else fp32
+    forced = FORCED_CHANNELS_LAST[use_bf16]
+    other = seconds[(use_bf16, not forced)]
+    channels_last = (not forced) if other * LAYOUT_MARGIN <= seconds[(use_bf16, forced)] else forced
     reason = f"auto: {_name(use_bf16)} {_layout(channels_last)} on this CPU ({why})"
     timings = {f"{_name(b)} {_layout(cl)}": round(t, 4) for (b, cl), t in seconds.items()}
     log.info("precision %s; timings %s", reason, timings)

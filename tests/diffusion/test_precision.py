@@ -49,6 +49,29 @@ def test_auto_on_a_cpu_keeps_the_fastest_variant_and_bf16_only_with_a_margin(mon
     assert precision.choose_precision(make_tiny_unet(seed=3), "auto") == choice
 
 
+@pytest.mark.parametrize("bf16,other_speedup,expect_cl", [
+    (True, 1.05, False), (True, 1.2, True),     # bf16: NCHW, as forced, unless channels_last has the margin
+    (False, 1.05, True), (False, 1.2, False),   # fp32: channels_last, as forced, unless NCHW has it
+])
+def test_auto_keeps_the_forced_layout_unless_the_other_has_the_margin(monkeypatch, bf16, other_speedup, expect_cl):
+    """The layouts round differently, so a seed's image follows the layout: a near tie must not flip it from
+    one load to the next, and auto then gives the images of the forced precision."""
+    forced_cl = precision.FORCED_CHANNELS_LAST[bf16]
+
+    def fake_time(model, b, channels_last, device, give_up_after=float("inf")):
+        if b != bf16:
+            return 10.0  # the other precision loses (bf16 needs its margin: 10 against 1 either way)
+        return 1.0 if channels_last == forced_cl else 1.0 / other_speedup
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "_time_forward", fake_time)
+    monkeypatch.setattr(precision, "_AUTO_CACHE", {})
+    choice = precision.choose_precision(make_tiny_unet(), "auto")
+    assert choice.bf16 is bf16 and choice.channels_last is expect_cl
+    forced = precision.choose_precision(make_tiny_unet(), "bf16" if bf16 else "fp32")
+    assert forced.channels_last is forced_cl and (choice.channels_last == forced.channels_last) is (other_speedup < precision.LAYOUT_MARGIN)
+
+
 @pytest.mark.parametrize("has_bf16", [False, None])
 def test_auto_does_not_time_bf16_on_a_cpu_without_bf16_instructions(monkeypatch, has_bf16):
     timed = []
