@@ -6,10 +6,9 @@ bf16 autocast is the obvious choice on a GPU.  On a CPU it depends on the chip: 
 (the default everywhere) measures: on a CPU it times one forward pass of the model at a small batch in
 each precision and layout and keeps the fastest (a layout only with a margin, below), and bf16 only if it
 is at least ``BF16_MARGIN`` times as fast as fp32 (a small gain is not worth images that differ from fp32
-ones).  On a CPU that torch
-says has no bf16 instructions (neither AVX512-BF16 nor AMX) it does not time bf16 at all: there one bf16
-probe pass of the default model took 43 s against 0.7-1.3 s in fp32, and timing it made a worker's start
-take four minutes.  A variant whose warm-up pass is ``SLOW_FACTOR`` times slower than the best variant
+ones).  On a CPU that torch says has no bf16 instructions (neither AVX512-BF16 nor AMX) it does not time
+bf16 at all: there one bf16 probe pass of the default model took 43 s against 0.7-1.3 s in fp32, and
+timing it made a worker's start take four minutes.  A variant whose warm-up pass is ``SLOW_FACTOR`` times slower than the best variant
 timed so far is not timed again (its warm-up time stands for it).  ``fp32`` and ``bf16`` force the
 choice; ``DREAMDATA_PRECISION`` sets the default.
 

@@ -69,7 +69,8 @@ def test_auto_keeps_the_forced_layout_unless_the_other_has_the_margin(monkeypatc
     choice = precision.choose_precision(make_tiny_unet(), "auto")
     assert choice.bf16 is bf16 and choice.channels_last is expect_cl
     forced = precision.choose_precision(make_tiny_unet(), "bf16" if bf16 else "fp32")
-    assert forced.channels_last is forced_cl and (choice.channels_last == forced.channels_last) is (other_speedup < precision.LAYOUT_MARGIN)
+    assert forced.channels_last is forced_cl
+    assert (choice.channels_last == forced.channels_last) is (other_speedup < precision.LAYOUT_MARGIN)
 
 
 @pytest.mark.parametrize("has_bf16", [False, None])
