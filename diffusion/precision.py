@@ -8,9 +8,9 @@ each precision and layout and keeps the fastest (a layout only with a margin, be
 is at least ``BF16_MARGIN`` times as fast as fp32 (a small gain is not worth images that differ from fp32
 ones).  On a CPU that torch says has no bf16 instructions (neither AVX512-BF16 nor AMX) it does not time
 bf16 at all: there one bf16 probe pass of the default model took 43 s against 0.7-1.3 s in fp32, and
-timing it made a worker's start take four minutes.  A variant whose warm-up pass is ``SLOW_FACTOR`` times slower than the best variant
-timed so far is not timed again (its warm-up time stands for it).  ``fp32`` and ``bf16`` force the
-choice; ``DREAMDATA_PRECISION`` sets the default.
+timing it made a worker's start take four minutes.  A variant whose warm-up pass is ``SLOW_FACTOR`` times
+slower than the best variant timed so far is not timed again (its warm-up time stands for it).  ``fp32``
+and ``bf16`` force the choice; ``DREAMDATA_PRECISION`` sets the default.
 
 The layout changes the images too: the two layouts run different convolution kernels, which round
 differently, and the stochastic sampler carries the difference on (bf16, the default sampler, ten images on
