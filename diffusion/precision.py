@@ -191,11 +191,12 @@ def _measure_auto(model: torch.nn.Module, device: torch.device) -> PrecisionChoi
         for cl in (False, True):
             best = min(seconds.values(), default=float("inf"))
             seconds[(b, cl)] = _time_forward(model, b, cl, device, give_up_after=SLOW_FACTOR * best)
-    fp32 = min((t, v) for v, t in seconds.items() if not v[0])
+    fp32 = min(t for (b, _), t in seconds.items() if not b)  # each precision at its faster layout
     if time_bf16:
-        bf16 = min((t, v) for v, t in seconds.items() if v[0])
-        use_bf16 = bf16[0] * BF16_MARGIN <= fp32[0]
-        why = f"bf16 {fp32[0] / bf16[0]:.2f}x the speed of fp32 in a timed batch-{PROBE_BATCH} forward; bf16 needs {BF16_MARGIN}x"
+        bf16 = min(t for (b, _), t in seconds.items() if b)
+        use_bf16 = bf16 * BF16_MARGIN <= fp32
+        why = (f"bf16 {fp32 / bf16:.2f}x the speed of fp32 in a timed batch-{PROBE_BATCH} forward; "
+               f"bf16 needs {BF16_MARGIN}x")
     else:
         use_bf16 = False
         why = (f"no bf16 instructions (torch sees {torch.backends.cpu.get_cpu_capability()}), bf16 not timed; "
